@@ -1,0 +1,65 @@
+# Full-batch Adam sweeps. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SWEEP ?= toy
+LAUNCHER ?= local
+EXTRA ?=
+RETRY ?= 0
+JOBS ?= 2
+PROFILE ?= slurm/profiles/default.yaml
+DATA_ROOT ?= data
+RUNS ?= runs
+SWEEPS ?= sweeps
+OUT ?= $(SWEEPS)/$(SWEEP)/analysis
+PYTEST_ARGS ?=
+
+.PHONY: help install sweep status analyze figures theory sync report data bench test lint clean-venv
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|slurm EXTRA='<hydra overrides>' RETRY=0|1 JOBS=$(JOBS) PROFILE=$(PROFILE)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project (torch, hydra, submitit, wandb, pandas, ...)
+
+sweep: $(VENV)/.installed ## run a sweep preset: SWEEP=toy|synthetic|quick|fig4|fig5|fig6|fig7|hgrid LAUNCHER=local|slurm
+	$(PY) -m pipeline.sweep run $(SWEEP) --launcher $(LAUNCHER) --jobs $(JOBS) --profile $(PROFILE) --retry $(RETRY) -- $(EXTRA)
+
+status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss
+	$(PY) -m pipeline.sweep status $(SWEEP)
+
+analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (into sweeps/<SWEEP>/analysis)
+	$(PY) -m analysis $(SWEEPS)/$(SWEEP) --out $(OUT)
+
+theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
+	$(PY) -m analysis.theory verify
+	$(PY) -m analysis.theory figures --out figures/theory
+
+sync: $(VENV)/.installed ## upload offline wandb runs
+	shopt -s nullglob; runs=($(RUNS)/*/wandb/offline-run-*); \
+	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs under $(RUNS)/"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
+
+report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
+	$(PY) -m analysis.report $(SWEEP)
+
+data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for offline compute nodes)
+	$(PY) -c "from pipeline.data import download_cifar as d; [d(n, '$(DATA_ROOT)') for n in ('cifar10', 'cifar100')]"
+
+bench: $(VENV)/.installed ## pipeline step vs a bare PyTorch loop (median ratio, img/s, MFU on CUDA)
+	$(PY) -m bench.step_bench
+
+test: $(VENV)/.installed ## run the test suite (the Slurm tests need slurm/local_cluster.sh up)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed ## ruff
+	$(VENV)/bin/ruff check .
+
+clean-venv: ## remove .venv
+	rm -rf $(VENV)

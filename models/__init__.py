@@ -1,0 +1,27 @@
+"""Networks and the bilinear toy model, built from the `model` config group."""
+
+import math
+
+from torch import nn
+
+from .bilinear import Bilinear
+from .resnet import DEPTHS, resnet
+from .small import CNN, MLP
+
+MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "mlp", "bilinear")
+
+
+def build_model(cfg, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """`cfg` is the `model` config group; `input_shape` excludes the batch dimension."""
+    name = cfg.name
+    if name in DEPTHS:
+        return resnet(name, num_classes=num_classes, norm=cfg.norm, width=cfg.width,
+                      in_channels=input_shape[0])
+    if name == "cnn":
+        return CNN(num_classes, norm=cfg.norm, width=cfg.width, in_channels=input_shape[0])
+    if name == "mlp":
+        return MLP(math.prod(input_shape), num_classes, width=cfg.width, depth=cfg.depth,
+                   activation=cfg.activation)
+    if name == "bilinear":
+        return Bilinear(tuple(cfg.theta0))
+    raise ValueError(f"model={name!r}: allowed values are {MODELS}")

@@ -1,0 +1,202 @@
+"""Datasets as tensors on the training device (no DataLoader workers).
+
+`load_dataset(cfg.data, device)` returns a `Dataset` with normalised float32 images and int64
+labels for classification (CIFAR-10/100, `synthetic`) or float targets for regression
+(`bilinear`, the single example of Section 6).
+
+CIFAR is read from torchvision's on-disk layout (`cifar-10-batches-py/`,
+`cifar-100-python/`). torchvision's classes refuse any copy whose md5 differs from the
+official archive's, and unpickle without restriction; we read the same files ourselves with a
+restricted unpickler (dicts, lists, bytes and numpy arrays only), check the md5 and warn when a
+file is not the official one, and use torchvision only to download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("cifar10", "cifar100", "synthetic", "bilinear")
+
+# folder, train files, test file, label key, official md5s (torchvision's lists)
+CIFAR = {
+    "cifar10": dict(
+        folder="cifar-10-batches-py", label="labels", classes=10,
+        train=[("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+               ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+               ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+               ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+               ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")],
+        test=[("test_batch", "40351d587109b95175f43aff81a1287e")],
+        tv="CIFAR10"),
+    "cifar100": dict(
+        folder="cifar-100-python", label="fine_labels", classes=100,
+        train=[("train", "16019d7e3df5f24257cddd939b257f8d")],
+        test=[("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")],
+        tv="CIFAR100"),
+}
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int  # 0 for regression
+    task: str  # "classification" | "regression"
+
+    @property
+    def input_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Allows only what CIFAR's pickles hold: builtins containers and numpy arrays."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("copy_reg", "_reconstructor"),
+               ("copyreg", "_reconstructor"), ("__builtin__", "object"), ("builtins", "object"),
+               ("_codecs", "encode")}  # bytes in protocol-2 pickles written by Python 3
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR file")
+
+
+def _read_batch(path: Path, md5: str, label_key: str):
+    raw = path.read_bytes()
+    if hashlib.md5(raw).hexdigest() != md5:
+        log.warning("%s is not the official CIFAR file (md5 differs); loading it anyway", path)
+    d = _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(d[label_key], dtype=np.int64)
+
+
+def cifar_files(name: str, root: str | Path) -> list[Path]:
+    spec = CIFAR[name]
+    base = Path(root) / spec["folder"]
+    return [base / f for f, _ in spec["train"] + spec["test"]]
+
+
+def download_cifar(name: str, root: str | Path) -> None:
+    """Fetch with torchvision (the official archive, md5-checked)."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, CIFAR[name]["tv"])
+    for train in (True, False):
+        cls(root=str(root), train=train, download=True)
+
+
+def _load_cifar(cfg):
+    spec, root = CIFAR[cfg.name], Path(cfg.root)
+    missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
+    if missing and cfg.download:
+        try:
+            download_cifar(cfg.name, root)
+        except Exception as e:  # offline compute node, proxy, ...
+            raise DataError(
+                f"data={cfg.name}: files missing under data.root={root} and the download failed "
+                f"({type(e).__name__}: {e}). Run `make data DATA_ROOT={root}` on a machine with "
+                f"internet, or point data.root at a copy.") from None
+        missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
+    if missing:
+        raise DataError(f"data={cfg.name}: {missing[0]} not found under data.root={root}; "
+                        f"run `make data DATA_ROOT={root}` (or set data.download=true)")
+    base = root / spec["folder"]
+    xs, ys = zip(*[_read_batch(base / f, m, spec["label"]) for f, m in spec["train"]])
+    xt, yt = _read_batch(base / spec["test"][0][0], spec["test"][0][1], spec["label"])
+    return (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+            torch.from_numpy(xt), torch.from_numpy(yt), spec["classes"])
+
+
+def _synthetic(cfg):
+    """Seeded CIFAR-shaped images: a random template per class plus Gaussian noise, so that
+    the task is learnable but not trivial."""
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    c, s = int(cfg.num_classes), int(cfg.image_size)
+    templates = torch.randn(c, 3, s, s, generator=g)
+
+    def draw(n):
+        y = torch.randint(0, c, (n,), generator=g)
+        x = templates[y] + float(cfg.noise) * torch.randn(n, 3, s, s, generator=g)
+        return (x * 40 + 128).clamp(0, 255).to(torch.uint8), y
+
+    xtr, ytr = draw(int(cfg.n_train))
+    xte, yte = draw(int(cfg.n_test))
+    return xtr, ytr, xte, yte, c
+
+
+def _subset(x, y, cfg, num_classes):
+    if cfg.get("per_class"):
+        k = int(cfg.per_class)
+        idx = torch.cat([torch.nonzero(y == c).flatten()[:k] for c in range(num_classes)])
+        idx = idx.sort().values  # keep the file order
+        x, y = x[idx], y[idx]
+    if cfg.get("subset"):
+        x, y = x[: int(cfg.subset)], y[: int(cfg.subset)]
+    return x, y
+
+
+def load_dataset(cfg, device="cpu") -> Dataset:
+    """`cfg` is the `data` config group."""
+    if cfg.name == "bilinear":
+        x = torch.full((1, 1), float(cfg.x))
+        y = torch.full((1, 1), float(cfg.y))
+        return Dataset(x.to(device), y.to(device), x.to(device), y.to(device), 0, "regression")
+    if cfg.name in CIFAR:
+        xtr, ytr, xte, yte, c = _load_cifar(cfg)
+    elif cfg.name == "synthetic":
+        xtr, ytr, xte, yte, c = _synthetic(cfg)
+    else:
+        raise DataError(f"data={cfg.name!r}: allowed values are {DATASETS}")
+    # per-channel statistics of the whole training split, before any subset
+    xf = xtr.double() / 255
+    mean = xf.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    std = xf.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    del xf
+    xtr, ytr = _subset(xtr, ytr, cfg, c)
+    if cfg.get("test_subset"):
+        xte, yte = xte[: int(cfg.test_subset)], yte[: int(cfg.test_subset)]
+
+    def norm(x):
+        return ((x.double() / 255 - mean) / std).float().to(device)
+
+    return Dataset(norm(xtr), ytr.to(device), norm(xte), yte.to(device), c, "classification")
+
+
+def write_fake_cifar(root: str | Path, name: str = "cifar10", n_train: int = 100,
+                     n_test: int = 50, seed: int = 0) -> Path:
+    """Write a small dataset in CIFAR's real on-disk format (python pickles, protocol 2, as
+    the official files). For tests and for trying the real loading path offline."""
+    spec = CIFAR[name]
+    base = Path(root) / spec["folder"]
+    base.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = spec["train"]
+    per_file = [n_train // len(files) + (i < n_train % len(files)) for i in range(len(files))]
+    for (fname, _), n in zip(files + spec["test"], per_file + [n_test]):
+        d = {"batch_label": fname, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             spec["label"]: rng.integers(0, spec["classes"], n).tolist(),
+             "filenames": [f"img_{i}.png" for i in range(n)]}
+        with open(base / fname, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    meta = "batches.meta" if name == "cifar10" else "meta"
+    with open(base / meta, "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(spec["classes"])]}, f, protocol=2)
+    return base

@@ -1,0 +1,98 @@
+"""One full-batch step: the exact gradient of E(theta) = (1/N) sum_i l_i over ALL N training
+examples, accumulated over a partition into micro-batches, and the metrics at theta_n.
+
+Nothing here synchronises with the host: losses, counts and norms stay on the device as
+tensors, and the caller reads them all with one `.tolist()` per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def loss_sum(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Sum over the micro-batch of the per-example loss: cross-entropy, or 1/2 (y - f)^2."""
+    if out.dtype in (torch.float16, torch.bfloat16):  # autocast: the loss in float32
+        out = out.float()
+    if task == "classification":
+        return F.cross_entropy(out, y, reduction="sum")
+    return 0.5 * (y - out).pow(2).sum()
+
+
+def partition(n: int, micro_batch: int, generator: torch.Generator | None = None,
+              device="cpu"):
+    """Index slices of a partition of range(n) into micro-batches of `micro_batch` (the last
+    may be smaller). With a generator the order is redrawn (the `reshuffle` option)."""
+    if generator is None:
+        return [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+    perm = torch.randperm(n, generator=generator).to(device)
+    return [perm[i:i + micro_batch] for i in range(0, n, micro_batch)]
+
+
+def bn_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def start_bn_gathering(bns) -> None:
+    """Make BatchNorm's running statistics the average of this pass's micro-batch statistics
+    (momentum=None is a cumulative average), so evaluation at theta_n uses statistics of
+    theta_n rather than stale running averages."""
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+
+
+def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontext):
+    """Backward of sum_mb (sum_{i in mb} l_i) / N into `.grad`; returns on-device
+    (loss at theta_n, number correct)."""
+    n = x.shape[0]
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for idx in parts:
+        xb, yb = x[idx], y[idx]
+        with autocast():
+            out = model(xb)
+        ls = loss_sum(out, yb, task)
+        (ls / n).backward()
+        total += ls.detach()
+        if task == "classification":
+            correct += (out.argmax(1) == yb).sum()
+    return total / n, correct
+
+
+@torch.no_grad()
+def grad_norms(grads: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """[perturbed one-norm, one-norm, two-norm] of the gradient, in float64.
+
+    Perturbed one-norm (Section 1, Notation): ||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)."""
+    g = [t.double() for t in grads]
+    l1 = torch.stack(torch._foreach_norm(g, 1)).sum()
+    l2 = torch.stack(torch._foreach_norm(g, 2)).square().sum().sqrt()
+    sq = torch._foreach_mul(g, g)
+    torch._foreach_add_(sq, eps)
+    torch._foreach_sqrt_(sq)
+    pert = torch.stack([s.sum() for s in sq]).sum()
+    return torch.stack([pert, l1, l2])
+
+
+@torch.no_grad()
+def evaluate(model, x, y, task, micro_batch, autocast=contextlib.nullcontext):
+    """(mean loss, accuracy) on a held-out set, in eval mode; returns host floats."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for idx in partition(x.shape[0], micro_batch):
+        with autocast():
+            out = model(x[idx])
+        total += loss_sum(out, y[idx], task)
+        if task == "classification":
+            correct += (out.argmax(1) == y[idx]).sum()
+    model.train(was_training)
+    n = x.shape[0]
+    loss, corr = torch.stack([total, correct.double()]).tolist()
+    return loss / n, (corr / n if task == "classification" else float("nan"))

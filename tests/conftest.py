@@ -1,0 +1,47 @@
+"""Fixtures: configs composed with Hydra's compose API (as in lightning-hydra-template)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_cfg(overrides=(), runs=None):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    if runs is not None:
+        with open_dict(cfg):
+            cfg.paths.runs = str(runs)
+            cfg.paths.sweeps = str(Path(runs).parent / "sweeps")
+    return cfg
+
+
+TINY = ["model=cnn", "model.width=4", "data=synthetic", "data.n_train=96", "data.n_test=40",
+        "data.image_size=8", "train.micro_batch=40", "train.max_steps=12", "train.eval_every=5",
+        "train.checkpoint_every=4", "train.progress=none", "device=cpu"]
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*overrides, tiny=True):
+        return make_cfg((TINY if tiny else []) + list(overrides), runs=tmp_path / "runs")
+    return factory
+
+
+def run_cli(args, cwd, timeout=300, env=None):
+    """`python -m <args>` in a subprocess, from the repository's root on sys.path."""
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=e, capture_output=True,
+                          text=True, timeout=timeout)

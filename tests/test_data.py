@@ -1,0 +1,119 @@
+"""Data: CIFAR's real on-disk format (generated here), safe unpickling, offline errors,
+subsets, normalisation, the synthetic set."""
+
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.data import DataError, cifar_files, load_dataset, write_fake_cifar
+
+
+def cifar_cfg(root, name="cifar10", **kw):
+    base = dict(name=name, root=str(root), download=False, subset=None, per_class=None,
+                test_subset=None)
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_loads_generated_cifar_in_real_format(tmp_path, caplog, name, classes):
+    write_fake_cifar(tmp_path, name, n_train=120, n_test=30, seed=1)
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(cifar_cfg(tmp_path, name))
+    assert "not the official CIFAR file" in caplog.text  # md5 checked, and said so
+    assert ds.x_train.shape == (120, 3, 32, 32) and ds.x_test.shape == (30, 3, 32, 32)
+    assert ds.num_classes == classes and ds.y_train.dtype == torch.int64
+    # normalised with the training set's per-channel statistics
+    assert torch.allclose(ds.x_train.double().mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(ds.x_train.double().std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-4)
+    # same pixels as the file, in CHW order (independent read with plain pickle)
+    first = cifar_files(name, tmp_path)[0]
+    with open(first, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    img = torch.from_numpy(np.asarray(d["data"][0]).reshape(3, 32, 32)).double() / 255
+    xr = ds.x_train[0].double()
+    # x = (img - mean)/std per channel: affine per channel, so correlation is 1
+    for c in range(3):
+        a, b = img[c].flatten(), xr[c].flatten()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999999
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    assert ds.y_train[0].item() == d[label_key][0]
+
+
+def test_torchvision_reads_our_files_when_md5_is_skipped(tmp_path):
+    """The generated files are CIFAR's real format: torchvision's own parser reads them."""
+    import torchvision
+
+    write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+
+    class NoMd5(torchvision.datasets.CIFAR10):
+        def _check_integrity(self):
+            return True
+
+        def _load_meta(self):
+            self.classes = [str(i) for i in range(10)]
+
+    tv = NoMd5(str(tmp_path), train=True, download=False)
+    ours = load_dataset(cifar_cfg(tmp_path))
+    assert len(tv) == 50
+    assert tv.targets == ours.y_train.tolist()
+
+
+def test_refuses_malicious_pickle(tmp_path):
+    base = write_fake_cifar(tmp_path, "cifar10", n_train=10, n_test=5)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(base / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_dataset(cifar_cfg(tmp_path))
+
+
+def test_missing_files_offline_names_root_and_make_data(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset(cifar_cfg(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in str(e.value) and "make data" in str(e.value)
+
+
+def test_failed_download_names_root_and_make_data(tmp_path, monkeypatch):
+    import pipeline.data as d
+
+    def offline(name, root):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(d, "download_cifar", offline)
+    cfg = cifar_cfg(tmp_path)
+    cfg.download = True
+    with pytest.raises(DataError) as e:
+        load_dataset(cfg)
+    assert "make data" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_subset_and_per_class(tmp_path):
+    write_fake_cifar(tmp_path, "cifar10", n_train=200, n_test=20)
+    full = load_dataset(cifar_cfg(tmp_path))
+    sub = load_dataset(cifar_cfg(tmp_path, subset=37))
+    assert torch.equal(sub.x_train, full.x_train[:37])  # first N, same normalisation
+    pc = load_dataset(cifar_cfg(tmp_path, per_class=3))
+    counts = torch.bincount(pc.y_train, minlength=10)
+    assert counts.tolist() == [min(3, int((full.y_train == c).sum())) for c in range(10)]
+    # the first 3 of each class, in file order
+    idx = torch.cat([torch.nonzero(full.y_train == c).flatten()[:3] for c in range(10)]).sort().values
+    assert torch.equal(pc.x_train, full.x_train[idx])
+
+
+def test_synthetic_is_seeded_and_learnable_shape():
+    cfg = OmegaConf.create(dict(name="synthetic", seed=3, num_classes=4, image_size=8,
+                                n_train=64, n_test=16, noise=1.0, subset=None, per_class=None,
+                                test_subset=None))
+    a, b = load_dataset(cfg), load_dataset(cfg)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert a.x_train.shape == (64, 3, 8, 8) and a.num_classes == 4
+    cfg.seed = 4
+    assert not torch.equal(load_dataset(cfg).x_train, a.x_train)
