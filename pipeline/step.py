@@ -64,6 +64,16 @@ def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontex
     return total / n, correct
 
 
+def full_batch_step(model, x, y, task, parts, params, eps, bns=(), autocast=contextlib.nullcontext):
+    """grad E(theta_n) into `.grad` and the on-device metrics at theta_n:
+    (loss, number correct, [perturbed one-norm, one-norm, two-norm])."""
+    for p in params:
+        p.grad = None if p.grad is None else p.grad.zero_()
+    start_bn_gathering(bns)
+    loss, correct = accumulate_gradient(model, x, y, task, parts, autocast)
+    return loss, correct, grad_norms([p.grad for p in params], eps)
+
+
 @torch.no_grad()
 def grad_norms(grads: list[torch.Tensor], eps: float) -> torch.Tensor:
     """[perturbed one-norm, one-norm, two-norm] of the gradient, in float64.

@@ -34,7 +34,8 @@ NON_SEMANTIC = {
     "data": {"root", "download"},
     "train": {"checkpoint_every", "log_every", "progress", "retry"},
 }
-SEMANTIC_TOP = ("model", "data", "optim", "train", "seed", "precision", "channels_last", "compile")
+SEMANTIC_TOP = ("model", "data", "optim", "train", "seed", "precision", "channels_last", "compile",
+                "deterministic")
 
 
 def semantic_config(cfg: DictConfig) -> dict:

@@ -25,8 +25,7 @@ from .data import DataError, load_dataset
 from .loggers import make_logger
 from .optim import build_optimizer
 from .progress import Progress
-from .step import (accumulate_gradient, bn_layers, evaluate, grad_norms, partition,
-                   start_bn_gathering)
+from .step import bn_layers, evaluate, full_batch_step, partition
 from .store import METRIC_COLUMNS, RunDir, run_id
 from .theory_metrics import bias_term_norm
 from .validate import ConfigError, validate
@@ -127,12 +126,9 @@ def _train(cfg, run: RunDir, rid: str) -> str:
     with preempt.guard() as signalled:
         for n in range(start, tc.max_steps + 1):
             # gradient of E at theta_n over ALL examples, and the metrics at theta_n
-            model.zero_grad(set_to_none=False)
-            start_bn_gathering(bns)
             parts = partition(data.x_train.shape[0], tc.micro_batch, shuffle_gen, device)
-            loss, correct = accumulate_gradient(fwd, data.x_train, data.y_train, data.task, parts,
-                                                autocast)
-            norms = grad_norms([p.grad for p in params], eps)
+            loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
+                                                   parts, params, eps, bns, autocast)
             extra = [bias_term_norm(model, data, cfg, parts, autocast)] if tc.bias_term else []
             theta = [torch.cat([p.detach().flatten() for p in params]).double()] if record else []
             vals = torch.cat([torch.stack([loss, correct.double()]), norms,
