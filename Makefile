@@ -47,7 +47,7 @@ sync: $(VENV)/.installed ## upload offline wandb runs
 	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs under $(RUNS)/"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
 
 report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
-	$(PY) -m analysis.report $(SWEEP)
+	$(PY) -m analysis.report $(SWEEP) $(if $(DRY),--dry-run)
 
 data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for offline compute nodes)
 	$(PY) -c "from pipeline.data import download_cifar as d; [d(n, '$(DATA_ROOT)') for n in ('cifar10', 'cifar100')]"

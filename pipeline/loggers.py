@@ -55,6 +55,7 @@ class WandbLogger:
             settings=wandb.Settings(silent=True, init_timeout=float(lc.init_timeout)),
         )
         self.broken = False
+        self.pending = sorted(float(t) for t in cfg.train.loss_thresholds)
 
     def log(self, row: dict) -> None:
         if self.broken:
@@ -62,6 +63,11 @@ class WandbLogger:
         try:
             data = {k: v for k, v in row.items() if v is not None and k != "step"}
             self.run.log(data, step=int(row["step"]))
+            for t in [t for t in self.pending if row["loss"] < t]:  # summary for the report's scatter plots
+                self.pending.remove(t)
+                self.run.summary.update({f"at_loss_{t:g}_{k}": v for k, v in data.items()
+                                         if k in ("pert_norm", "test_acc", "step", "acc")} |
+                                        {f"at_loss_{t:g}_step": int(row["step"])})
         except Exception as e:  # never let the mirror stop training
             self.broken = True
             log.warning("wandb logging stopped (%s: %s); metrics.csv is complete", type(e).__name__, e)

@@ -1,0 +1,71 @@
+"""`python -m analysis DIR`: summary.csv, curves.csv (+ Parquet) and figures for every run
+directory under DIR (a runs root or a sweep folder).
+
+    python -m analysis sweeps/fig5 --thresholds 0.1 0.01 --at-step 900 --smooth 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .figures import all_figures
+from .runs import curves_frame, load_runs
+from .summary import summary_frame, varying
+
+
+def analyze(root, out=None, thresholds=(0.1, 0.01), steps_at=(), smooth=1, spike_factor=10.0,
+            figures=True, parquet=True) -> dict:
+    """Write the analysis of `root` into `out` (default `<root>/analysis`); returns paths."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a directory")
+    runs = load_runs(root)
+    if not runs:
+        raise SystemExit(f"error: no run directories (folders with status.json or metrics.csv) "
+                         f"under {root}")
+    out = Path(out) if out else root / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summary_frame(runs, thresholds=thresholds, steps_at=steps_at, smooth=smooth,
+                            spike_factor=spike_factor)
+    curves = curves_frame(runs)
+    paths = dict(summary=out / "summary.csv", curves=out / "curves.csv")
+    summary.to_csv(paths["summary"], index=False)
+    curves.to_csv(paths["curves"], index=False)
+    if parquet:
+        summary.to_parquet(out / "summary.parquet", index=False)
+        curves.to_parquet(out / "curves.parquet", index=False)
+    if figures:
+        params = varying(summary) or [p for p in ("beta", "rho", "h") if summary[p].notna().any()][:1]
+        paths["figures"] = all_figures(summary, curves, out, thresholds, params)
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", help="a runs root, a sweep folder or one run directory")
+    ap.add_argument("--out", help="output folder (default DIR/analysis)")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.01])
+    ap.add_argument("--at-step", type=int, nargs="*", default=[], help="values at fixed steps (Figure 4: 900)")
+    ap.add_argument("--smooth", type=int, default=1, help="moving-average window before the hill")
+    ap.add_argument("--spike-factor", type=float, default=10.0)
+    ap.add_argument("--no-figures", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    paths = analyze(a.dir, a.out, a.thresholds, a.at_step, a.smooth, a.spike_factor,
+                    figures=not a.no_figures)
+    import pandas as pd
+
+    s = pd.read_csv(paths["summary"])
+    cols = [c for c in ("run_id", "h", "beta", "rho", "state", "steps", "final_loss", "hill_height",
+                        "max_test_acc", "regime", "limit_one_norm") if c in s and s[c].notna().any()]
+    print(s[cols].to_string(index=False))
+    print(f"\nwrote {paths['summary']}, {paths['curves']}" +
+          (f" and {len(paths.get('figures', []))} figure files" if "figures" in paths else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

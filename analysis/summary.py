@@ -1,0 +1,141 @@
+"""Per-run summaries: threshold crossings, values at a fixed step, the "hill" of the perturbed
+one-norm (Section 7, Figures 6-7) and the training regime (Ma et al.: stable / spiky /
+diverged). Every function takes one run's metrics frame; missing data gives NaN, never an
+invented number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .runs import hyperparameters
+
+NAN = float("nan")
+CROSSING_METRICS = ("pert_norm", "test_acc", "test_loss", "acc", "l1_norm", "l2_norm", "bias_norm")
+
+
+def tkey(t: float) -> str:
+    """Column infix of a threshold or step: 0.1 -> '0.1', 1e-05 -> '1e-05'."""
+    return f"{t:g}"
+
+
+def first_crossing(m: pd.DataFrame, threshold: float) -> dict:
+    """Values at the first step whose training loss is below `threshold`."""
+    out = {f"at_loss_{tkey(threshold)}_step": NAN}
+    out.update({f"at_loss_{tkey(threshold)}_{c}": NAN for c in CROSSING_METRICS if c in m})
+    if m.empty or "loss" not in m:
+        return out
+    below = m[m["loss"] < threshold]
+    if below.empty:
+        return out
+    row = below.iloc[0]
+    out[f"at_loss_{tkey(threshold)}_step"] = int(row["step"])
+    out.update({f"at_loss_{tkey(threshold)}_{c}": row[c] for c in CROSSING_METRICS if c in m})
+    return out
+
+
+def at_step(m: pd.DataFrame, step: int, metrics=("pert_norm", "test_acc", "loss")) -> dict:
+    hit = m[m["step"] == step] if "step" in m else m
+    return {f"at_step_{step}_{c}": (hit[c].iloc[0] if len(hit) and c in m else NAN)
+            for c in metrics}
+
+
+def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1) -> dict:
+    """The largest rise of the perturbed norm P over the run: max over s < t of (P_t - P_s),
+    with the trough step s and the peak step t; also relative to P_s and to the floor
+    p sqrt(eps). `smooth` > 1 applies a trailing moving average first. A curve that never
+    rises has height 0 and no trough/peak step."""
+    ok = p.notna() & np.isfinite(p)
+    p, steps = p[ok].to_numpy(float), steps[ok].to_numpy()
+    out = dict(hill_height=NAN, hill_trough_step=NAN, hill_peak_step=NAN,
+               hill_height_rel_trough=NAN, hill_height_rel_floor=NAN)
+    if len(p) < 2:
+        return out
+    if smooth > 1:
+        p = pd.Series(p).rolling(smooth, min_periods=1).mean().to_numpy()
+    run_min = np.minimum.accumulate(p)
+    arg_min = np.zeros(len(p), dtype=int)  # index of the running minimum
+    for i in range(1, len(p)):
+        arg_min[i] = i if p[i] < run_min[i - 1] else arg_min[i - 1]
+    rise = p[1:] - run_min[:-1]  # P_t - min_{s<t} P_s
+    t = int(np.argmax(rise)) + 1
+    height = float(rise[t - 1])
+    if height <= 0:
+        out.update(hill_height=0.0, hill_height_rel_trough=0.0,
+                   hill_height_rel_floor=0.0 if floor > 0 else NAN)
+        return out
+    s = int(arg_min[t - 1])
+    out.update(hill_height=height, hill_trough_step=int(steps[s]), hill_peak_step=int(steps[t]),
+               hill_height_rel_trough=height / p[s],
+               hill_height_rel_floor=height / floor if floor and floor > 0 else NAN)
+    return out
+
+
+def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0) -> str:
+    """`diverged`: the run diverged, a loss is non-finite, or the loss ends above its start;
+    `spiky`: after the first decline the loss jumps above `spike_factor` times its running
+    minimum; else `stable`. Empty string when there is no loss at all."""
+    values = loss.to_numpy(float)
+    if state == "diverged" or (len(values) and not np.isfinite(values).all()):
+        return "diverged"
+    if len(values) == 0:
+        return ""
+    if len(values) > 1 and values[-1] > values[0]:
+        return "diverged"
+    declined = np.nonzero(values < values[0])[0]
+    if len(declined):
+        tail = values[declined[0]:]
+        if (tail > spike_factor * np.minimum.accumulate(tail)).any():
+            return "spiky"
+    return "stable"
+
+
+def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 1,
+                  spike_factor: float = 10.0) -> dict:
+    m, st = run["metrics"], run["status"]
+    state = st.get("state", "unknown" if m.empty else "running")
+    row = dict(run_id=run["run_id"], **hyperparameters(run["config"]), state=state,
+               steps=int(m["step"].max()) + 1 if "step" in m and len(m) else 0)
+    has_loss = "loss" in m and len(m)
+    row["last_loss"] = float(m["loss"].iloc[-1]) if has_loss else NAN
+    row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") else NAN
+    for t in thresholds:
+        row.update(first_crossing(m, t))
+    for s in steps_at:
+        row.update(at_step(m, s))
+    row["max_test_acc"] = float(m["test_acc"].max()) if "test_acc" in m and m["test_acc"].notna().any() else NAN
+    floor = float(m["pert_norm_floor"].iloc[0]) if "pert_norm_floor" in m and len(m) else NAN
+    if "pert_norm" in m:
+        row.update(hill(m["pert_norm"], m["step"], floor, smooth))
+    else:
+        row.update(hill(pd.Series(dtype=float), pd.Series(dtype=float)))
+    row["regime"] = regime(m["loss"], state, spike_factor) if has_loss else ""
+    thetas = sorted((c for c in m.columns if c.startswith("theta_")), key=lambda c: int(c[6:]))
+    if thetas and len(m):  # few-parameter models: the limit point and its one-norm
+        last = m[thetas].iloc[-1]
+        row.update({f"limit_{c}": float(last[c]) for c in thetas})
+        row["limit_one_norm"] = float(last.abs().sum())
+        if "l1_norm" in m:
+            row["limit_grad_one_norm"] = float(m["l1_norm"].iloc[-1])
+    return row
+
+
+def summary_frame(runs, **kw) -> pd.DataFrame:
+    rows = [summarize_run(r, **kw) for r in runs]
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.sort_values([c for c in ("model", "data", "optim", "h", "beta", "rho", "eps", "seed")
+                             if c in df and df[c].notna().any()], na_position="last", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def varying(df: pd.DataFrame, candidates=("beta", "rho", "h", "eps")) -> list[str]:
+    """Hyperparameters that take more than one value across the runs."""
+    return [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1]
+
+
+def is_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,141 @@
+"""Analysis stages on histories with known answers, on broken inputs, and on a real run."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.__main__ import analyze, main
+from analysis.runs import find_runs, read_metrics
+from analysis.summary import hill, regime
+from pipeline.store import METRIC_COLUMNS, RunDir, run_id
+from pipeline.train import train
+
+
+def write_run(root, rid, loss, pert=None, state="completed", test_acc=None, beta=0.9, rho=0.999,
+              floor=0.5, extra=None):
+    d = root / rid
+    d.mkdir(parents=True)
+    n = len(loss)
+    cols = dict(step=range(n), loss=loss, acc=np.full(n, 0.5),
+                pert_norm=pert if pert is not None else np.linspace(10, 1, n),
+                l1_norm=np.full(n, 1.0), l2_norm=np.full(n, 1.0), pert_norm_floor=np.full(n, floor),
+                test_loss=np.full(n, np.nan),
+                test_acc=test_acc if test_acc is not None else np.full(n, np.nan), time_s=np.arange(n) * 0.1)
+    cols.update(extra or {})
+    pd.DataFrame(cols).to_csv(d / "metrics.csv", index=False)
+    (d / "status.json").write_text(json.dumps(dict(state=state, step=n - 1, run_id=rid, attempts=1)))
+    cfg = dict(optim=dict(name="adam", h=1e-4, beta=beta, rho=rho, eps=1e-8), model=dict(name="cnn"),
+               data=dict(name="synthetic"), seed=0, train=dict(max_steps=n - 1))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def test_hill_of_known_height_and_position():
+    steps = pd.Series(range(100))
+    p = 10 * np.exp(-np.arange(100) / 5.0)  # decline ...
+    p[30:60] += np.concatenate([np.linspace(0, 4, 15), np.linspace(4, 0, 15)])  # ... a hill of 4 ...
+    p = pd.Series(p)
+    out = hill(p, steps, floor=0.5)
+    trough = int(np.argmin(p[:45].to_numpy()))
+    assert out["hill_trough_step"] == trough and out["hill_peak_step"] == 44
+    assert out["hill_height"] == pytest.approx(p[44] - p[trough], rel=1e-12)
+    assert out["hill_height"] == pytest.approx(4 * 14 / 14, rel=0.01)
+    assert out["hill_height_rel_trough"] == pytest.approx(out["hill_height"] / p[trough])
+    assert out["hill_height_rel_floor"] == pytest.approx(out["hill_height"] / 0.5)
+
+
+def test_hill_monotone_curve_has_zero_height_and_no_steps():
+    out = hill(pd.Series(np.linspace(5, 1, 20)), pd.Series(range(20)))
+    assert out["hill_height"] == 0.0 and np.isnan(out["hill_peak_step"])
+
+
+def test_hill_smoothing_removes_oscillation():
+    p = pd.Series(np.linspace(5, 1, 40) + 0.3 * (-1) ** np.arange(40))
+    assert hill(p, pd.Series(range(40)))["hill_height"] > 0.3
+    assert hill(p, pd.Series(range(40)), smooth=2)["hill_height"] == 0.0
+
+
+def test_regimes():
+    decline = np.exp(-np.arange(50) / 5)
+    spiky = decline.copy()
+    spiky[30] = 50 * spiky[29]
+    assert regime(pd.Series(decline), "completed") == "stable"
+    assert regime(pd.Series(spiky), "completed") == "spiky"
+    assert regime(pd.Series(spiky), "completed", spike_factor=100) == "stable"
+    assert regime(pd.Series([1.0, 0.5, np.nan]), "diverged") == "diverged"
+    assert regime(pd.Series([1.0, 0.5, 2.0]), "completed") == "diverged"  # ends above its start
+
+
+def test_summary_with_known_answers(tmp_path):
+    loss = np.concatenate([np.linspace(2.0, 0.11, 10), np.linspace(0.09, 0.011, 10),
+                           np.linspace(0.009, 0.001, 5)])
+    acc = np.full(25, np.nan)
+    acc[[0, 10, 20, 24]] = [0.1, 0.7, 0.8, 0.85]
+    pert = np.linspace(10, 1, 25)
+    write_run(tmp_path, "aaa", loss, pert=pert, test_acc=acc)
+    write_run(tmp_path, "bbb", np.linspace(2, 1, 5), state="running", beta=0.95)
+    paths = analyze(tmp_path, thresholds=(0.1, 0.01, 1e-5), steps_at=(20,), figures=False)
+    s = pd.read_csv(paths["summary"]).set_index("run_id")
+    a = s.loc["aaa"]
+    assert a["at_loss_0.1_step"] == 10 and a["at_loss_0.01_step"] == 20
+    assert a["at_loss_0.1_pert_norm"] == pert[10] and a["at_loss_0.1_test_acc"] == 0.7
+    assert a["at_loss_0.01_test_acc"] == 0.8 and a["at_step_20_pert_norm"] == pert[20]
+    assert np.isnan(a["at_loss_1e-05_step"])  # never reached: an empty cell
+    assert a["max_test_acc"] == 0.85 and a["final_loss"] == loss[-1] and a["steps"] == 25
+    assert a["regime"] == "stable" and a["state"] == "completed"
+    assert a["h"] == 1e-4 and a["beta"] == 0.9 and a["rho"] == 0.999
+    b = s.loc["bbb"]
+    assert b["state"] == "running" and np.isnan(b["final_loss"]) and np.isnan(b["at_loss_0.1_step"])
+    assert b["last_loss"] == 1.0
+    raw = (tmp_path / "analysis" / "summary.csv").read_text().splitlines()
+    assert ",,," in raw[1] or ",," in raw[2]  # empty cells, not invented numbers
+    c = pd.read_csv(paths["curves"])
+    assert set(c.columns) >= {"run_id", "h", "beta", "rho", "step", "metric", "value"}
+    assert len(c[(c.run_id == "aaa") & (c.metric == "test_acc")]) == 4
+    assert (tmp_path / "analysis" / "summary.parquet").exists()
+
+
+def test_broken_inputs_give_messages_not_tracebacks(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no run directories"):
+        main([str(tmp_path)])
+    d = write_run(tmp_path, "torn", np.linspace(2, 1, 6))
+    text = (d / "metrics.csv").read_text()
+    (d / "metrics.csv").write_text(text[: len(text) - 7])  # a torn last row
+    write_run(tmp_path, "nans", np.array([2.0, np.nan, np.nan]), state="diverged")
+    e = write_run(tmp_path, "empty", np.array([1.0]))
+    (e / "metrics.csv").unlink()
+    main([str(tmp_path), "--no-figures"])
+    s = pd.read_csv(tmp_path / "analysis" / "summary.csv").set_index("run_id")
+    assert s.loc["torn", "steps"] == 5
+    assert s.loc["nans", "regime"] == "diverged" and s.loc["nans", "state"] == "diverged"
+    assert s.loc["empty", "steps"] == 0
+    assert len(read_metrics(d / "metrics.csv")) == 5
+
+
+def test_figures_are_written(tmp_path):
+    for i, b in enumerate((0.9, 0.95, 0.99)):
+        write_run(tmp_path, f"r{i}", np.geomspace(2, 0.001, 30), beta=b,
+                  test_acc=np.linspace(0.1, 0.8 + i / 100, 30))
+    paths = analyze(tmp_path)
+    names = {p.name for p in paths["figures"]}
+    assert {"at_loss_0.01_vs_beta.png", "at_loss_0.01_vs_beta.pdf", "curves_by_beta.png",
+            "max_test_acc_hill_vs_beta.pdf"} <= names
+    assert all(p.stat().st_size > 1000 for p in paths["figures"])
+
+
+def test_real_run_through_analysis(cfg_factory, tmp_path):
+    cfg = cfg_factory("train.max_steps=25", "optim.h=3e-3", "train.loss_thresholds=[1.9]")
+    train(cfg)
+    run = RunDir(cfg.paths.runs, run_id(cfg))
+    assert find_runs(cfg.paths.runs) == [run.path]
+    paths = analyze(cfg.paths.runs, out=tmp_path / "out", thresholds=(1.9,))
+    s = pd.read_csv(paths["summary"]).iloc[0]
+    m = pd.read_csv(run.metrics)
+    first = int(m.step[m.loss < 1.9].iloc[0])
+    assert s["at_loss_1.9_step"] == first
+    assert s["at_loss_1.9_test_acc"] == m.test_acc[first]  # the engine evaluated there
+    assert s["run_id"] == run.id and s["state"] == "completed"
+    assert list(m.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS
