@@ -8,7 +8,7 @@ LAUNCHER ?= local
 EXTRA ?=
 RETRY ?= 0
 JOBS ?= 2
-PROFILE ?= slurm/profiles/default.yaml
+PROFILE ?= default
 DATA_ROOT ?= data
 RUNS ?= runs
 SWEEPS ?= sweeps
@@ -29,11 +29,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the project (torch, hydra, submitit, wandb, pandas, ...)
 
-sweep: $(VENV)/.installed ## run a sweep preset: SWEEP=toy|synthetic|quick|fig4|fig5|fig6|fig7|hgrid LAUNCHER=local|slurm
+sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm
 	$(PY) -m pipeline.sweep run $(SWEEP) --launcher $(LAUNCHER) --jobs $(JOBS) --profile $(PROFILE) --retry $(RETRY) -- $(EXTRA)
 
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss
-	$(PY) -m pipeline.sweep status $(SWEEP)
+	$(PY) -m pipeline.sweep status $(SWEEP) -- $(EXTRA)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (into sweeps/<SWEEP>/analysis)
 	$(PY) -m analysis $(SWEEPS)/$(SWEEP) --out $(OUT)

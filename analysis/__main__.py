@@ -16,9 +16,16 @@ from .runs import curves_frame, load_runs
 from .summary import summary_frame, varying
 
 
-def analyze(root, out=None, thresholds=(0.1, 0.01), steps_at=(), smooth=1, spike_factor=10.0,
+def configured_thresholds(runs) -> list[float]:
+    """The loss thresholds the runs were trained with (`train.loss_thresholds`)."""
+    ts = {float(t) for r in runs for t in (r["config"].get("train", {}) or {}).get("loss_thresholds", []) or []}
+    return sorted(ts, reverse=True) or [0.1, 0.01]
+
+
+def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor=10.0,
             figures=True, parquet=True) -> dict:
-    """Write the analysis of `root` into `out` (default `<root>/analysis`); returns paths."""
+    """Write the analysis of `root` into `out` (default `<root>/analysis`); returns paths.
+    `thresholds` None: those the runs were trained with."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: {root} is not a directory")
@@ -26,6 +33,7 @@ def analyze(root, out=None, thresholds=(0.1, 0.01), steps_at=(), smooth=1, spike
     if not runs:
         raise SystemExit(f"error: no run directories (folders with status.json or metrics.csv) "
                          f"under {root}")
+    thresholds = list(thresholds) if thresholds else configured_thresholds(runs)
     out = Path(out) if out else root / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_frame(runs, thresholds=thresholds, steps_at=steps_at, smooth=smooth,
@@ -48,7 +56,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="a runs root, a sweep folder or one run directory")
     ap.add_argument("--out", help="output folder (default DIR/analysis)")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.01])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=None,
+                    help="loss thresholds (default: those the runs were trained with)")
     ap.add_argument("--at-step", type=int, nargs="*", default=[], help="values at fixed steps (Figure 4: 900)")
     ap.add_argument("--smooth", type=int, default=1, help="moving-average window before the hill")
     ap.add_argument("--spike-factor", type=float, default=10.0)

@@ -22,7 +22,7 @@ SYMBOL = {"beta": r"$\beta$", "rho": r"$\rho$", "h": r"$h$", "eps": r"$\varepsil
 LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "training loss",
          "test_acc": "test accuracy", "acc": "training accuracy", "l1_norm": r"$\|\nabla E\|_1$",
          "l2_norm": r"$\|\nabla E\|_2$", "bias_norm": "norm of the bias term (3)",
-         "max_test_acc": "max test accuracy", "hill_height": r"hill height of $\|\nabla E\|_{1,\varepsilon}$"}
+         "max_test_acc": "max test accuracy", "limit_one_norm": r"$|\theta_1| + |\theta_2|$ at the end", "hill_height": r"hill height of $\|\nabla E\|_{1,\varepsilon}$"}
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -104,4 +104,7 @@ def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, threshol
         made += threshold_figure(summary, param, None, out, metrics=("max_test_acc", "hill_height"),
                                  name=f"max_test_acc_hill_vs_{param}")
         made += curves_figure(curves, param, out)
+        if "limit_one_norm" in summary:  # few-parameter models (Figures 2-3): where the runs end
+            made += threshold_figure(summary, param, None, out, metrics=("limit_one_norm",),
+                                     name=f"limit_one_norm_vs_{param}")
     return made

@@ -74,10 +74,12 @@ def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1) ->
     return out
 
 
-def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0) -> str:
+def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
+           spike_min_rise: float = 1e-3) -> str:
     """`diverged`: the run diverged, a loss is non-finite, or the loss ends above its start;
     `spiky`: after the first decline the loss jumps above `spike_factor` times its running
-    minimum; else `stable`. Empty string when there is no loss at all."""
+    minimum, by more than `spike_min_rise` times the initial loss (so rounding noise around
+    a loss of 1e-12 is no spike); else `stable`. Empty string when there is no loss at all."""
     values = loss.to_numpy(float)
     if state == "diverged" or (len(values) and not np.isfinite(values).all()):
         return "diverged"
@@ -88,7 +90,8 @@ def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0) -> st
     declined = np.nonzero(values < values[0])[0]
     if len(declined):
         tail = values[declined[0]:]
-        if (tail > spike_factor * np.minimum.accumulate(tail)).any():
+        low = np.minimum.accumulate(tail)
+        if ((tail > spike_factor * low) & (tail - low > spike_min_rise * values[0])).any():
             return "spiky"
     return "stable"
 
@@ -98,7 +101,7 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
     m, st = run["metrics"], run["status"]
     state = st.get("state", "unknown" if m.empty else "running")
     row = dict(run_id=run["run_id"], **hyperparameters(run["config"]), state=state,
-               steps=int(m["step"].max()) + 1 if "step" in m and len(m) else 0)
+               steps=int(m["step"].max()) if "step" in m and len(m) else 0)  # last step reached
     has_loss = "loss" in m and len(m)
     row["last_loss"] = float(m["loss"].iloc[-1]) if has_loss else NAN
     row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") else NAN

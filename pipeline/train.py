@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -83,6 +84,11 @@ def _train(cfg, run: RunDir, rid: str) -> str:
     data = load_dataset(cfg.data, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
+    if cfg.precision == "fp64":  # exact arithmetic for small models (the bilinear toy)
+        model = model.double()
+        data.x_train, data.x_test = data.x_train.double(), data.x_test.double()
+        if data.task == "regression":
+            data.y_train, data.y_test = data.y_train.double(), data.y_test.double()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data.x_train = data.x_train.contiguous(memory_format=torch.channels_last)
@@ -144,8 +150,9 @@ def _train(cfg, run: RunDir, rid: str) -> str:
             newly = [t for t in thresholds if finite and row["loss"] < t and t not in crossed]
             crossed += newly
             if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps):
-                row["test_loss"], row["test_acc"] = evaluate(
+                row["test_loss"], test_acc = evaluate(
                     fwd, data.x_test, data.y_test, data.task, tc.micro_batch, autocast)
+                row["test_acc"] = test_acc if data.task == "classification" else None
             row["time_s"] = time.perf_counter() - t0
             writer.write(row)
             logger.log(row)
@@ -173,7 +180,10 @@ def _train(cfg, run: RunDir, rid: str) -> str:
     return state
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from any cwd
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> str | None:
     try:
         return train(cfg)
@@ -186,4 +196,7 @@ def main(cfg: DictConfig) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the importable module's function, not __main__'s: submitit then pickles it by reference
+    from pipeline.train import main as _main
+
+    _main()

@@ -74,6 +74,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.bias_term=true with optim={cfg.optim.name}: allowed only "
                           "with optim=adam or optim=rmsprop (Eq. 3)")
     _check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    _check_choice("precision", cfg.precision, ("fp32", "tf32", "bf16"))
+    _check_choice("precision", cfg.precision, ("fp32", "tf32", "bf16", "fp64"))
     _check_choice("train.progress", cfg.train.progress, ("auto", "bar", "log", "none"))
     _check_choice("logger", cfg.logger.name, ("none", "wandb"))
