@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,11 @@ def train(cfg: DictConfig) -> str:
         run.write_status(step=0)
     attempts = run.status().get("attempts", 0) + 1
     run.write_config(cfg)
-    run.write_status(state="running", attempts=attempts, step=run.status().get("step", 0))
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    run.write_status(state="running", attempts=attempts, step=run.status().get("step", 0),
+                     slurm_job=job, started_at=time.time())
     try:
         state = _train(cfg, run, rid)
     except Exception as e:
@@ -155,6 +160,8 @@ def _train(cfg, run: RunDir, rid: str) -> str:
                 row["test_acc"] = test_acc if data.task == "classification" else None
             row["time_s"] = time.perf_counter() - t0
             writer.write(row)
+            if n == 0:
+                run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
             logger.log(row)
             progress.update(row)
             if not finite:

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# A private single-node Slurm cluster on localhost, for the dispatch tests and for trying
+# `make sweep LAUNCHER=slurm` on a laptop. Debian packages, no systemd, no root services touched:
+# munged on its own socket and key, MariaDB on a private port and data dir, slurmdbd (so sacct
+# and submitit see job states), slurmctld and slurmd. Everything lives in $SLURM_LOCAL_DIR
+# (default /tmp/adam-slurm) and is stopped by PID, never by name.
+#
+#   bash slurm/local_cluster.sh install   # apt-get the packages when missing
+#   eval "$(bash slurm/local_cluster.sh up)"   # start; prints `export SLURM_CONF=...`
+#   bash slurm/local_cluster.sh status
+#   bash slurm/local_cluster.sh down
+set -euo pipefail
+
+DIR=${SLURM_LOCAL_DIR:-/tmp/adam-slurm}
+CLUSTER=adamtest
+DAEMONS=(slurmd slurmctld slurmdbd mariadbd munged)
+
+log() { echo "[local_cluster] $*" >&2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+wait_for() {  # wait_for <seconds> <description> <command...>
+  local t=$1 what=$2; shift 2
+  for _ in $(seq 1 $((t * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "timed out waiting for $what"; return 1
+}
+
+cmd_install() {
+  local need=()
+  for b in slurmctld slurmd sbatch slurmdbd munged mariadbd; do command -v "$b" >/dev/null || need+=("$b"); done
+  if [ ${#need[@]} -eq 0 ]; then log "packages present"; return; fi
+  log "installing slurm, munge and mariadb (missing: ${need[*]})"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client slurmdbd munge \
+    mariadb-server mariadb-client >/dev/null
+}
+
+write_confs() {
+  local cpus mem
+  cpus=$(nproc)
+  mem=$(awk '/MemTotal/ {print int($2 / 1024 / 2)}' /proc/meminfo)
+  cat >"$DIR/etc/slurm.conf" <<EOF
+ClusterName=$CLUSTER
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+AuthType=auth/munge
+AuthInfo=socket=$DIR/munge/munge.sock,cred_expire=10
+CredType=cred/munge
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+TmpFS=$DIR/tmp
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobRequeue=1
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MailProg=/bin/true
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$DIR/munge/munge.sock
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+  cat >"$DIR/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$DIR/munge/munge.sock
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$DIR/run/slurmdbd.pid
+LogFile=$DIR/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=slurmpw
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$DIR/etc/slurmdbd.conf"
+}
+
+cmd_up() {
+  if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
+    log "already up in $DIR"; echo "export SLURM_CONF=$DIR/etc/slurm.conf"; return
+  fi
+  rm -rf "$DIR"
+  mkdir -p "$DIR"/{etc,state,spool,run,log,tmp,munge,mysql}
+  chmod 700 "$DIR/munge"
+  CTLD_PORT=$(free_port); SLURMD_PORT=$(free_port); DBD_PORT=$(free_port); DB_PORT=$(free_port)
+  write_confs
+  export SLURM_CONF=$DIR/etc/slurm.conf
+
+  # munge: private key and socket
+  dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
+  chmod 400 "$DIR/munge/munge.key"
+  munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.sock" \
+    --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
+  wait_for 10 munged test -S "$DIR/munge/munge.sock"
+
+  # MariaDB for slurmdbd (sacct; submitit needs job states of killed jobs)
+  mariadb-install-db --no-defaults --datadir="$DIR/mysql" --user=root --auth-root-authentication-method=normal \
+    >"$DIR/log/mariadb-install.log" 2>&1
+  (setsid mariadbd --no-defaults --datadir="$DIR/mysql" --user=root --port="$DB_PORT" --bind-address=127.0.0.1 \
+    --socket="$DIR/run/mysql.sock" --pid-file="$DIR/run/mariadbd.pid" --skip-log-error \
+    >"$DIR/log/mariadb.log" 2>&1 &)
+  wait_for 30 mariadb mariadb --no-defaults -S "$DIR/run/mysql.sock" -u root -e "select 1"
+  mariadb --no-defaults -S "$DIR/run/mysql.sock" -u root -e \
+    "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpw'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; CREATE DATABASE slurm_acct_db;"
+
+  slurmdbd
+  wait_for 30 slurmdbd sacctmgr -n list cluster
+  sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  slurmctld -i
+  wait_for 30 slurmctld scontrol ping
+  slurmd -N localhost
+  wait_for 30 "node idle" bash -c "sinfo -h -N -o %T | grep -q idle"
+  log "up: $(sinfo -h -o '%P %D %T %c cpus') (state in $DIR)"
+  echo "export SLURM_CONF=$SLURM_CONF"
+}
+
+cmd_down() {
+  for d in "${DAEMONS[@]}"; do
+    local pidf="$DIR/run/$d.pid"
+    [ -f "$pidf" ] || continue
+    local pid; pid=$(cat "$pidf")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidf"
+  done
+  log "down"
+}
+
+cmd_status() {
+  export SLURM_CONF=$DIR/etc/slurm.conf
+  for d in "${DAEMONS[@]}"; do
+    local pidf="$DIR/run/$d.pid"
+    if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then echo "$d: running ($(cat "$pidf"))"; else echo "$d: stopped"; fi
+  done
+  sinfo 2>/dev/null || true
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  env) echo "export SLURM_CONF=$DIR/etc/slurm.conf" ;;
+  *) echo "usage: $0 install|up|down|status|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,117 @@
+"""Sweeps without a cluster: presets, validation before launch, the sweep folder, skipping,
+retrying, sharing runs between sweeps, `make status`."""
+
+import json
+import os
+import subprocess
+
+import pandas as pd
+import pytest
+
+from .conftest import ROOT
+
+
+def make(target, tmp_path, sweep="synthetic", launcher="basic", extra="", retry=0, timeout=600):
+    paths = f"paths.runs={tmp_path}/runs paths.sweeps={tmp_path}/sweeps"
+    return subprocess.run(["make", "-s", "-C", str(ROOT), target, f"SWEEP={sweep}", f"LAUNCHER={launcher}",
+                           f"EXTRA={paths} {extra}", f"RETRY={retry}", "JOBS=2"],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, WANDB_MODE="offline"))
+
+
+FAST = "train.max_steps=4 data.n_train=64 data.n_test=32"
+
+
+def test_sweep_runs_grid_registers_and_skips(tmp_path):
+    r = make("sweep", tmp_path, extra=FAST)
+    assert r.returncode == 0, r.stderr
+    assert "sweep synthetic: 4 runs, 4 to launch, 0 skipped" in r.stdout
+    folder = tmp_path / "sweeps" / "synthetic"
+    links = sorted(p for p in folder.iterdir() if p.is_symlink())
+    assert len(links) == 4 and all((p / "status.json").exists() for p in links)
+    states = {json.loads((p / "status.json").read_text())["state"] for p in links}
+    assert states == {"completed"}
+    plan = json.loads((folder / "plan.json").read_text())
+    betas_rhos = {tuple(sorted(o for o in pt["overrides"] if o.startswith("optim."))) for pt in plan["points"]}
+    assert betas_rhos == {(f"optim.beta={b}", f"optim.rho={r}") for b in ("0.9", "0.99") for r in ("0.99", "0.999")}
+    # rerun: nothing to do, nothing touched
+    mtimes = {p.name: (p / "metrics.csv").stat().st_mtime_ns for p in links}
+    r = make("sweep", tmp_path, extra=FAST)
+    assert r.returncode == 0 and "0 to launch, 4 skipped" in r.stdout
+    assert mtimes == {p.name: (p / "metrics.csv").stat().st_mtime_ns for p in links}
+    # status table
+    s = make("status", tmp_path)
+    assert s.returncode == 0 and "4 runs: 4 completed" in s.stdout
+    assert all(p.name in s.stdout for p in links)
+    # analysis finds the sweep's runs through the links
+    a = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "analysis", str(folder), "--no-figures"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert a.returncode == 0, a.stderr
+    summary = pd.read_csv(folder / "analysis" / "summary.csv")
+    assert len(summary) == 4 and set(summary.beta) == {0.9, 0.99}
+
+
+def test_sweeps_share_runs_and_retry_reruns_diverged(tmp_path):
+    assert make("sweep", tmp_path, extra=FAST).returncode == 0
+    # an ad-hoc grid overlapping the preset: same run ids, nothing rerun
+    r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=other optim.beta=0.9 optim.rho=0.99,0.5")
+    assert r.returncode == 0, r.stderr
+    assert "sweep other: 2 runs, 1 to launch, 1 skipped" in r.stdout
+    a, b = tmp_path / "sweeps" / "synthetic", tmp_path / "sweeps" / "other"
+    shared = {p.name for p in a.iterdir() if p.is_symlink()} & {p.name for p in b.iterdir() if p.is_symlink()}
+    assert len(shared) == 1
+    assert (a / next(iter(shared))).resolve() == (b / next(iter(shared))).resolve()
+    # a diverging grid point ends `diverged`, the sweep goes on, RETRY=1 reruns it
+    r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=div optim.beta=0.9 optim.rho=0.99 optim.h=1e30,1e-3")
+    assert r.returncode == 0, r.stderr
+    st = make("status", tmp_path, sweep="div", extra="paths.sweeps=" + str(tmp_path / "sweeps"))
+    assert "1 completed, 1 diverged" in st.stdout
+    r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=div optim.beta=0.9 optim.rho=0.99 optim.h=1e30,1e-3")
+    assert "0 to launch" in r.stdout
+    r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=div optim.beta=0.9 optim.rho=0.99 optim.h=1e30,1e-3", retry=1)
+    assert "1 to launch" in r.stdout
+
+
+@pytest.mark.parametrize("extra,key", [("optim.beta=1.2", "optim.beta"), ("optim.rho=-0.1", "optim.rho"),
+                                       ("optim.h=0", "optim.h"), ("optim.rho=0.9,1.5", "optim.rho"),
+                                       ("model.name=vgg", "model")])
+def test_bad_grid_value_rejected_before_launch(tmp_path, extra, key):
+    r = make("sweep", tmp_path, extra=f"{FAST} {extra}")
+    assert r.returncode != 0
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {key}=") and "allowed" in err[0], r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing launched, nothing created
+
+
+def test_unknown_preset_lists_available(tmp_path):
+    r = make("sweep", tmp_path, sweep="nope")
+    assert r.returncode != 0
+    assert "unknown preset" in r.stderr and "toy" in r.stderr and "fig5" in r.stderr
+
+
+def test_local_launcher_runs_jobs_in_parallel_batches(tmp_path):
+    r = make("sweep", tmp_path, launcher="local", extra=FAST)
+    assert r.returncode == 0, r.stderr + r.stdout
+    s = make("status", tmp_path)
+    assert "4 runs: 4 completed" in s.stdout
+
+
+def test_presets_compose_and_validate():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.sweep import presets
+    from pipeline.validate import validate
+
+    assert {"toy", "synthetic", "quick", "fig4", "fig5", "fig6", "fig7", "hgrid"} <= set(presets())
+    expect = {"fig4": ("resnet50", "cifar10", 7.5e-5), "fig5": ("resnet50", "cifar10", 1e-4),
+              "fig6": ("resnet101", "cifar10", 1e-4), "fig7": ("resnet101", "cifar100", 1e-4)}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name in presets():
+            cfg = compose(config_name="train", overrides=[f"sweep={name}"], return_hydra_config=True)
+            assert cfg.sweep.name == name and cfg.hydra.sweeper.params
+            validate(cfg)
+            if name in expect:
+                assert (cfg.model.name, cfg.data.name, cfg.optim.h) == expect[name]
+                assert cfg.optim.eps == 1e-8
+        fig5 = compose(config_name="train", overrides=["sweep=fig5"], return_hydra_config=True)
+        assert fig5.optim.rho == 0.999 and "optim.beta" in fig5.hydra.sweeper.params
