@@ -22,7 +22,8 @@ SYMBOL = {"beta": r"$\beta$", "rho": r"$\rho$", "h": r"$h$", "eps": r"$\varepsil
 LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "training loss",
          "test_acc": "test accuracy", "acc": "training accuracy", "l1_norm": r"$\|\nabla E\|_1$",
          "l2_norm": r"$\|\nabla E\|_2$", "bias_norm": "norm of the bias term (3)",
-         "max_test_acc": "max test accuracy", "limit_one_norm": r"$|\theta_1| + |\theta_2|$ at the end", "hill_height": r"hill height of $\|\nabla E\|_{1,\varepsilon}$"}
+         "max_test_acc": "max test accuracy", "limit_one_norm": r"$|\theta_1| + |\theta_2|$ at the end",
+         "hill_height": r"hill height of $\|\nabla E\|_{1,\varepsilon}$"}
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:

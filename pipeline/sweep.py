@@ -69,8 +69,19 @@ def _fail(msg: str, code: int = 2):
 
 
 def _error_line(text: str) -> str:
-    """The message of a failed Hydra process, without its traceback."""
+    """The message of a failed Hydra process, without its traceback; for an unknown config
+    group option, with the available options."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    avail = [i for i, ln in enumerate(lines) if ln.startswith("Available options")]
+    if avail:
+        i = avail[0]
+        opts = []
+        for ln in lines[i + 1:]:
+            if not ln.startswith("\t"):
+                break
+            opts.append(ln.strip())
+        first = next((ln for ln in lines if ln.startswith("In ") or "Could not" in ln), lines[0])
+        return f"{first.strip()}; available: {', '.join(opts)}"
     for ln in reversed(lines):
         for marker in ("ConfigError: ", "ConfigCompositionException: ", "Error: "):
             if marker in ln:

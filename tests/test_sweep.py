@@ -83,6 +83,14 @@ def test_bad_grid_value_rejected_before_launch(tmp_path, extra, key):
     assert not (tmp_path / "runs").exists()  # nothing launched, nothing created
 
 
+def test_unknown_model_lists_the_choices(tmp_path):
+    r = make("sweep", tmp_path, extra=f"{FAST} model=vgg")
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(err) == 1
+    assert "model/vgg" in err[0] and "available: bilinear, cnn, mlp, resnet101, resnet18, resnet50" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_preset_lists_available(tmp_path):
     r = make("sweep", tmp_path, sweep="nope")
     assert r.returncode != 0

@@ -65,7 +65,8 @@ class AdamSweeper(BasicSweeper):
             try:
                 validate(cfg)
             except ConfigError as e:
-                raise ConfigError(f"{e} (grid point: {' '.join(ov)})") from None
+                shown = [o for o in ov if not o.startswith(("paths.", "retry=", "sweep=", "hydra."))]
+                raise ConfigError(f"{e} (grid point: {' '.join(shown)})") from None
             rid = run_id(cfg)
             run = RunDir(cfg.paths.runs, rid)
             state = run.status().get("state")
