@@ -84,11 +84,11 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
         for (_rid, v), g in sub.groupby(["run_id", param], dropna=False):
             ax.plot(g["step"], g["value"], color=color.get(v, "gray"), lw=1,
                     label=f"{SYMBOL.get(param, param)}={v:g}")
-        if metric in ("loss", "pert_norm", "l1_norm", "l2_norm") and (sub["value"] > 0).all() and len(sub):
+        if metric in ("loss", "pert_norm", "l1_norm", "l2_norm") and (sub["value"] > 0).any():  # zeros are dropped
             ax.set_yscale("log")
         ax.set_ylabel(LABEL.get(metric, metric))
         handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
+        uniq = dict(sorted(zip(labels, handles), key=lambda lh: float(lh[0].rsplit("=", 1)[1])))
         if uniq:
             ax.legend(uniq.values(), uniq.keys(), fontsize=7, ncol=2)
     axes[-1, 0].set_xlabel("step (full-batch epoch)")
