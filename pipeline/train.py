@@ -113,6 +113,8 @@ def _train(cfg, run: RunDir, rid: str) -> str:
         opt.load_state_dict(ckpt["optimizer"])
         start, crossed, time_offset = ckpt["step"], list(ckpt["crossed"]), ckpt["time_s"]
         torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         if shuffle_gen is not None:
             shuffle_gen.set_state(ckpt["rng_shuffle"])
         log.info("run %s: resuming at step %d", rid, start)
@@ -130,6 +132,7 @@ def _train(cfg, run: RunDir, rid: str) -> str:
         run.save_checkpoint(dict(
             model=model.state_dict(), optimizer=opt.state_dict(), step=step, crossed=crossed,
             time_s=time.perf_counter() - t0, rng_cpu=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             rng_shuffle=shuffle_gen.get_state() if shuffle_gen is not None else None))
         run.write_status(step=step)
 
