@@ -32,7 +32,7 @@ cmd_install() {
   log "installing slurm, munge and mariadb (missing: ${need[*]})"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client slurmdbd munge \
+  apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd munge \
     mariadb-server mariadb-client >/dev/null
 }
 
