@@ -41,18 +41,33 @@ def records(path):
 
 
 def read_run(path) -> dict:
-    """{'id', 'group', 'tags', 'config', 'history': [row dicts]} of one run file."""
-    out = dict(id=None, group=None, tags=[], config={}, history=[])
+    """{'id', 'group', 'tags', 'config', 'history': [row dicts], 'finished'} of one run file
+    (`finished`: its exit record is written; wandb's service writes the file asynchronously)."""
+    out = dict(id=None, group=None, tags=[], config={}, history=[], finished=False)
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out.update(id=rec.run.run_id, group=rec.run.run_group, tags=list(rec.run.tags))
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update
                                   if not i.key.startswith("_")})
+        elif kind == "exit":
+            out["finished"] = True
         elif kind == "history":
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                    for i in rec.history.item})
     return out
+
+
+def read_finished_run(path, timeout_s: float = 60.0) -> dict:
+    """`read_run`, waiting until wandb's service has written the exit record."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        run = read_run(path)
+        if run["finished"] or time.time() > deadline:
+            return run
+        time.sleep(0.2)
 
 
 def find_run_files(run_dir) -> list[Path]:

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.wandb_read import find_run_files, read_run
+from analysis.wandb_read import find_run_files, read_finished_run
 from pipeline.loggers import wandb_mode
 from pipeline.store import RunDir, run_id
 from pipeline.train import train
@@ -18,7 +18,8 @@ def test_rows_config_group_and_tags_reach_wandb(cfg_factory, monkeypatch):
     run = RunDir(cfg.paths.runs, run_id(cfg))
     files = find_run_files(run.path)
     assert len(files) == 1
-    wb = read_run(files[0])
+    wb = read_finished_run(files[0])
+    assert wb["finished"]
     assert wb["id"] == run.id and wb["group"] == "mysweep"
     assert set(wb["tags"]) >= {"cnn", "synthetic", "adam"}
     assert wb["config"]["optim"]["h"] == cfg.optim.h
@@ -43,7 +44,7 @@ def test_resumed_run_continues_the_same_wandb_run(cfg_factory, monkeypatch):
     ck = torch.load(run.checkpoint, weights_only=True)
     assert ck["step"] == 8
     train(cfg)
-    ids = {read_run(f)["id"] for f in find_run_files(run.path)}
+    ids = {read_finished_run(f)["id"] for f in find_run_files(run.path)}
     assert ids == {run.id}
 
 
@@ -106,6 +107,7 @@ def test_threshold_summary_in_wandb(cfg_factory, monkeypatch):
     first = int(m.step[m.loss < 1.9].iloc[0])
     from analysis.wandb_read import records
 
+    read_finished_run(find_run_files(run.path)[0])
     summary = {}
     for rec in records(find_run_files(run.path)[0]):
         if rec.WhichOneof("record_type") == "summary":
