@@ -14,6 +14,7 @@ RUNS ?= runs
 SWEEPS ?= sweeps
 OUT ?= $(SWEEPS)/$(SWEEP)/analysis
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: help install sweep status analyze figures theory sync report data bench test lint clean-venv
 
@@ -35,8 +36,8 @@ sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=to
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss
 	$(PY) -m pipeline.sweep status $(SWEEP) -- $(EXTRA)
 
-analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (into sweeps/<SWEEP>/analysis)
-	$(PY) -m analysis $(SWEEPS)/$(SWEEP) --out $(OUT)
+analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
+	$(PY) -m analysis $(SWEEPS)/$(SWEEP) --out $(OUT) $(ARGS)
 
 theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
 	$(PY) -m analysis.theory verify
@@ -55,7 +56,7 @@ data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for 
 bench: $(VENV)/.installed ## pipeline step vs a bare PyTorch loop (median ratio, img/s, MFU on CUDA)
 	$(PY) -m bench.step_bench
 
-test: $(VENV)/.installed ## run the test suite (the Slurm tests need slurm/local_cluster.sh up)
+test: $(VENV)/.installed ## run the test suite (Slurm tests use a running cluster or start slurm/local_cluster.sh)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed ## ruff
