@@ -48,8 +48,10 @@ def _override_value(extra: list[str], key: str, default: str) -> str:
     return default
 
 
-def sweep_folder(name: str, extra=()) -> Path:
-    return Path(_override_value(list(extra), "paths.sweeps", "sweeps")) / name
+def sweep_folder(preset: str, extra=()) -> Path:
+    """`<paths.sweeps>/<sweep.name>`, both overridable in EXTRA (the preset names the sweep)."""
+    extra = list(extra)
+    return Path(_override_value(extra, "paths.sweeps", "sweeps")) / _override_value(extra, "sweep.name", preset)
 
 
 def multirun_cmd(preset, launcher, jobs, profile, retry, extra, dry_run):
@@ -110,8 +112,14 @@ def run(preset, launcher="local", jobs=2, profile="default", retry=False, extra=
     folder = sweep_folder(preset, extra)
     plan = json.loads((folder / "plan.json").read_text())
     n, todo = len(plan["points"]), len(plan["launched"])
-    print(f"sweep {preset}: {n} runs, {todo} to launch, {n - todo} skipped "
-          f"({'completed' if not retry else 'completed'}; RETRY=1 reruns diverged/failed) -> {folder}")
+    states = {}
+    for p in plan["points"]:
+        if not p["launch"]:
+            states[p["state"]] = states.get(p["state"], 0) + 1
+    why = ", ".join(f"{v} {k}" for k, v in sorted(states.items()))
+    hint = "; RETRY=1 reruns diverged/failed" if set(states) - {"completed"} else ""
+    print(f"sweep {folder.name}: {n} runs, {todo} to launch, {n - todo} skipped"
+          f"{f' ({why}{hint})' if why else ''} -> {folder}")
     if todo == 0:
         return 0
     cmd = multirun_cmd(preset, launcher, jobs, profile, retry, extra, False)
@@ -130,7 +138,7 @@ def run(preset, launcher="local", jobs=2, profile="default", retry=False, extra=
             old = json.loads((folder / "jobs.json").read_text()) if (folder / "jobs.json").exists() else {}
             (folder / "jobs.json").write_text(json.dumps({**old, **jobs_map}, indent=1))
             print(f"submitted {todo} runs as Slurm array {ids[0].split('_')[0]}; "
-                  f"`make status SWEEP={preset}` to follow, launcher log: {folder / 'launcher.log'}")
+                  f"`make status SWEEP={folder.name}` to follow, launcher log: {folder / 'launcher.log'}")
             return 0
         if proc.poll() is not None:
             _fail(f"the launcher exited ({proc.returncode}) before submitting: "

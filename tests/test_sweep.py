@@ -61,6 +61,8 @@ def test_sweeps_share_runs_and_retry_reruns_diverged(tmp_path):
     shared = {p.name for p in a.iterdir() if p.is_symlink()} & {p.name for p in b.iterdir() if p.is_symlink()}
     assert len(shared) == 1
     assert (a / next(iter(shared))).resolve() == (b / next(iter(shared))).resolve()
+    other_states = [json.loads((p / "status.json").read_text())["state"] for p in b.iterdir() if p.is_symlink()]
+    assert other_states == ["completed", "completed"]  # the new point ran, the shared one was kept
     # a diverging grid point ends `diverged`, the sweep goes on, RETRY=1 reruns it
     r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=div optim.beta=0.9 optim.rho=0.99 optim.h=1e30,1e-3")
     assert r.returncode == 0, r.stderr
