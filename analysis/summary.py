@@ -6,8 +6,6 @@ invented number.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
@@ -139,6 +137,3 @@ def varying(df: pd.DataFrame, candidates=("beta", "rho", "h", "eps")) -> list[st
     """Hyperparameters that take more than one value across the runs."""
     return [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1]
 
-
-def is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

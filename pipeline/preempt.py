@@ -20,7 +20,8 @@ class Requeue(SystemExit):
     """Raised after the checkpoint is written; the process exits and the job is requeued."""
 
 
-_received: list = []
+_received: list = []  # (signum, frame) of the signals seen inside guard()
+_previous = None  # the handler guard() replaced: submitit's, under submitit
 
 
 def _record(signum, frame):
@@ -43,9 +44,6 @@ def guard():
         yield lambda: bool(_received)
     finally:
         signal.signal(SIGNAL, previous)
-
-
-_previous = None
 
 
 def hand_over(step: int) -> None:

@@ -191,3 +191,34 @@ def test_opt_in_numerics_switches_run_and_stay_close(cfg_factory, opt):
     a = read_metrics(RunDir(base.paths.runs, run_id(base)).metrics)
     b = read_metrics(RunDir(cfg.paths.runs, run_id(cfg)).metrics)
     assert abs(a.loss.iloc[-1] - b.loss.iloc[-1]) < 0.05
+
+
+def test_sigusr2_checkpoints_now_and_resume_is_identical(tmp_path):
+    """Slurm's warning signal without Slurm or submitit: the run checkpoints after the current
+    step, marks itself pending and exits; a rerun resumes there and ends like an uninterrupted
+    run."""
+    runs = tmp_path / "runs"
+    args = [*TINY, "train.max_steps=300", "train.checkpoint_every=1000", f"paths.runs={runs}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("SLURM_JOB_ID", None)
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cfg = make_cfg(args)
+    run = RunDir(runs, run_id(cfg))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run.metrics.exists() and len(run.metrics.read_text().splitlines()) > 30):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR2)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "preempted at step" in err
+    st = run.status()
+    assert st["state"] == "pending" and st["step"] > 30
+    assert __import__("torch").load(run.checkpoint, weights_only=True)["step"] == st["step"]
+    r = run_cli(["pipeline.train", *args], cwd=tmp_path)
+    assert r.returncode == 0 and f"resuming at step {st['step']}" in r.stdout + r.stderr
+    ref = tmp_path / "ref"
+    r = run_cli(["pipeline.train", *[a if not a.startswith("paths.runs") else f"paths.runs={ref}" for a in args]],
+                cwd=tmp_path)
+    a = read_metrics(run.metrics).drop(columns="time_s")
+    b = read_metrics(RunDir(ref, run_id(cfg)).metrics).drop(columns="time_s")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
