@@ -32,7 +32,7 @@ METRIC_COLUMNS = ["step", "loss", "acc", "pert_norm", "l1_norm", "l2_norm", "per
 # Keys that do not change what a run computes: never part of its id.
 NON_SEMANTIC = {
     "data": {"root", "download"},
-    "train": {"checkpoint_every", "log_every", "progress", "retry"},
+    "train": {"checkpoint_every", "log_every", "progress"},
 }
 SEMANTIC_TOP = ("model", "data", "optim", "train", "seed", "precision", "channels_last", "compile",
                 "deterministic")

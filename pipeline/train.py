@@ -57,20 +57,21 @@ def train(cfg: DictConfig) -> str:
     validate(cfg)
     rid = run_id(cfg)
     run = RunDir(cfg.paths.runs, rid)
-    prev = run.status().get("state")
+    st = run.status()
+    prev = st.get("state")
     if prev == "completed" or (prev in ("diverged", "failed") and not cfg.retry):
         log.info("run %s is %s: skipped%s", rid, prev, "" if prev == "completed" else " (retry=true reruns it)")
         return prev
     run.path.mkdir(parents=True, exist_ok=True)
+    step = st.get("step", 0)
     if prev == "diverged":  # retry from scratch; a failed run resumes from its checkpoint
         run.checkpoint.unlink(missing_ok=True)
-        run.write_status(step=0)
-    attempts = run.status().get("attempts", 0) + 1
+        step = 0
     run.write_config(cfg)
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    run.write_status(state="running", attempts=attempts, step=run.status().get("step", 0),
+    run.write_status(state="running", attempts=st.get("attempts", 0) + 1, step=step,
                      slurm_job=job, started_at=time.time())
     try:
         state = _train(cfg, run, rid)

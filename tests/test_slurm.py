@@ -128,17 +128,21 @@ def _one_run(tmp_path, extra):
     return RunDir(tmp_path / "runs", rid), job
 
 
+def assert_second_attempt_matches_uninterrupted(tmp_path, run, extra, max_steps):
+    wait_states(tmp_path, [run.id], {"completed"})
+    assert run.status()["attempts"] == 2
+    ours = pd.read_csv(run.metrics).drop(columns="time_s")
+    assert ours.step.tolist() == list(range(max_steps + 1))  # no duplicated or missing step
+    pd.testing.assert_frame_equal(ours, reference_metrics(tmp_path, extra.split()), check_exact=True)
+
+
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, tmp_path):
     run, job = _one_run(tmp_path, LONG)
     wait_rows(run, 60)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # Slurm's warning signal
     wait_states(tmp_path, [run.id], {"pending", "completed"}, timeout=60)
     assert run.status()["step"] > 60  # checkpointed at the signal, not at a periodic checkpoint
-    wait_states(tmp_path, [run.id], {"completed"})
-    assert run.status()["attempts"] == 2
-    ours = pd.read_csv(run.metrics).drop(columns="time_s")
-    assert ours.step.tolist() == list(range(401))
-    pd.testing.assert_frame_equal(ours, reference_metrics(tmp_path, LONG.split()), check_exact=True)
+    assert_second_attempt_matches_uninterrupted(tmp_path, run, LONG, 400)
 
 
 def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
@@ -147,11 +151,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     run, job = _one_run(tmp_path, extra)
     wait_rows(run, 80)
     subprocess.run(["scontrol", "requeue", job], check=True)  # killed, back in the queue
-    wait_states(tmp_path, [run.id], {"completed"})
-    assert run.status()["attempts"] == 2
-    ours = pd.read_csv(run.metrics).drop(columns="time_s")
-    assert ours.step.tolist() == list(range(1201))
-    pd.testing.assert_frame_equal(ours, reference_metrics(tmp_path, extra.split()), check_exact=True)
+    assert_second_attempt_matches_uninterrupted(tmp_path, run, extra, 1200)
 
 
 def test_cancelled_job_is_reported_not_hanging(slurm, tmp_path):
