@@ -7,13 +7,15 @@ directories), or a single run directory.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
+
+from pipeline.store import read_metrics_table, run_holes
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +60,14 @@ def _get(d: dict, dotted: str):
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
-    """metrics.csv as floats; a row cut short by a crash is dropped, a missing or empty file
-    gives an empty frame."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
+    """metrics.csv as floats (parsed by Python's float: exact round trip), through the store's
+    reader: rows cut short by a crash are dropped; a missing or empty file gives an empty frame."""
+    header, rows = read_metrics_table(path)
+    if not header:
         return pd.DataFrame()
-    lines = text.split("\n")
-    if len(lines) < 2 or not lines[0]:
-        return pd.DataFrame()
-    n = len(lines[0].split(","))
-    complete = [ln for ln in lines[1:-1] if len(ln.split(",")) == n]
-    exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
-    df = pd.read_csv(io.StringIO("\n".join([lines[0], *complete]) + "\n"), **exact)
-    return df.apply(pd.to_numeric, errors="coerce")
+    cols = list(zip(*rows)) if rows else [()] * len(header)
+    return pd.DataFrame({h: np.array([float(c) if c else np.nan for c in col], dtype=float)
+                         for h, col in zip(header, cols)})
 
 
 def read_run(path: Path) -> dict:
@@ -85,8 +81,10 @@ def read_run(path: Path) -> dict:
         status = json.loads((path / "status.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         status = {}
+    metrics = read_metrics(path / "metrics.csv")
+    steps = [int(s) for s in metrics["step"]] if "step" in metrics else []
     return dict(run_id=status.get("run_id", path.resolve().name), path=path, config=config,
-                status=status, metrics=read_metrics(path / "metrics.csv"))
+                status=status, metrics=metrics, holes=run_holes(status, steps))
 
 
 def hyperparameters(config: dict) -> dict:
@@ -98,6 +96,9 @@ def load_runs(root) -> list[dict]:
     for r in runs:
         if r["metrics"].empty:
             log.warning("run %s (%s): metrics.csv missing or empty", r["run_id"], r["path"])
+        elif r["holes"]:
+            log.warning("run %s: history not whole (%s): values that depend on the missing rows are "
+                        "left empty; retry=true recomputes it", r["run_id"], r["holes"])
     return runs
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.thresholds import first_crossing as first_crossing_index
+
 from .runs import hyperparameters
 
 NAN = float("nan")
@@ -20,16 +22,18 @@ def tkey(t: float) -> str:
     return f"{t:g}"
 
 
-def first_crossing(m: pd.DataFrame, threshold: float) -> dict:
-    """Values at the first step whose training loss is below `threshold`."""
+def first_crossing(m: pd.DataFrame, threshold: float, known_until: float = float("inf")) -> dict:
+    """Values at the first step whose training loss is below `threshold` (the rule of
+    pipeline.thresholds). `known_until`: the first missing step of a history with holes; a
+    crossing after it may not be the first, and is left empty."""
     out = {f"at_loss_{tkey(threshold)}_step": NAN}
     out.update({f"at_loss_{tkey(threshold)}_{c}": NAN for c in CROSSING_METRICS if c in m})
     if m.empty or "loss" not in m:
         return out
-    below = m[m["loss"] < threshold]
-    if below.empty:
+    i = first_crossing_index(m["loss"].tolist(), threshold)
+    if i is None or m["step"].iloc[i] > known_until:
         return out
-    row = below.iloc[0]
+    row = m.iloc[i]
     out[f"at_loss_{tkey(threshold)}_step"] = int(row["step"])
     out.update({f"at_loss_{tkey(threshold)}_{c}": row[c] for c in CROSSING_METRICS if c in m})
     return out
@@ -94,28 +98,41 @@ def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
     return "stable"
 
 
+def _first_missing(steps: pd.Series) -> float:
+    """The first step absent from 0, 1, 2, ... (inf when none is)."""
+    have = set(int(s) for s in steps)
+    return next((i for i in range(len(have) + 1) if i not in have), float("inf")) if have else 0
+
+
 def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 1,
                   spike_factor: float = 10.0) -> dict:
-    m, st = run["metrics"], run["status"]
+    """One summary row. A run whose history has holes (`run['holes']`) gets only the values
+    that do not depend on its missing rows; the rest stays empty."""
+    m, st, holes = run["metrics"], run["status"], run.get("holes", "")
     state = st.get("state", "unknown" if m.empty else "running")
     row = dict(run_id=run["run_id"], **hyperparameters(run["config"]), state=state,
-               steps=int(m["step"].max()) if "step" in m and len(m) else 0)  # last step reached
+               steps=int(m["step"].max()) if "step" in m and len(m) else 0,  # last step reached
+               holes=holes)
     has_loss = "loss" in m and len(m)
+    whole = has_loss and not holes
+    ends_at_last = has_loss and (state not in ("completed", "diverged") or int(m["step"].iloc[-1]) == st.get("step"))
     row["last_loss"] = float(m["loss"].iloc[-1]) if has_loss else NAN
-    row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") else NAN
+    row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") and ends_at_last else NAN
+    known_until = _first_missing(m["step"]) if has_loss and holes else float("inf")
     for t in thresholds:
-        row.update(first_crossing(m, t))
+        row.update(first_crossing(m, t, known_until))
     for s in steps_at:
         row.update(at_step(m, s))
-    row["max_test_acc"] = float(m["test_acc"].max()) if "test_acc" in m and m["test_acc"].notna().any() else NAN
+    row["max_test_acc"] = float(m["test_acc"].max()) if whole and "test_acc" in m and \
+        m["test_acc"].notna().any() else NAN
     floor = float(m["pert_norm_floor"].iloc[0]) if "pert_norm_floor" in m and len(m) else NAN
-    if "pert_norm" in m:
+    if "pert_norm" in m and whole:
         row.update(hill(m["pert_norm"], m["step"], floor, smooth))
     else:
         row.update(hill(pd.Series(dtype=float), pd.Series(dtype=float)))
-    row["regime"] = regime(m["loss"], state, spike_factor) if has_loss else ""
+    row["regime"] = regime(m["loss"], state, spike_factor) if whole else ""
     thetas = sorted((c for c in m.columns if c.startswith("theta_")), key=lambda c: int(c[6:]))
-    if thetas and len(m):  # few-parameter models: the limit point and its one-norm
+    if thetas and len(m) and ends_at_last:  # few-parameter models: the limit point and its one-norm
         last = m[thetas].iloc[-1]
         row.update({f"limit_{c}": float(last[c]) for c in thetas})
         row["limit_one_norm"] = float(last.abs().sum())
@@ -127,6 +144,9 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
 def summary_frame(runs, **kw) -> pd.DataFrame:
     rows = [summarize_run(r, **kw) for r in runs]
     df = pd.DataFrame(rows)
+    for c in df.columns:  # steps are integers, empty where unknown (not 10.0 and NaN)
+        if c == "steps" or c.endswith("_step"):
+            df[c] = df[c].astype("Int64")
     if not df.empty:
         df = df.sort_values([c for c in ("model", "data", "optim", "h", "beta", "rho", "eps", "seed")
                              if c in df and df[c].notna().any()], na_position="last", kind="stable")

@@ -4,6 +4,8 @@ from torch import nn
 
 from .norm import norm2d
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
 
 class CNN(nn.Module):
     """conv-norm-relu-pool x3 then a linear head (airbench-style, but tiny)."""
@@ -25,7 +27,7 @@ class CNN(nn.Module):
 class MLP(nn.Module):
     def __init__(self, in_features, num_classes=10, width=128, depth=2, activation="relu"):
         super().__init__()
-        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[activation]
+        act = ACTIVATIONS[activation]
         layers, cin = [nn.Flatten()], in_features
         for _ in range(depth):
             layers += [nn.Linear(cin, width), act()]

@@ -1,3 +1,3 @@
-from .train import main
+from .train import cli
 
-main()
+cli()

@@ -30,7 +30,7 @@ DATASETS = ("cifar10", "cifar100", "synthetic", "bilinear")
 # folder, train files, test file, label key, official md5s (torchvision's lists)
 CIFAR = {
     "cifar10": dict(
-        folder="cifar-10-batches-py", label="labels", classes=10,
+        folder="cifar-10-batches-py", label="labels", classes=10, n_train=50_000, n_test=10_000,
         train=[("data_batch_1", "c99cafc152244af753f735de768cd75f"),
                ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
                ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
@@ -39,7 +39,7 @@ CIFAR = {
         test=[("test_batch", "40351d587109b95175f43aff81a1287e")],
         tv="CIFAR10"),
     "cifar100": dict(
-        folder="cifar-100-python", label="fine_labels", classes=100,
+        folder="cifar-100-python", label="fine_labels", classes=100, n_train=50_000, n_test=10_000,
         train=[("train", "16019d7e3df5f24257cddd939b257f8d")],
         test=[("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")],
         tv="CIFAR100"),
@@ -47,7 +47,7 @@ CIFAR = {
 
 
 class DataError(RuntimeError):
-    """A dataset that cannot be found or read; the message says what to do."""
+    """A dataset that cannot be found or read: one line `key=value: why`, saying what to do."""
 
 
 @dataclass
@@ -64,6 +64,10 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
+class Refused(pickle.UnpicklingError):
+    """The file asks to build an object that a CIFAR batch never holds."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Allows only what CIFAR's pickles hold: builtins containers and numpy arrays."""
 
@@ -75,17 +79,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR file")
+        raise Refused(f"refusing to unpickle {module}.{name} from a CIFAR file")
 
 
-def _read_batch(path: Path, md5: str, label_key: str):
-    raw = path.read_bytes()
-    if hashlib.md5(raw).hexdigest() != md5:
-        log.warning("%s is not the official CIFAR file (md5 differs); loading it anyway", path)
-    d = _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(d[label_key], dtype=np.int64)
+def _read_batch(path: Path, md5: str, label_key: str, root_key: str, classes: int):
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{root_key}: cannot read {path} ({e.strerror})") from None
+    try:
+        d = _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[label_key], dtype=np.int64)
+        if len(y) != len(x) or (len(y) and (y.min() < 0 or y.max() >= classes)):
+            raise ValueError(f"{len(x)} images, {len(y)} labels in [0, {classes})")
+    except Refused as e:
+        raise DataError(f"{root_key}: {path} is not a CIFAR batch ({e})") from None
+    except Exception as e:  # truncated (EOFError), garbage, wrong keys or shapes
+        raise DataError(f"{root_key}: {path} is damaged or not a CIFAR batch ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'truncated'}); delete it and run "
+                        "`make data` again") from None
+    return x, y, hashlib.md5(raw).hexdigest() == md5
 
 
 def cifar_files(name: str, root: str | Path) -> list[Path]:
@@ -110,19 +125,24 @@ def _load_cifar(cfg):
         try:
             download_cifar(cfg.name, root)
         except Exception as e:  # offline compute node, proxy, ...
+            why = (str(e).strip().splitlines() or [""])[0][:200]
             raise DataError(
-                f"data={cfg.name}: files missing under data.root={root} and the download failed "
-                f"({type(e).__name__}: {e}). Run `make data DATA_ROOT={root}` on a machine with "
-                f"internet, or point data.root at a copy.") from None
+                f"data.root={root}: {cfg.name} is missing there and the download failed "
+                f"({type(e).__name__}: {why}); run `make data DATA_ROOT={root}` on a machine with "
+                "internet, or point data.root at a copy") from None
         missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
     if missing:
-        raise DataError(f"data={cfg.name}: {missing[0]} not found under data.root={root}; "
-                        f"run `make data DATA_ROOT={root}` (or set data.download=true)")
-    base = root / spec["folder"]
-    xs, ys = zip(*[_read_batch(base / f, m, spec["label"]) for f, m in spec["train"]])
-    xt, yt = _read_batch(base / spec["test"][0][0], spec["test"][0][1], spec["label"])
-    return (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
-            torch.from_numpy(xt), torch.from_numpy(yt), spec["classes"])
+        raise DataError(f"data.root={root}: {missing[0]} not found; run `make data "
+                        f"DATA_ROOT={root}` (or set data.download=true)")
+    base, key = root / spec["folder"], f"data.root={root}"
+    *train, test = [_read_batch(base / f, m, spec["label"], key, spec["classes"])
+                    for f, m in spec["train"] + spec["test"]]
+    odd = sum(not official for _, _, official in train + [test])
+    return (torch.from_numpy(np.concatenate([x for x, _, _ in train])),
+            torch.from_numpy(np.concatenate([y for _, y, _ in train])),
+            torch.from_numpy(test[0]), torch.from_numpy(test[1]), spec["classes"],
+            f"{key}: {odd} of the {len(train) + 1} files differ from the official CIFAR files (md5); "
+            "loaded anyway" if odd else None)
 
 
 def _synthetic(cfg):
@@ -145,10 +165,17 @@ def _synthetic(cfg):
 def _subset(x, y, cfg, num_classes):
     if cfg.get("per_class"):
         k = int(cfg.per_class)
+        have = min(int((y == c).sum()) for c in range(num_classes))
+        if k > have:
+            raise DataError(f"data.per_class={k}: larger than the {have} training examples of the "
+                            f"rarest class of data={cfg.name}")
         idx = torch.cat([torch.nonzero(y == c).flatten()[:k] for c in range(num_classes)])
         idx = idx.sort().values  # keep the file order
         x, y = x[idx], y[idx]
     if cfg.get("subset"):
+        if int(cfg.subset) > len(x):
+            raise DataError(f"data.subset={cfg.subset}: larger than the {len(x)} training examples "
+                            f"of data={cfg.name}")
         x, y = x[: int(cfg.subset)], y[: int(cfg.subset)]
     return x, y
 
@@ -159,8 +186,9 @@ def load_dataset(cfg, device="cpu") -> Dataset:
         x = torch.full((1, 1), float(cfg.x))
         y = torch.full((1, 1), float(cfg.y))
         return Dataset(x.to(device), y.to(device), x.to(device), y.to(device), 0, "regression")
+    note = None  # a warning, given once everything loaded (an error comes alone)
     if cfg.name in CIFAR:
-        xtr, ytr, xte, yte, c = _load_cifar(cfg)
+        xtr, ytr, xte, yte, c, note = _load_cifar(cfg)
     elif cfg.name == "synthetic":
         xtr, ytr, xte, yte, c = _synthetic(cfg)
     else:
@@ -172,11 +200,16 @@ def load_dataset(cfg, device="cpu") -> Dataset:
     del xf
     xtr, ytr = _subset(xtr, ytr, cfg, c)
     if cfg.get("test_subset"):
+        if int(cfg.test_subset) > len(xte):
+            raise DataError(f"data.test_subset={cfg.test_subset}: larger than the {len(xte)} test "
+                            f"examples of data={cfg.name}")
         xte, yte = xte[: int(cfg.test_subset)], yte[: int(cfg.test_subset)]
 
     def norm(x):
         return ((x.double() / 255 - mean) / std).float().to(device)
 
+    if note:
+        log.warning("%s", note)
     return Dataset(norm(xtr), ytr.to(device), norm(xte), yte.to(device), c, "classification")
 
 

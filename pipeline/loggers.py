@@ -1,19 +1,24 @@
-"""wandb mirror of the run store. The run directory is the source of truth: a wandb failure is
-logged once and training goes on without it."""
+"""wandb mirror of the run store. metrics.csv is the source of truth: wandb lives in a thread of
+its own, so the training loop never waits for it (its init can take `init_timeout` seconds
+when the server cannot be reached), and a wandb failure is logged once and ignored."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
+import queue
+import threading
 
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
+SUMMARY_AT_CROSSING = ("pert_norm", "test_acc", "acc", "loss")
 
 
 class NullLogger:
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, crossed=()) -> None:
         pass
 
     def finish(self, state: str) -> None:
@@ -39,53 +44,87 @@ def wandb_mode(requested: str) -> str:
 
 class WandbLogger:
     """One wandb run per run id (`resume="allow"`), so a resumed or requeued job continues it;
-    group = sweep name, tags = model/data/optimizer."""
+    group = sweep name, tags = model/data/optimizer. Rows with step <= `sent_before` were
+    mirrored by an earlier attempt and are not sent again. If the server cannot be reached the
+    rows go to an offline run instead, which `make sync` uploads later."""
 
-    def __init__(self, cfg, run_dir, rid: str):
-        import wandb
-
-        self.wandb = wandb
+    def __init__(self, cfg, run_dir, rid: str, sent_before: int = -1):
         lc = cfg.logger
-        self.mode = wandb_mode(lc.mode)
-        self.run = wandb.init(
+        self.sent_before, self.finish_timeout = sent_before, float(lc.finish_timeout)
+        self.init_kw = dict(
             project=lc.project, entity=lc.entity, group=cfg.sweep.name or None, id=rid,
-            name=lc.get("name") or rid, resume="allow", mode=self.mode, dir=str(run_dir),
+            name=lc.get("name") or rid, resume="allow", dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
-            tags=[cfg.model.name, cfg.data.name, cfg.optim.name] + list(lc.get("tags") or []),
-            settings=wandb.Settings(silent=True, init_timeout=float(lc.init_timeout)),
-        )
-        self.broken = False
-        self.pending = sorted(float(t) for t in cfg.train.loss_thresholds)
+            tags=[cfg.model.name, cfg.data.name, cfg.optim.name] + list(lc.get("tags") or []))
+        self.mode, self.init_timeout = wandb_mode(lc.mode), float(lc.init_timeout)
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._work, name="wandb-mirror", daemon=True)
+        self.thread.start()
 
-    def log(self, row: dict) -> None:
-        if self.broken:
-            return
-        try:
-            data = {k: v for k, v in row.items() if v is not None and k != "step"}
-            self.run.log(data, step=int(row["step"]))
-            for t in [t for t in self.pending if row["loss"] < t]:  # summary for the report's scatter plots
-                self.pending.remove(t)
-                self.run.summary.update({f"at_loss_{t:g}_{k}": v for k, v in data.items()
-                                         if k in ("pert_norm", "test_acc", "step", "acc")} |
-                                        {f"at_loss_{t:g}_step": int(row["step"])})
-        except Exception as e:  # never let the mirror stop training
-            self.broken = True
-            log.warning("wandb logging stopped (%s: %s); metrics.csv is complete", type(e).__name__, e)
+    # -- the training loop's side: never blocks --------------------------------------------
+    def log(self, row: dict, crossed=()) -> None:
+        if row["step"] > self.sent_before:
+            self.queue.put(("row", row, list(crossed)))
 
     def finish(self, state: str) -> None:
+        if not self.thread.is_alive():
+            return
+        self.queue.put(("finish", state, None))
+        self.thread.join(self.finish_timeout)
+        if self.thread.is_alive():
+            log.warning("wandb did not finish within %.0f s; metrics.csv is complete (`make sync` "
+                        "uploads offline runs)", self.finish_timeout)
+
+    # -- the mirror's thread ---------------------------------------------------------------------
+    def _init(self):
+        import wandb
+
+        settings = wandb.Settings(silent=True, init_timeout=self.init_timeout)
         try:
-            self.run.summary["state"] = state
-            self.run.finish(exit_code=0 if state in ("completed", "diverged") else 1)
+            return wandb.init(mode=self.mode, settings=settings, **self.init_kw)
         except Exception as e:
-            log.warning("wandb finish failed (%s: %s)", type(e).__name__, e)
+            if self.mode != "online":
+                raise
+            log.warning("wandb unreachable (%s: %s); mirroring into an offline run instead "
+                        "(`make sync` uploads it)", type(e).__name__, str(e).splitlines()[0][:200])
+            wandb.teardown()  # its service still holds the run id of the failed attempt
+            with contextlib.suppress(Exception):  # its analytics would wait on the server at exit
+                from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+                opentelemetry_proxy.disable()
+            return wandb.init(mode="offline", settings=settings, **self.init_kw)
+
+    def _work(self) -> None:
+        try:
+            run = self._init()
+        except Exception as e:
+            log.warning("wandb unavailable (%s: %s); training goes on, metrics.csv is complete",
+                        type(e).__name__, e)
+            run = None
+        while True:
+            kind, item, crossed = self.queue.get()
+            if run is None:
+                if kind == "finish":
+                    return
+                continue
+            try:
+                if kind == "finish":
+                    run.summary["state"] = item
+                    run.finish(exit_code=0 if item in ("completed", "diverged") else 1)
+                    return
+                step = int(item["step"])
+                data = {k: v for k, v in item.items() if v is not None and k != "step"}
+                run.log(data, step=step)
+                for t in crossed:  # decided by the training loop, once per threshold
+                    run.summary.update({f"at_loss_{t:g}_{k}": data[k] for k in SUMMARY_AT_CROSSING
+                                        if k in data} | {f"at_loss_{t:g}_step": step})
+            except Exception as e:  # never let the mirror stop training
+                log.warning("wandb logging stopped (%s: %s); metrics.csv is complete",
+                            type(e).__name__, e)
+                run = None
 
 
-def make_logger(cfg, run_dir, rid: str):
+def make_logger(cfg, run_dir, rid: str, sent_before: int = -1):
     if cfg.logger.name != "wandb":
         return NullLogger()
-    try:
-        return WandbLogger(cfg, run_dir, rid)
-    except Exception as e:
-        log.warning("wandb unavailable (%s: %s); training goes on, metrics.csv is complete",
-                    type(e).__name__, e)
-        return NullLogger()
+    return WandbLogger(cfg, run_dir, rid, sent_before)

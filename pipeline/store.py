@@ -1,55 +1,76 @@
 """The run store: one folder per run, named by a hash of the run's semantic config (Dora-style).
 
-    <paths.runs>/<run_id>/config.yaml    resolved config
-                          metrics.csv    one row per step (source of truth)
-                          status.json    state, step, attempts, ...
-                          checkpoint.pt  model, optimizer, step, RNG states
+    <paths.runs>/<run_id>/config.yaml         resolved config
+                          metrics.csv         one row per step n = 0..k (source of truth)
+                          status.json         state, step, attempts, holes, ...
+                          checkpoint.pt       model, optimizer, step, RNG states
+                          checkpoint.prev.pt  the one before, kept until the new one is in place
+                          lease.json          the live owner (pipeline/lease.py)
+                          job.json            the job that a sweep submitted for it
+                          train.log           the run's log lines, every attempt
 
-Every file but metrics.csv is replaced atomically (write to a temporary file, fsync, rename);
-metrics.csv is appended row by row and cut back to the checkpoint's step on resume, so a
-crash or a kill never leaves a run that cannot be resumed or read.
+Every file but metrics.csv is replaced atomically (temporary file, fsync, rename) with the
+permissions of the process umask; metrics.csv is appended row by row, fsynced before each
+checkpoint and cut back to the checkpoint's step on resume. A kill at any instant leaves a run
+that resumes to the same result; a history with holes is flagged, never passed off as whole.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
-import tempfile
+import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import faults
+
+log = logging.getLogger(__name__)
+
 STATES = ("pending", "running", "completed", "diverged", "failed")
 METRIC_COLUMNS = ["step", "loss", "acc", "pert_norm", "l1_norm", "l2_norm", "pert_norm_floor",
                   "test_loss", "test_acc", "time_s"]
 
-# Keys that do not change what a run computes: never part of its id.
-NON_SEMANTIC = {
-    "data": {"root", "download"},
-    "train": {"checkpoint_every", "log_every", "progress"},
-}
-SEMANTIC_TOP = ("model", "data", "optim", "train", "seed", "precision", "channels_last", "compile",
-                "deterministic")
+# The run id hashes the whole config except these keys (top-level names or dotted paths): where
+# files go, how progress is shown or logged, how the job is launched. Anything else, including
+# a key added tomorrow, is semantic by default.
+NON_SEMANTIC = (
+    "paths", "logger", "sweep", "retry", "device", "lease", "hydra",
+    "data.root", "data.download",
+    "train.checkpoint_every", "train.log_every", "train.progress",
+)
+# Semantic keys added after runs existed, with the value that reproduces the behaviour from
+# before: left out of the hash at that value, so that existing run ids never change.
+ADDED_KEYS: dict[str, object] = {}
 
 
 def semantic_config(cfg: DictConfig) -> dict:
-    """The part of the config that defines the computation (model, data, optim, train, seed
-    and numerics), without paths, logging, launcher or bookkeeping keys."""
+    """The config without the NON_SEMANTIC keys (and ADDED_KEYS at their old value), resolved."""
     out = {}
-    for key in SEMANTIC_TOP:
-        if key not in cfg:
+    for key in cfg:
+        if key in NON_SEMANTIC:
             continue
-        v = OmegaConf.to_container(cfg[key], resolve=True) if isinstance(
-            cfg[key], DictConfig) else cfg[key]
-        if isinstance(v, dict):
-            v = {k: x for k, x in v.items() if k not in NON_SEMANTIC.get(key, ())}
-        out[key] = v
+        node = cfg[key]
+        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    for dotted in NON_SEMANTIC:
+        if "." in dotted:
+            group, key = dotted.split(".", 1)
+            if isinstance(out.get(group), dict):
+                out[group].pop(key, None)
+    for dotted, old in ADDED_KEYS.items():
+        group, key = dotted.split(".", 1)
+        if isinstance(out.get(group), dict) and key in out[group] and out[group][key] == old:
+            del out[group][key]
     return out
 
 
@@ -59,31 +80,196 @@ def run_id(cfg: DictConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+# -- atomic files -----------------------------------------------------------------------------
+class DiskFull(Exception):
+    """A write failed for lack of space (ENOSPC, EDQUOT); `path` is the file being written."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        super().__init__(f"no space left on the device writing {self.path}")
+
+
+def _raise_disk_full(e: OSError, path) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(path) from e
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """`data` in a durable temporary file beside `path`, created with the umask's permissions
+    (mkstemp would make it 0600, unreadable to the rest of a group on a shared cluster)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_name(path)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        return tmp
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            _raise_disk_full(e, path)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = write_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def json_safe(v):
+    """Non-finite floats as the strings 'inf', '-inf', 'nan', so the JSON stays valid."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 def fmt(v) -> str:
-    """Floats as Python's shortest round-trip repr; None/NaN as empty or 'nan'."""
+    """Floats as Python's shortest round-trip repr; None as an empty cell."""
     if v is None:
         return ""
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else str(v)
     return str(v)
+
+
+# -- reading metrics.csv: the one reader ---------------------------------------------------
+def read_metrics_table(path) -> tuple[list[str], list[list[str]]]:
+    """(header, complete rows as lists of cells) of a metrics.csv that may be torn.
+
+    A row is kept when it has the header's number of cells and an integer step; a row cut
+    short by a kill, a crash or a full disk (anywhere in the file) is dropped, and so is the
+    last piece when no newline ends it. A missing or empty file gives ([], [])."""
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return [], []
+    except UnicodeDecodeError:
+        return [], []
+    lines = text.split("\n")
+    if len(lines) < 2 or not lines[0].startswith("step,"):
+        return [], []
+    header = lines[0].split(",")
+    rows = []
+    for line in lines[1:-1]:  # the last piece has no newline after it: empty or torn
+        cells = line.split(",")
+        if len(cells) == len(header) and cells[0].isdigit():
+            rows.append(cells)
+    return header, rows
+
+
+def describe_ranges(steps) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    steps = sorted(steps)
+    parts, i = [], 0
+    while i < len(steps):
+        j = i
+        while j + 1 < len(steps) and steps[j + 1] == steps[j] + 1:
+            j += 1
+        parts.append(f"{steps[i]}-{steps[j]}" if j > i else f"{steps[i]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def history_holes(steps: list[int], last: int) -> str:
+    """'' when `steps` are exactly 0..last, each once; else what is wrong, e.g.
+    'missing 334-800' or 'missing 5; repeated 7'."""
+    seen, repeated = set(), set()
+    for s in steps:
+        (repeated if s in seen else seen).add(s)
+    missing = [] if last < 0 else sorted(set(range(last + 1)) - seen)
+    extra = sorted(s for s in seen if s > last or s < 0)
+    parts = []
+    if missing:
+        parts.append("missing " + (describe_ranges(missing) if len(missing) < 10_000
+                                   else f"{len(missing)} steps"))
+    if repeated:
+        parts.append("repeated " + describe_ranges(repeated))
+    if extra:
+        parts.append("beyond the last step " + describe_ranges(extra))
+    return "; ".join(parts)
+
+
+def run_holes(status: dict, steps: list[int]) -> str:
+    """What is wrong with a run's history, '' when it is whole: the holes flagged when it resumed
+    (status.json) and those of its metrics.csv now (steps 0..k exactly once, k the last step of a
+    completed or diverged run, else the last step written)."""
+    last = status.get("step") if status.get("state") in ("completed", "diverged") else None
+    if not isinstance(last, int):
+        last = max(steps, default=-1)
+    found = [h for h in (status.get("holes") or "", history_holes(steps, last)) if h]
+    return "; ".join(dict.fromkeys(found))
+
+
+# -- the skip/launch rule ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    action: str  # start | resume | restart | skip
+    reason: str
+
+    @property
+    def launch(self) -> bool:
+        return self.action != "skip"
+
+
+def decide(status: dict, retry: bool, live: str | None = None) -> Decision:
+    """What to do with a run, given its status.json, `retry`, and a description of its live
+    owner or job (None when there is none). The one rule: train.py and the sweep planner both
+    call it.
+
+    live -> skip; completed and whole -> skip; diverged, failed or completed with holes ->
+    skip unless retry (diverged and holes restart from step 0, failed resumes from its last
+    loadable checkpoint); new -> start; pending or running (interrupted) -> resume."""
+    state, holes = status.get("state"), status.get("holes")
+    if live:
+        return Decision("skip", f"live: {live}")
+    if state == "completed" and not holes:
+        return Decision("skip", "completed")
+    if state in ("diverged", "failed", "completed"):
+        what = f"completed with holes ({holes})" if state == "completed" else state
+        if not retry:
+            return Decision("skip", f"{what}; retry reruns it")
+        return Decision("resume" if state == "failed" else "restart", f"{what}: retry")
+    if state is None:
+        return Decision("start", "new")
+    return Decision("resume", state)
+
+
+# -- the run directory ------------------------------------------------------------------------
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "crossed", "rng_cpu"}
 
 
 class RunDir:
@@ -95,73 +281,176 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.csv")
     status_file = property(lambda self: self.path / "status.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
+    prev_checkpoint = property(lambda self: self.path / "checkpoint.prev.pt")
+    job_file = property(lambda self: self.path / "job.json")
+    log_file = property(lambda self: self.path / "train.log")
 
+    # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict:
+        """status.json; {} when missing, {'unreadable': why} when garbled."""
         try:
-            return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            st = json.loads(self.status_file.read_text())
+            return st if isinstance(st, dict) else {"unreadable": "not a JSON object"}
+        except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as e:
+            return {"unreadable": f"{type(e).__name__}: {e}"}
 
     def write_status(self, **fields) -> dict:
-        st = self.status()
+        st = {k: v for k, v in self.status().items() if k != "unreadable"}
         st.update(fields, run_id=self.id, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        atomic_write_text(self.status_file, json.dumps(st, indent=1, sort_keys=True) + "\n")
+        st = {k: v for k, v in st.items() if v is not None}  # None clears a field
+        atomic_write_text(self.status_file, json.dumps(json_safe(st), indent=1, sort_keys=True,
+                                                       allow_nan=False) + "\n")
         return st
+
+    def create(self, cfg: DictConfig) -> bool:
+        """Register a new run (config.yaml, status.json `pending`) unless it exists: the status
+        file is created with link(2), which fails atomically if another process made one first."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.status_file.exists():
+            return False
+        self.write_config(cfg)
+        st = dict(state="pending", step=0, attempts=0, run_id=self.id)
+        tmp = write_temp(self.status_file, (json.dumps(st, indent=1, sort_keys=True) + "\n").encode())
+        try:
+            os.link(tmp, self.status_file)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write_config(self, cfg: DictConfig) -> None:
         atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
 
+    def job(self) -> dict | None:
+        try:
+            return json.loads(self.job_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_job(self, handle: dict) -> None:
+        atomic_write_text(self.job_file, json.dumps(handle, indent=1, sort_keys=True) + "\n")
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Temporary files of writes that a kill interrupted (the lease's own excepted)."""
+        stale = [p for p in self.path.glob(".*.tmp") if not p.name.startswith(".lease.json.")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
+        """Write the checkpoint of state['step'] so that a kill at any instant leaves one that
+        loads: temporary file (fsync) -> checkpoint.pt becomes checkpoint.prev.pt -> the
+        temporary file becomes checkpoint.pt."""
         buf = io.BytesIO()
         torch.save(state, buf)
-        atomic_write_bytes(self.checkpoint, buf.getvalue())
+        step = state["step"]
+        tmp = write_temp(self.checkpoint, buf.getvalue())
+        try:
+            faults.point("ckpt.tmp", step)
+            if self.checkpoint.exists():
+                os.replace(self.checkpoint, self.prev_checkpoint)
+            faults.point("ckpt.prev", step)
+            os.replace(tmp, self.checkpoint)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                _raise_disk_full(e, self.checkpoint)
+            raise
+        _fsync_dir(self.path)
+        faults.point("ckpt.done", step)
 
     def load_checkpoint(self, map_location="cpu") -> dict | None:
-        if not self.checkpoint.exists():
-            return None
-        return torch.load(self.checkpoint, map_location=map_location, weights_only=True)
+        """The newest checkpoint that loads: checkpoint.pt, else checkpoint.prev.pt, else None
+        (step 0); one log line for each fallback."""
+        candidates = [p for p in (self.checkpoint, self.prev_checkpoint) if p.exists()]
+        if self.prev_checkpoint.exists() and not self.checkpoint.exists():
+            log.warning("run %s: checkpoint.pt missing (killed while replacing it): trying "
+                        "checkpoint.prev.pt", self.id)
+        for i, path in enumerate(candidates):
+            nxt = candidates[i + 1].name if i + 1 < len(candidates) else "step 0"
+            try:
+                ck = torch.load(path, map_location=map_location, weights_only=True)
+                if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= ck.keys():
+                    raise ValueError(f"not a checkpoint of this pipeline (keys {sorted(ck)[:6]})"
+                                     if isinstance(ck, dict) else "not a checkpoint dict")
+                return ck
+            except Exception as e:
+                why = (str(e).strip().splitlines() or [""])[0][:160]
+                log.warning("run %s: %s cannot be loaded (%s: %s): falling back to %s",
+                            self.id, path.name, type(e).__name__, why, nxt)
+        return None
+
+    def remove_checkpoints(self) -> None:
+        self.checkpoint.unlink(missing_ok=True)
+        self.prev_checkpoint.unlink(missing_ok=True)
 
     # -- metrics -----------------------------------------------------------------------------
     def open_metrics(self, columns: list[str], resume_step: int) -> MetricsWriter:
-        """Keep the complete rows with step < resume_step (atomically), then append."""
-        kept = []
-        if resume_step > 0 and self.metrics.exists():
-            kept = [r for r in read_rows(self.metrics) if int(r["step"]) < resume_step]
+        """Keep the complete rows with step < resume_step (atomically), then append.
+
+        The kept rows must be exactly steps 0..resume_step-1; what is not (a hole, a torn row
+        in the middle, a deleted file) is returned as `writer.holes` for status.json.
+        `writer.last_written` is the last step that the file held before (a resumed mirror
+        must not send those rows twice)."""
+        header, rows = read_metrics_table(self.metrics)
+        last_written = max((int(r[0]) for r in rows), default=-1)
+        kept, seen = [], set()
+        if header == columns:
+            for r in rows:
+                s = int(r[0])
+                if s < resume_step and s not in seen:
+                    seen.add(s)
+                    kept.append(r)
+        holes = history_holes([int(r[0]) for r in kept], resume_step - 1)
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-        w.writeheader()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(columns)
         w.writerows(kept)
         atomic_write_text(self.metrics, buf.getvalue())
-        return MetricsWriter(self.metrics, columns)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Complete rows of a metrics.csv (a row cut short by a crash is dropped)."""
-    with open(path, newline="") as f:
-        lines = f.read().split("\n")
-    if not lines or not lines[0]:
-        return []
-    header = lines[0].split(",")
-    rows = []
-    for line in lines[1:-1]:  # the last piece has no newline after it: empty or torn
-        cells = line.split(",")
-        if len(cells) != len(header):
-            continue  # empty trailing line or a torn write
-        rows.append(dict(zip(header, cells)))
-    return rows
+        writer = MetricsWriter(self.metrics, columns)
+        writer.holes, writer.last_written = holes, last_written
+        return writer
 
 
 class MetricsWriter:
     """Appends one row per step and flushes it, so a reader (or wandb sync) sees it at once."""
 
+    holes = ""
+    last_written = -1
+
     def __init__(self, path: Path, columns: list[str]):
-        self.columns = columns
+        self.path, self.columns = path, columns
         self.f = open(path, "a", buffering=1)
 
     def write(self, row: dict) -> None:
-        self.f.write(",".join(fmt(row.get(c)) for c in self.columns) + "\n")
-        self.f.flush()
+        line = ",".join(fmt(row.get(c)) for c in self.columns) + "\n"
+        try:
+            if faults.armed("row.torn", row["step"]):
+                self.f.write(line[: len(line) // 2])
+                self.f.flush()
+                faults.point("row.torn", row["step"])
+            self.f.write(line)
+            self.f.flush()
+        except OSError as e:
+            _raise_disk_full(e, self.path)
+            raise
+        faults.point("row", row["step"])
+
+    def sync(self) -> None:
+        """Make the rows durable (before a checkpoint that says they exist)."""
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            _raise_disk_full(e, self.path)
+            raise
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:
+            pass

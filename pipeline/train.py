@@ -2,8 +2,13 @@
 
 Each iteration n: accumulate grad E(theta_n) over ALL training examples -> metrics at theta_n
 (one host sync) -> optional test evaluation at theta_n -> optimizer update -> theta_{n+1}.
-Rows are written for theta_0 .. theta_{max_steps}; the run directory is keyed by a hash of the
-semantic config, a completed run is skipped and a checkpointed one resumed.
+Rows are written for theta_0 .. theta_{max_steps}. The run directory is keyed by a hash of the
+semantic config and written by one process at a time (its lease); a completed run is skipped,
+a checkpointed one resumed.
+
+Exit status: 0 done or skipped; 1 a crash, or a full disk (the run stays pending); 2 bad input
+(one line `error: key=value: why`, nothing created); 3 the run is live in another process
+(one line naming it, nothing changed).
 """
 
 from __future__ import annotations
@@ -14,34 +19,44 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import hydra
+import submitit
 import torch
 from omegaconf import DictConfig
 
 from models import build_model
 
-from . import preempt
+from . import faults, preempt
+from .compose import CONF_DIR, Composer
 from .data import DataError, load_dataset
+from .lease import Lease, LeaseHeld, LeaseLost, holder, slurm_job_id
 from .loggers import make_logger
 from .optim import build_optimizer
 from .progress import Progress
 from .step import bn_layers, evaluate, full_batch_step, partition
-from .store import METRIC_COLUMNS, RunDir, run_id
+from .store import METRIC_COLUMNS, DiskFull, RunDir, decide, run_id
 from .theory_metrics import bias_term_norm
-from .validate import ConfigError, validate
+from .thresholds import newly_crossed
+from .validate import ConfigError, check_dir_writable, validate
 
 log = logging.getLogger("pipeline.train")
+EXIT_CRASH, EXIT_BAD_INPUT, EXIT_LIVE = 1, 2, 3
 
 
-def setup_device(cfg):
+@contextlib.contextmanager
+def numerics(cfg):
+    """(device, autocast) for `cfg`, with its TF32 and determinism switches set; the previous
+    switches are restored on exit."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     tf32 = cfg.precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     bf16 = cfg.precision == "bf16"
@@ -49,45 +64,17 @@ def setup_device(cfg):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    return device, autocast
-
-
-def train(cfg: DictConfig) -> str:
-    """Run (or resume, or skip) the run of `cfg`; returns its final state."""
-    validate(cfg)
-    rid = run_id(cfg)
-    run = RunDir(cfg.paths.runs, rid)
-    st = run.status()
-    prev = st.get("state")
-    if prev == "completed" or (prev in ("diverged", "failed") and not cfg.retry):
-        log.info("run %s is %s: skipped%s", rid, prev, "" if prev == "completed" else " (retry=true reruns it)")
-        return prev
-    run.path.mkdir(parents=True, exist_ok=True)
-    step = st.get("step", 0)
-    if prev == "diverged":  # retry from scratch; a failed run resumes from its checkpoint
-        run.checkpoint.unlink(missing_ok=True)
-        step = 0
-    run.write_config(cfg)
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    run.write_status(state="running", attempts=st.get("attempts", 0) + 1, step=step,
-                     slurm_job=job, started_at=time.time())
     try:
-        state = _train(cfg, run, rid)
-    except Exception as e:
-        run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
-        raise
-    except BaseException:  # preemption, Ctrl-C, kill: resumable from the last checkpoint
-        run.write_status(state="pending")
-        raise
-    return state
+        yield device, autocast
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, det,
+         torch.backends.cudnn.benchmark) = saved
+        torch.use_deterministic_algorithms(det)
 
 
-def _train(cfg, run: RunDir, rid: str) -> str:
-    tc = cfg.train
-    device, autocast = setup_device(cfg)
-    data = load_dataset(cfg.data, device)
+def build(cfg, data, device):
+    """(model, the forward used by the loop, optimizer), with `data` moved to the same dtype
+    and memory format as the model."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
     if cfg.precision == "fp64":  # exact arithmetic for small models (the bilinear toy)
@@ -100,13 +87,106 @@ def _train(cfg, run: RunDir, rid: str) -> str:
         data.x_train = data.x_train.contiguous(memory_format=torch.channels_last)
         data.x_test = data.x_test.contiguous(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), cfg.optim)
+    fwd = torch.compile(model) if cfg.compile else model
+    return model, fwd, opt
+
+
+@contextlib.contextmanager
+def run_log(run: RunDir):
+    """Log lines also into the run's own folder (every attempt appends to train.log; the file is
+    opened at the first line, so a process that is refused writes nothing)."""
+    handler = logging.FileHandler(run.log_file, delay=True)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    top = logging.getLogger("pipeline")
+    level = top.level
+    top.setLevel(logging.INFO)
+    top.addHandler(handler)
+    try:
+        yield
+    finally:
+        top.removeHandler(handler)
+        top.setLevel(level)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _finish_on_error(logger, progress):
+    """A crash or an interruption still closes the wandb run (failed / pending) and the bar."""
+    try:
+        yield
+    except Exception:
+        progress.close()
+        logger.finish("failed")
+        raise
+    except BaseException:
+        progress.close()
+        logger.finish("pending")
+        raise
+
+
+def _mark_pending(run: RunDir) -> None:
+    """Resumable: the last checkpoint is where the next attempt starts (best effort on a full disk)."""
+    with contextlib.suppress(OSError, DiskFull):
+        run.write_status(state="pending")
+
+
+def train(cfg: DictConfig) -> str:
+    """Run (or resume, or skip) the run of `cfg`; returns its state. Raises ConfigError or
+    DataError on bad input (nothing is created), LeaseHeld when another process owns the run
+    (nothing is changed), DiskFull (the run is left pending, its last checkpoint intact)."""
+    validate(cfg)
+    check_dir_writable("paths.runs", cfg.paths.runs)
+    run = RunDir(cfg.paths.runs, run_id(cfg))
+    live = holder(run.path)
+    if live:
+        raise LeaseHeld(run.path, live)
+    decision = decide(run.status(), cfg.retry)
+    if not decision.launch:  # before loading any data
+        log.info("run %s: skipped (%s)", run.id, decision.reason)
+        return run.status().get("state")
+    with numerics(cfg) as (device, autocast):
+        data = load_dataset(cfg.data, device)  # missing or damaged data: before any directory
+        with run_log(run), Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s) as owner:
+            st = run.status()
+            decision = decide(st, cfg.retry)  # again as the owner: another process may have ended it
+            if not decision.launch:
+                log.info("run %s: skipped (%s)", run.id, decision.reason)
+                return st.get("state")
+            stale = run.remove_stale_temps()
+            if stale:
+                log.info("run %s: removed %d temporary files of interrupted writes", run.id, len(stale))
+            if decision.action == "restart":
+                run.remove_checkpoints()
+            run.write_config(cfg)
+            run.write_status(state="running", attempts=st.get("attempts", 0) + 1, slurm_job=slurm_job_id(),
+                             started_at=time.time(), error=None,
+                             **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
+            try:
+                return _train(cfg, run, data, device, autocast, owner)
+            except LeaseLost:
+                raise  # the run is someone else's now: write nothing
+            except DiskFull:
+                _mark_pending(run)
+                raise
+            except Exception as e:
+                run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
+                raise
+            except BaseException:  # preemption, Ctrl-C, kill: resumable from the last checkpoint
+                _mark_pending(run)
+                raise
+
+
+def _train(cfg, run: RunDir, data, device, autocast, owner: Lease) -> str:
+    tc = cfg.train
+    model, fwd, opt = build(cfg, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     eps = float(cfg.optim.eps)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None
-    fwd = torch.compile(model) if cfg.compile else model
     bns = bn_layers(model)
 
+    # -- resume from the newest checkpoint that loads -----------------------------------------
     start, crossed, time_offset = 0, [], 0.0
     ckpt = run.load_checkpoint(map_location=device)
     if ckpt is not None:
@@ -118,29 +198,41 @@ def _train(cfg, run: RunDir, rid: str) -> str:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         if shuffle_gen is not None:
             shuffle_gen.set_state(ckpt["rng_shuffle"])
-        log.info("run %s: resuming at step %d", rid, start)
+        log.info("run %s: resuming at step %d", run.id, start)
 
+    # -- metrics.csv keeps rows 0..start-1; what is missing there is flagged --------------------
     record = n_params <= tc.record_params
     columns = METRIC_COLUMNS + (["bias_norm"] if tc.bias_term else []) + (
         [f"theta_{i}" for i in range(n_params)] if record else [])
     writer = run.open_metrics(columns, start)
-    logger = make_logger(cfg, run.path, rid)
-    progress = Progress(tc.progress, start, tc.max_steps + 1, tc.log_every, rid)
+    if writer.holes:
+        log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from its "
+                    "checkpoint and is flagged; retry=true recomputes it from step 0", run.id,
+                    start - 1, writer.holes)
+    run.write_status(step=start, holes=writer.holes or None)
+    logger = make_logger(cfg, run.path, run.id, sent_before=writer.last_written)
+    progress = Progress(tc.progress, start, tc.max_steps + 1, tc.log_every, run.id)
     thresholds = sorted(float(t) for t in tc.loss_thresholds)
     t0 = time.perf_counter() - time_offset
+    saved = {start} if ckpt is not None else set()  # steps whose checkpoint is on disk
 
     def checkpoint(step):
+        writer.sync()  # the rows before `step` are durable before a checkpoint says they exist
         run.save_checkpoint(dict(
             model=model.state_dict(), optimizer=opt.state_dict(), step=step, crossed=crossed,
             time_s=time.perf_counter() - t0, rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             rng_shuffle=shuffle_gen.get_state() if shuffle_gen is not None else None))
+        saved.add(step)
         run.write_status(step=step)
 
     state, n = "completed", start
-    with preempt.guard() as signalled:
+    with preempt.guard() as signalled, _finish_on_error(logger, progress):
         for n in range(start, tc.max_steps + 1):
-            # gradient of E at theta_n over ALL examples, and the metrics at theta_n
+            if owner.lost:
+                raise LeaseLost(f"run {run.id}: the lease was taken over; stopped at step {n}")
+            faults.point("step", n)
+            # -- gradient of E at theta_n over ALL examples, and the metrics at theta_n --
             parts = partition(data.x_train.shape[0], tc.micro_batch, shuffle_gen, device)
             loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
                                                    parts, params, eps, bns, autocast)
@@ -155,25 +247,28 @@ def _train(cfg, run: RunDir, rid: str) -> str:
                 row["bias_norm"] = vals[5]
             if record:
                 row.update({f"theta_{i}": v for i, v in enumerate(vals[-n_params:])})
+            # -- thresholds crossed (decided here, once) and the test set at theta_n --
             finite = math.isfinite(row["loss"]) and math.isfinite(row["l2_norm"])
-            newly = [t for t in thresholds if finite and row["loss"] < t and t not in crossed]
+            newly = newly_crossed(row["loss"], thresholds, crossed)
             crossed += newly
             if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps):
                 row["test_loss"], test_acc = evaluate(
                     fwd, data.x_test, data.y_test, data.task, tc.micro_batch, autocast)
                 row["test_acc"] = test_acc if data.task == "classification" else None
             row["time_s"] = time.perf_counter() - t0
+            # -- record: metrics.csv (the truth), then the mirror and the progress line --
             writer.write(row)
             if n == 0:
                 run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
-            logger.log(row)
+            logger.log(row, newly)
             progress.update(row)
             if not finite:
                 state = "diverged"
                 break
             if n == tc.max_steps or (tc.stop_loss is not None and row["loss"] < tc.stop_loss):
                 break
-            opt.step()  # theta_n -> theta_{n+1}
+            # -- update theta_n -> theta_{n+1}; checkpoint; hand over on preemption --
+            opt.step()
             if (n + 1) % tc.checkpoint_every == 0 or signalled():
                 checkpoint(n + 1)
             if signalled():
@@ -182,32 +277,77 @@ def _train(cfg, run: RunDir, rid: str) -> str:
                 run.write_status(state="pending", step=n + 1)
                 logger.finish("pending")
                 preempt.hand_over(n + 1)
+    if n not in saved:
+        checkpoint(n)
     writer.close()
     progress.close()
-    checkpoint(n)
     run.write_status(state=state, step=n, final_loss=row["loss"])
     logger.finish(state)
-    log.info("run %s %s at step %d (loss %.6g) in %s", rid, state, n, row["loss"], run.path)
+    log.info("run %s %s at step %d (loss %.6g) in %s", run.id, state, n, row["loss"], run.path)
     return state
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from any cwd
+class TrainJob(submitit.helpers.Checkpointable):
+    """What a sweep submits: `train(cfg)` in the job's process. On Slurm's warning signal the
+    loop writes a checkpoint first (preempt.py); submitit then calls `checkpoint` (inherited:
+    the same call again) and requeues the job, which resumes from that checkpoint."""
+
+    def __call__(self, cfg: DictConfig) -> str:
+        try:
+            return train(cfg)
+        except LeaseHeld as e:  # another process (another sweep, a user) runs it: nothing to do here
+            log.warning("%s", e)
+            return "live"
+
+
+def _exit(code: int, message) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def train_or_exit(cfg: DictConfig) -> str:
+    """`train`, with its expected failures as one line and an exit status (see the module doc)."""
+    try:
+        return train(cfg)
+    except (ConfigError, DataError) as e:
+        _exit(EXIT_BAD_INPUT, e)
+    except LeaseHeld as e:
+        _exit(EXIT_LIVE, e)
+    except DiskFull as e:
+        _exit(EXIT_CRASH, f"{e}; the run is pending and resumes from its last checkpoint once "
+                          "there is room (rerun the same command)")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> str | None:
-    try:
-        return train(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    return train_or_exit(cfg)
+
+
+def cli(argv=None) -> None:
+    """`python -m pipeline.train [-m] overrides...`: every override (with -m, every grid point)
+    is composed and validated here first, so a bad one gives one line and exit status 2, never
+    a Hydra traceback; then Hydra runs it as usual (plain Hydra multirun with -m)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = [a for a in argv if a.startswith("-")]
+    overrides = [a for a in argv if not a.startswith("-")]
+    if all(f in ("-m", "--multirun") for f in flags):  # --cfg, --info, ...: Hydra's own business
+        try:
+            with Composer() as c:
+                swept = {o.key_or_group for o in c.parse(overrides) if o.is_sweep_override()}
+                for point in (c.grid(overrides) if flags else [overrides]):
+                    try:
+                        validate(c.compose(point))
+                    except ConfigError as e:
+                        where = " ".join(o for o in point if o.split("=")[0] in swept)
+                        raise ConfigError(f"{e} (grid point: {where})" if where else str(e)) from None
+        except ConfigError as e:
+            _exit(EXIT_BAD_INPUT, e)
+    sys.argv = [sys.argv[0], *argv]
+    main()
 
 
 if __name__ == "__main__":
-    # call the importable module's function, not __main__'s: submitit then pickles it by reference
-    from pipeline.train import main as _main
+    # call the importable module's function, not __main__'s: pickles then refer to pipeline.train
+    from pipeline.train import cli as _cli
 
-    _main()
+    _cli()

@@ -1,79 +1,231 @@
-"""Config validation: every check names the key and the allowed values, and runs before any
-work (no run directory, no job submission)."""
+"""Config validation: every key of every group, before any work (no run directory, no job).
+Each error is one line `key=value: why`, naming the allowed values."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from models import MODELS
-from models.norm import NORMS
+from models.norm import NORMS, gn_groups_ok
+from models.small import ACTIVATIONS
 
-from .data import DATASETS
+from .data import CIFAR, DATASETS
 from .optim import OPTIMIZERS
 
 
 class ConfigError(ValueError):
-    """One line: `key=value: allowed ...`."""
+    """One line: `key=value: why`."""
 
 
-def _num(cfg, key):
-    v = cfg
-    for part in key.split("."):
-        v = v[part]
+def show(v) -> str:
+    """A value as one types it in an override."""
+    if isinstance(v, (list, tuple, ListConfig)):
+        return "[" + ", ".join(show(x) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(v)
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def _get(cfg, key):
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def number(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, null=False):
+    v = _get(cfg, key)
+    if v is None and null:
+        return v
+    ok = _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+        (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
+        raise ConfigError(f"{key}={show(v)}: allowed range {rng}{' or null' if null else ''}")
     return v
 
 
-def _check_range(cfg, key, lo, hi, lo_open=False, hi_open=True):
-    v = _num(cfg, key)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ConfigError(f"{key}={v!r}: allowed range {lb}{lo}, {'inf' if hi is None else hi}{rb}")
+def integer(cfg, key, lo=0, hi=None, null=False):
+    v = _get(cfg, key)
+    if v is None and null:
+        return v
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)):
+        upto = f" and <= {hi}" if hi is not None else ""
+        raise ConfigError(f"{key}={show(v)}: allowed values are integers >= {lo}{upto}"
+                          f"{' or null' if null else ''}")
+    return v
 
 
-def _check_choice(key, value, allowed):
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+def boolean(cfg, key):
+    v = _get(cfg, key)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}={show(v)}: allowed values are true, false")
+    return v
+
+
+def choice(cfg, key, allowed, shown_key=None):
+    v = _get(cfg, key)
+    if v not in allowed:
+        raise ConfigError(f"{shown_key or key}={show(v)}: allowed values are {', '.join(map(str, allowed))}")
+    return v
+
+
+def text(cfg, key, null=False):
+    v = _get(cfg, key)
+    if (v is None and null) or (isinstance(v, str) and v):
+        return v
+    raise ConfigError(f"{key}={show(v)}: allowed values are non-empty strings{' or null' if null else ''}")
+
+
+def representable(key, v, dtype, precision, scaled=None):
+    """A step size or eps that float32 cannot hold would overflow (or vanish) in the update.
+    `scaled`: (what, value) when it is v times a factor that must be representable."""
+    what, x = scaled or (None, v)
+    fi = torch.finfo(dtype)
+    if x > fi.max or (0 < x < fi.tiny):
+        name = str(dtype).split(".")[-1]
+        why = f"{what} = {x:.3g} is" if what else "is"
+        raise ConfigError(f"{key}={show(v)}: {why} not representable in {name} (precision={precision}); "
+                          f"allowed range [{fi.tiny:.3g}, {fi.max:.3g}]")
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid key."""
-    _check_choice("model", cfg.model.name, MODELS)
-    _check_choice("data", cfg.data.name, DATASETS)
-    _check_choice("optim", cfg.optim.name, tuple(OPTIMIZERS))
-    if "norm" in cfg.model:
-        _check_choice("model.norm", cfg.model.norm, NORMS)
-    if (cfg.model.name == "bilinear") != (cfg.data.name == "bilinear"):
-        raise ConfigError(f"model={cfg.model.name}, data={cfg.data.name}: the bilinear model "
-                          "runs on data=bilinear and data=bilinear needs model=bilinear")
-    _check_range(cfg, "optim.h", 0, None, lo_open=True)
-    for key in ("beta", "rho"):
-        if key in cfg.optim:
-            _check_range(cfg, f"optim.{key}", 0, 1)
-    if "eps" in cfg.optim:
-        _check_range(cfg, "optim.eps", 0, None, lo_open=True)
-    for key in ("max_steps", "micro_batch", "eval_every", "checkpoint_every", "log_every"):
-        v = cfg.train[key]
-        if not (isinstance(v, int) and not isinstance(v, bool)
-                and v >= (0 if key == "max_steps" else 1)):
-            lo = 0 if key == "max_steps" else 1
-            raise ConfigError(f"train.{key}={v!r}: allowed values are integers >= {lo}")
-    for t in cfg.train.loss_thresholds:
-        if not (isinstance(t, (int, float)) and t > 0):
-            raise ConfigError(f"train.loss_thresholds={list(cfg.train.loss_thresholds)}: "
-                              "allowed values are positive numbers")
-    for key in ("subset", "per_class", "test_subset", "n_train", "n_test"):
-        v = cfg.data.get(key)
-        if v is not None and not (isinstance(v, int) and v >= 1):
-            raise ConfigError(f"data.{key}={v!r}: allowed values are integers >= 1 or null")
-    if cfg.train.bias_term and cfg.optim.name not in ("adam", "rmsprop"):
-        raise ConfigError(f"train.bias_term=true with optim={cfg.optim.name}: allowed only "
-                          "with optim=adam or optim=rmsprop (Eq. 3)")
-    _check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    _check_choice("precision", cfg.precision, ("fp32", "tf32", "bf16", "fp64"))
-    _check_choice("train.progress", cfg.train.progress, ("auto", "bar", "log", "none"))
-    _check_choice("logger", cfg.logger.name, ("none", "wandb"))
+    # -- top level -------------------------------------------------------------------------
+    integer(cfg, "seed", 0)
+    choice(cfg, "device", ("auto", "cpu", "cuda"))
+    precision = choice(cfg, "precision", ("fp32", "tf32", "bf16", "fp64"))
+    for key in ("channels_last", "compile", "deterministic", "retry"):
+        boolean(cfg, key)
+    text(cfg, "paths.runs")
+    text(cfg, "paths.sweeps")
+    text(cfg, "sweep.name", null=True)
+
+    # -- model ---------------------------------------------------------------------------------
+    model = choice(cfg, "model.name", MODELS, shown_key="model")
+    if model in ("cnn", "resnet18", "resnet50", "resnet101"):
+        norm = choice(cfg, "model.norm", NORMS)
+        width = integer(cfg, "model.width", 1)
+        if norm == "gn" and not gn_groups_ok(model, width):
+            raise ConfigError(f"model.width={width}: with model.norm=gn every layer's channel count "
+                              "must be below 32 or a multiple of 32 (GroupNorm with 32 groups)")
+    elif model == "mlp":
+        integer(cfg, "model.width", 1)
+        integer(cfg, "model.depth", 0)
+        choice(cfg, "model.activation", ACTIVATIONS)
+    elif model == "bilinear":
+        theta0 = _get(cfg, "model.theta0")
+        if not (isinstance(theta0, (list, ListConfig)) and len(theta0) == 2 and all(map(_is_num, theta0))):
+            raise ConfigError(f"model.theta0={show(theta0)}: allowed values are two finite numbers "
+                              "[theta_1, theta_2]")
+
+    # -- data ----------------------------------------------------------------------------------
+    data = choice(cfg, "data.name", DATASETS, shown_key="data")
+    if (model == "bilinear") != (data == "bilinear"):
+        raise ConfigError(f"model={model}, data={data}: the bilinear model runs on data=bilinear "
+                          "and data=bilinear needs model=bilinear")
+    if data == "bilinear":
+        number(cfg, "data.x")
+        number(cfg, "data.y")
+    else:
+        if data in CIFAR:
+            text(cfg, "data.root")
+            boolean(cfg, "data.download")
+            n_train, n_test = CIFAR[data]["n_train"], CIFAR[data]["n_test"]
+            classes, size = CIFAR[data]["classes"], 32
+        else:  # synthetic
+            integer(cfg, "data.seed", 0)
+            classes = integer(cfg, "data.num_classes", 2)
+            size = integer(cfg, "data.image_size", 1)
+            n_train, n_test = integer(cfg, "data.n_train", 1), integer(cfg, "data.n_test", 1)
+            number(cfg, "data.noise", 0)
+        integer(cfg, "data.subset", 1, n_train, null=True)
+        integer(cfg, "data.per_class", 1, n_train // classes if data in CIFAR else n_train, null=True)
+        integer(cfg, "data.test_subset", 1, n_test, null=True)
+        if model == "cnn" and size < 8:
+            raise ConfigError(f"data.image_size={size}: model=cnn halves the image three times; "
+                              "allowed values are integers >= 8")
+
+    # -- optimizer -------------------------------------------------------------------------
+    optim = choice(cfg, "optim.name", tuple(OPTIMIZERS), shown_key="optim")
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    h = number(cfg, "optim.h", 0, lo_open=True)
+    representable("optim.h", h, dtype, precision)
+    eps = number(cfg, "optim.eps", 0, lo_open=True)
+    representable("optim.eps", eps, dtype, precision)
+    if optim in ("adam", "momentum"):
+        beta = number(cfg, "optim.beta", 0, 1, hi_open=True)
+        if optim == "adam":  # the first update divides h by 1 - beta
+            representable("optim.h", h, dtype, precision, (f"h / (1 - beta) with beta={show(beta)}", h / (1 - beta)))
+    if optim in ("adam", "rmsprop"):
+        number(cfg, "optim.rho", 0, 1, hi_open=True)
+        boolean(cfg, "optim.eps_inside")
+    if optim == "adam":
+        boolean(cfg, "optim.bias_correction")
+
+    # -- training ------------------------------------------------------------------------------
+    integer(cfg, "train.max_steps", 0)
+    for key in ("micro_batch", "eval_every", "checkpoint_every", "log_every"):
+        integer(cfg, f"train.{key}", 1)
+    integer(cfg, "train.record_params", 0)
+    boolean(cfg, "train.reshuffle")
+    boolean(cfg, "train.bias_term")
+    choice(cfg, "train.progress", ("auto", "bar", "log", "none"))
+    ts = _get(cfg, "train.loss_thresholds")
+    if not (isinstance(ts, (list, ListConfig)) and all(_is_num(t) and t > 0 for t in ts)):
+        raise ConfigError(f"train.loss_thresholds={show(ts)}: allowed values are lists of positive "
+                          "numbers, e.g. [0.1, 0.01]")
+    number(cfg, "train.stop_loss", 0, lo_open=True, null=True)
+    if cfg.train.bias_term and optim not in ("adam", "rmsprop"):
+        raise ConfigError(f"train.bias_term=true with optim={optim}: allowed only with optim=adam "
+                          "or optim=rmsprop (Eq. 3)")
+
+    # -- lease and logger ----------------------------------------------------------------------
+    timeout = number(cfg, "lease.timeout_s", 0, lo_open=True)
+    number(cfg, "lease.heartbeat_s", 0, timeout, lo_open=True, hi_open=True)
+    logger = choice(cfg, "logger.name", ("none", "wandb"), shown_key="logger")
+    if logger == "wandb":
+        text(cfg, "logger.project")
+        text(cfg, "logger.entity", null=True)
+        choice(cfg, "logger.mode", ("auto", "online", "offline", "disabled"))
+        number(cfg, "logger.init_timeout", 0, lo_open=True)
+        number(cfg, "logger.finish_timeout", 0)
+        tags = _get(cfg, "logger.tags")
+        if not (isinstance(tags, (list, ListConfig)) and all(isinstance(t, str) for t in tags)):
+            raise ConfigError(f"logger.tags={show(tags)}: allowed values are lists of strings")
+
+
+def check_dir_writable(key: str, path) -> None:
+    """`path` is (or can be created as) a directory this process can write into."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}={path}: not a directory")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise ConfigError(f"{key}={path}: {q} is not a directory")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: {q} is not writable")
+    try:  # access() says yes to root on a read-only mount
+        os.statvfs(q)
+        probe = q / f".write-probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise ConfigError(f"{key}={path}: {q} is not writable ({e.strerror})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,21 @@ def run_cli(args, cwd, timeout=300, env=None):
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def proc_state(pid: int) -> str:
+    """One letter: R running, S sleeping, T stopped, Z zombie, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def start_stopped_at(tmp_path, args, step, env=None, faults=None):
+    """A child training process that stops itself (SIGSTOP) right after writing row `step`
+    (failpoint `row@step:stop`): a kill or a signal from outside then lands at a known moment,
+    never racing the child to the end of its run. Waits by progress, not by the clock."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ADAM_FAULTS=faults or f"row@{step}:stop", **(env or {}))
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc_state(p.pid) != "T":
+        assert p.poll() is None, f"the child ended before step {step}: {p.stderr.read()}"
+        time.sleep(0.05)
+    return p

@@ -1,5 +1,6 @@
 """Analysis stages on histories with known answers, on broken inputs, and on a real run."""
 
+import csv
 import json
 
 import numpy as np
@@ -92,8 +93,13 @@ def test_summary_with_known_answers(tmp_path):
     b = s.loc["bbb"]
     assert b["state"] == "running" and np.isnan(b["final_loss"]) and np.isnan(b["at_loss_0.1_step"])
     assert b["last_loss"] == 1.0
-    raw = (tmp_path / "analysis" / "summary.csv").read_text().splitlines()
-    assert ",,," in raw[1] or ",," in raw[2]  # empty cells, not invented numbers
+    with open(tmp_path / "analysis" / "summary.csv", newline="") as f:  # empty cells, not invented numbers
+        raw = {r["run_id"]: r for r in csv.DictReader(f)}
+    assert raw["aaa"]["at_loss_1e-05_step"] == raw["aaa"]["at_loss_1e-05_pert_norm"] == ""
+    assert raw["aaa"]["holes"] == "" and raw["aaa"]["at_loss_0.1_step"] == "10"
+    for col in ("final_loss", "at_loss_0.1_step", "at_loss_0.1_pert_norm", "at_loss_0.01_test_acc", "max_test_acc"):
+        assert raw["bbb"][col] == "", col
+    assert raw["bbb"]["last_loss"] == "1.0" and raw["bbb"]["state"] == "running"
     c = pd.read_csv(paths["curves"])
     assert set(c.columns) >= {"run_id", "h", "beta", "rho", "step", "metric", "value"}
     assert len(c[(c.run_id == "aaa") & (c.metric == "test_acc")]) == 4

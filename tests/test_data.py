@@ -23,7 +23,7 @@ def test_loads_generated_cifar_in_real_format(tmp_path, caplog, name, classes):
     write_fake_cifar(tmp_path, name, n_train=120, n_test=30, seed=1)
     with caplog.at_level(logging.WARNING):
         ds = load_dataset(cifar_cfg(tmp_path, name))
-    assert "not the official CIFAR file" in caplog.text  # md5 checked, and said so
+    assert "files differ from the official CIFAR files (md5)" in caplog.text  # md5 checked, and said so
     assert ds.x_train.shape == (120, 3, 32, 32) and ds.x_test.shape == (30, 3, 32, 32)
     assert ds.num_classes == classes and ds.y_train.dtype == torch.int64
     # normalised with the training set's per-channel statistics
@@ -71,8 +71,26 @@ def test_refuses_malicious_pickle(tmp_path):
 
     with open(base / "data_batch_1", "wb") as f:
         pickle.dump({"data": Evil(), "labels": [0]}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(DataError, match=r"data_batch_1 is not a CIFAR batch \(refusing to unpickle "
+                                        r"__builtin__.print"):
         load_dataset(cifar_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "garbage", "wrong labels"])
+def test_damaged_batch_file_is_named_in_one_line(tmp_path, damage):
+    base = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    f = base / "data_batch_3"
+    raw = f.read_bytes()
+    if damage == "wrong labels":
+        with open(f, "wb") as out:
+            pickle.dump({"data": np.zeros((10, 3072), np.uint8), "labels": [11] * 10}, out, protocol=2)
+    else:
+        f.write_bytes({"truncated": raw[: len(raw) // 2], "zero-byte": b"",
+                       "garbage": bytes(range(256)) * 10}[damage])
+    with pytest.raises(DataError) as e:
+        load_dataset(cifar_cfg(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"data.root={tmp_path}: {f} ") and "\n" not in msg, msg
 
 
 def test_missing_files_offline_names_root_and_make_data(tmp_path):

@@ -1,14 +1,22 @@
 """wandb mirror: offline runs read back from their run files."""
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import threading
 
 import pandas as pd
 import pytest
 
-from analysis.wandb_read import find_run_files, read_finished_run
+from analysis.wandb_read import find_run_files, read_finished_run, records
 from pipeline.loggers import wandb_mode
 from pipeline.store import RunDir, run_id
 from pipeline.train import train
+
+from .conftest import ROOT, TINY
 
 
 def test_rows_config_group_and_tags_reach_wandb(cfg_factory, monkeypatch):
@@ -33,19 +41,113 @@ def test_rows_config_group_and_tags_reach_wandb(cfg_factory, monkeypatch):
     assert all(math.isnan(v) for v in hist["test_acc"][~evaluated.values])  # not logged there
 
 
-def test_resumed_run_continues_the_same_wandb_run(cfg_factory, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = cfg_factory("logger=wandb", "train.max_steps=8", "train.checkpoint_every=4")
-    train(cfg)
-    run = RunDir(cfg.paths.runs, run_id(cfg))
-    run.write_status(state="pending")  # as after a preemption
-    import torch
+def summaries(path) -> dict:
+    """The run summary as the offline file has it at the end (last update of each key wins)."""
+    out = {}
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                out[item.key] = json.loads(item.value_json)
+    return out
 
-    ck = torch.load(run.checkpoint, weights_only=True)
-    assert ck["step"] == 8
-    train(cfg)
-    ids = {read_finished_run(f)["id"] for f in find_run_files(run.path)}
-    assert ids == {run.id}
+
+def test_a_resumed_run_holds_each_step_once_and_keeps_its_first_crossings(cfg_factory, monkeypatch):
+    """A run crashes at step 9 after its checkpoint of step 8, and resumes there with
+    retry=true: rows 8 and 9 are computed again but mirrored once, and the summary's crossing
+    stays the first one (decided by the loop, kept in the checkpoint) instead of becoming the
+    resume step."""
+    import pipeline.train as pt
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    probe = cfg_factory("train.max_steps=16", "optim.h=3e-3")
+    train(probe)
+    loss = pd.read_csv(RunDir(probe.paths.runs, run_id(probe)).metrics).loss
+    t = float(loss.iloc[3:5].mean())  # crossed first near step 4, well before the crash
+    first = int((loss < t).idxmax())
+    cfg = cfg_factory("train.max_steps=16", "optim.h=3e-3", "logger=wandb", "train.checkpoint_every=4",
+                      f"train.loss_thresholds=[{t}]")
+    real, calls = pt.full_batch_step, []
+
+    def crash_at_step_10(*a, **k):
+        calls.append(1)
+        if len(calls) == 11:
+            raise RuntimeError("node failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pt, "full_batch_step", crash_at_step_10)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    monkeypatch.setattr(pt, "full_batch_step", real)
+    cfg.retry = True
+    assert train(cfg) == "completed"
+    run = RunDir(cfg.paths.runs, run_id(cfg))
+    files = find_run_files(run.path)
+    assert len(files) == 2 and {read_finished_run(f)["id"] for f in files} == {run.id}
+    steps = [h["_step"] for f in files for h in read_finished_run(f)["history"]]
+    assert sorted(steps) == list(range(17))  # every step once, across both attempts
+    m = pd.read_csv(run.metrics)
+    assert int(m.step[m.loss < t].iloc[0]) == first
+    key = f"at_loss_{t:g}_step"
+    before, after = summaries(files[0]), summaries(files[1])  # offline: one file per attempt
+    assert int(before[key]) == first and before[f"at_loss_{t:g}_pert_norm"] == m.pert_norm[first]
+    assert key not in after  # the resumed attempt does not overwrite it with its own step
+
+
+class Blackhole:
+    """A loopback TCP server that accepts connections and never answers: a wandb server that
+    cannot be reached, without any network."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port, self.conns = self.sock.getsockname()[1], []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def first_step_after_start(tmp_path, logger, env):
+    runs = tmp_path / logger
+    args = ["pipeline.train", *TINY, "train.max_steps=20", f"paths.runs={runs}", f"logger={logger}",
+            "logger.init_timeout=20", "logger.finish_timeout=120"] if logger == "wandb" else \
+        ["pipeline.train", *TINY, "train.max_steps=20", f"paths.runs={runs}"]
+    e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    r = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(e, PYTHONPATH=str(ROOT), **env), timeout=600)
+    assert r.returncode == 0, r.stderr
+    st = next(runs.iterdir()) / "status.json"
+    d = json.loads(st.read_text())
+    return d["first_step_at"] - d["started_at"], next(runs.iterdir()), r.stderr
+
+
+def test_an_unreachable_wandb_server_does_not_delay_training(tmp_path):
+    """Online mode against a server that never answers: wandb's init waits its 20 s timeout in
+    its own thread; the first step comes as soon as with logger=none (bound: +2 s, on a loaded
+    machine +8 s), and the rows go to an offline run for `make sync`."""
+    server = Blackhole()
+    try:
+        env = dict(WANDB_API_KEY="f" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{server.port}", WANDB_SILENT="true")
+        slow, run_dir, err = first_step_after_start(tmp_path, "wandb", env)
+    finally:
+        server.close()
+    fast, _, _ = first_step_after_start(tmp_path, "none", {})
+    print(f"\nfirst step after the run started: logger=none {fast:.2f} s, wandb unreachable {slow:.2f} s")
+    assert slow < fast + 8, (slow, fast)
+    assert "wandb unreachable" in err and "mirroring into an offline run" in err
+    offline = [f for f in find_run_files(run_dir) if "offline-run" in str(f)]
+    assert len(offline) == 1
+    assert [h["_step"] for h in read_finished_run(offline[0])["history"]] == list(range(21))
 
 
 def test_training_survives_a_broken_wandb(cfg_factory, monkeypatch, caplog):

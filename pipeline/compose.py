@@ -1,0 +1,140 @@
+"""Configs from overrides with Hydra's compose API and override grammar, in this process: what
+the sweep planner and the training CLI's pre-check use. Every Hydra error becomes one
+`ConfigError` line `key=value: why` (an unknown option lists the choices; an unknown key names
+the nearest one).
+
+    with Composer() as c:
+        points = c.grid(["sweep=toy", "optim.h=1e-3,3e-3"])   # the preset's grid x the overrides
+        cfgs = [c.compose(p) for p in points]
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, open_dict
+
+from .validate import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONFIG_NAME = "train"
+
+
+def _keys(node, prefix="") -> list[str]:
+    out = []
+    for k in node:
+        path = f"{prefix}{k}"
+        out.append(path)
+        if isinstance(node[k], DictConfig):
+            out += _keys(node[k], path + ".")
+    return out
+
+
+class Composer:
+    """A Hydra context for composing many configs (one initialisation for all of them)."""
+
+    def __enter__(self):
+        self._ctx = initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    # -- the override grammar ------------------------------------------------------------------
+    def parse(self, overrides: list[str]):
+        loader = GlobalHydra.instance().config_loader()
+        parser = OverridesParser.create(config_loader=loader)
+        for o in overrides:  # one at a time, so that the error names the culprit
+            try:
+                parser.parse_overrides([o])
+            except OverrideParseException as e:
+                raise ConfigError(f"{o}: not a valid override ({str(e).splitlines()[0]})") from None
+        return parser.parse_overrides(list(overrides))
+
+    def grid(self, overrides: list[str]) -> list[list[str]]:
+        """Every point of the grid: the sweep preset's `hydra.sweeper.params` (if `sweep=<name>`
+        is among the overrides) times the sweeps among `overrides` (`k=a,b`); a plain override
+        of a swept key replaces its values. Each point is a complete list of overrides."""
+        parsed = self.parse(overrides)
+        plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+        base = self.compose(plain, hydra=True)
+        params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
+        try:
+            points = BasicSweeper.split_arguments(self.parse(params + list(overrides)), None)[0]
+        except HydraException as e:
+            raise ConfigError(f"{' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+        return [list(p) for p in points]
+
+    # -- composition ---------------------------------------------------------------------------
+    def compose(self, overrides: list[str], hydra: bool = False) -> DictConfig:
+        """The job's config for `overrides` (without the `hydra` node unless `hydra`)."""
+        self.parse(overrides)  # a syntax error names its override
+        try:
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides),
+                                return_hydra_config=hydra)
+        except MissingConfigException as e:
+            raise self._missing(e, overrides) from None
+        except HydraException as e:
+            raise self._error(e, overrides) from None
+        if not hydra and "hydra" in cfg:
+            with open_dict(cfg):
+                del cfg["hydra"]
+        return cfg
+
+    @staticmethod
+    def _find(overrides, key: str) -> str:
+        for o in overrides:
+            if o.lstrip("+~").split("=", 1)[0].replace("/", ".") in (key, key.replace("/", ".")):
+                return o
+        return key
+
+    def _missing(self, e: MissingConfigException, overrides) -> ConfigError:
+        missing = e.missing_cfg_file or ""
+        if "/" in missing and e.options is not None:
+            group, value = missing.rsplit("/", 1)
+            return ConfigError(f"{group}={value}: unknown option; available: {', '.join(sorted(e.options))}")
+        return ConfigError(str(e).splitlines()[0])
+
+    def _unknown_key(self, key: str, overrides) -> ConfigError:
+        """`optim.betta=0.9: unknown key; did you mean optim.beta?`, or the keys there are."""
+        culprit = self._find(overrides, key)
+        try:
+            known = _keys(hydra_compose(config_name=CONFIG_NAME, overrides=[o for o in overrides if o != culprit]))
+        except HydraException:
+            known = _keys(hydra_compose(config_name=CONFIG_NAME))
+        group, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
+        near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
+        if near == [leaf]:  # a key of the default group, not of the one another override chose
+            return ConfigError(f"{culprit}: unknown key for the {group or 'config'} chosen by the other overrides")
+        if near:
+            return ConfigError(f"{culprit}: unknown key; did you mean {group + '.' if group else ''}{near[0]}?")
+        where = f"{group} has" if group else "top-level keys are"
+        return ConfigError(f"{culprit}: unknown key; {where}: {', '.join(siblings)} "
+                           f"(+{culprit.lstrip('+')} adds a new key)")
+
+    def _error(self, e: HydraException, overrides) -> ConfigError:
+        msg = str(e)
+        m = re.match(r"Could not override '([^']+)'", msg)
+        if m:
+            return self._unknown_key(m.group(1), overrides)
+        m = re.match(r"Ambiguous value for argument '([^']+)'", msg)
+        if m:
+            return ConfigError(f"{m.group(1)}: a grid of values; sweep it with `make sweep EXTRA=...` "
+                               "or `python -m pipeline.train -m ...`")
+        return ConfigError(msg.splitlines()[0])
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """One config, in a Hydra context of its own."""
+    with Composer() as c:
+        return c.compose(overrides)

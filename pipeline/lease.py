@@ -1,0 +1,231 @@
+"""One owner per run: a training process holds an exclusive lease on its run directory for its
+whole life, so that two processes can never write one run.
+
+The lease is two things, so that it holds on one machine and across the nodes of a shared
+file system alike:
+- `lease.lock`, locked with flock(2) for the holder's life (released by the kernel when the
+  process dies, however it dies; on NFSv4 flock is a lock the server sees);
+- `lease.json`, a record naming the holder (host, pid and its start time, Slurm job, since,
+  timeout), created with link(2), which fails atomically when the file exists, also over NFS.
+  Its mtime is the heartbeat: a thread touches it every `heartbeat_s`.
+
+A record whose holder is gone is stale and is taken over with one log line: on the same host
+when the pid no longer runs (or is another process), from anywhere when its heartbeat is older
+than its `timeout_s`, and by a requeued Slurm job from its own earlier incarnation. A process
+that finds a live record is refused (`LeaseHeld`) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+LOCK, RECORD = "lease.lock", "lease.json"
+
+
+class LeaseHeld(Exception):
+    """The run is live: another process holds its lease."""
+
+    def __init__(self, run_path, record: dict | None):
+        self.record = record or {}
+        super().__init__(f"run {Path(run_path).name} is live: {describe(self.record)}; "
+                         "nothing was changed")
+
+
+class LeaseLost(Exception):
+    """Another process took the lease over (this one was stopped for longer than the timeout):
+    this process must stop writing at once."""
+
+
+def slurm_job_id() -> str | None:
+    """`<array>_<task>` inside a job array, else the job id; None outside Slurm."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot): a pid reused by another process
+    has another one. None where /proc is absent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    return start is None or _proc_start(pid) in (None, start)
+
+
+def describe(rec: dict) -> str:
+    if not rec:
+        return "held by another process (its lease record is not written yet)"
+    who = f"held by {rec.get('host', '?')}:{rec.get('pid', '?')}"
+    if rec.get("slurm_job"):
+        who += f" (Slurm job {rec['slurm_job']})"
+    if "age_s" in rec:
+        who += f", heartbeat {rec['age_s']:.0f} s ago"
+    return who
+
+
+def read(run_path) -> dict | None:
+    """The lease record with its heartbeat age (`age_s`), None when there is none."""
+    path = Path(run_path) / RECORD
+    try:
+        age = time.time() - path.stat().st_mtime
+        rec = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        rec = {}
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return None
+    rec = rec if isinstance(rec, dict) else {}
+    rec["age_s"] = max(0.0, age)
+    return rec
+
+
+def stale_reason(rec: dict) -> str | None:
+    """Why the holder of `rec` is gone, or None while it may be alive."""
+    timeout = float(rec.get("timeout_s", 600))
+    if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
+        if not _alive(rec["pid"], rec.get("start")):
+            return f"process {rec['pid']} is gone"
+        return None
+    if rec["age_s"] > timeout:
+        return f"heartbeat {rec['age_s']:.0f} s old, older than {timeout:.0f} s"
+    return None
+
+
+def holder(run_path) -> dict | None:
+    """The live holder's record, or None: what `make sweep` and `make status` ask."""
+    rec = read(run_path)
+    return rec if rec is not None and stale_reason(rec) is None else None
+
+
+class Lease:
+    """`with Lease(run_dir):` the exclusive right to write `run_dir` (created if missing).
+    `lost` turns true if another process took the lease over (this one was stopped for longer
+    than the timeout): the holder must then stop writing."""
+
+    def __init__(self, run_path, timeout_s: float = 600, heartbeat_s: float = 30):
+        self.path = Path(run_path)
+        self.timeout_s, self.heartbeat_s = float(timeout_s), float(heartbeat_s)
+        self.fd = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = None
+        self.record = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _mine(self) -> dict:
+        return dict(host=socket.gethostname(), pid=os.getpid(), start=_proc_start(os.getpid()),
+                    slurm_job=slurm_job_id(), since=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s)
+
+    def _create_record(self) -> bool:
+        """Create lease.json with our record, atomically and only if absent (link(2))."""
+        tmp = self.path / f".{RECORD}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.record))
+        try:
+            os.link(tmp, self.path / RECORD)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def acquire(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LeaseHeld(self.path, read(self.path)) from None
+        self.fd, self.record = fd, self._mine()
+        try:
+            for _ in range(3):  # a racing taker-over can move the record under us
+                if self._create_record():
+                    break
+                rec = read(self.path)
+                if rec is None:
+                    continue
+                why = stale_reason(rec)
+                me = self.record["slurm_job"]
+                if why is None and me and rec.get("slurm_job") == me:
+                    why = f"Slurm job {me} was requeued"
+                if why is None:
+                    raise LeaseHeld(self.path, rec)
+                aside = self.path / f".{RECORD}.{os.getpid()}.stale"
+                try:
+                    os.rename(self.path / RECORD, aside)  # only one taker-over can win this
+                except FileNotFoundError:
+                    continue
+                aside.unlink(missing_ok=True)
+                log.warning("run %s: taking over the lease %s (%s)", self.path.name,
+                            describe(rec).replace("held by ", "of "), why)
+            else:
+                raise LeaseHeld(self.path, read(self.path))
+        except BaseException:
+            self._unlock()
+            raise
+        self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _still_mine(self) -> bool:
+        rec = read(self.path)
+        return bool(rec) and rec.get("pid") == self.record["pid"] and \
+            rec.get("host") == self.record["host"] and rec.get("start") == self.record["start"]
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if not self._still_mine():
+                    self.lost = True
+                    log.error("run %s: lease lost to %s; this process stops writing",
+                              self.path.name, describe(read(self.path) or {}))
+                    return
+                os.utime(self.path / RECORD)
+            except OSError as e:  # a full disk or a file server hiccup: try again next beat
+                log.warning("run %s: lease heartbeat failed (%s)", self.path.name, e)
+
+    def _unlock(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self._still_mine():
+                (self.path / RECORD).unlink(missing_ok=True)
+        except OSError:
+            pass
+        self._unlock()
