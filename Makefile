@@ -7,12 +7,13 @@ SWEEP ?= toy
 LAUNCHER ?= local
 EXTRA ?=
 RETRY ?= 0
+DRY ?=
 JOBS ?= 2
 PROFILE ?= default
 DATA_ROOT ?= data
-RUNS ?= runs
-SWEEPS ?= sweeps
-OUT ?= $(SWEEPS)/$(SWEEP)/analysis
+RUNS ?=
+SWEEPS ?=
+ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -20,7 +21,7 @@ ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|slurm EXTRA='<hydra overrides>' RETRY=0|1 JOBS=$(JOBS) PROFILE=$(PROFILE)"
+	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) RUNS=<runs root> SWEEPS=<sweeps root>"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,22 +31,28 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the project (torch, hydra, submitit, wandb, pandas, ...)
 
-sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm
-	$(PY) -m pipeline.sweep run $(SWEEP) --launcher $(LAUNCHER) --jobs $(JOBS) --profile $(PROFILE) --retry $(RETRY) -- $(EXTRA)
+# the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
+PATHS = $(if $(RUNS),paths.runs=$(RUNS)) $(if $(SWEEPS),paths.sweeps=$(SWEEPS))
+WHERE = $(PY) -m pipeline.sweep where $(SWEEP)
+YES = $(filter 1 true yes,$(1))
 
-status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss
-	$(PY) -m pipeline.sweep status $(SWEEP) -- $(EXTRA)
+sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only
+	$(PY) -m pipeline.sweep run $(SWEEP) --launcher $(LAUNCHER) --jobs $(JOBS) --profile $(PROFILE) \
+		$(if $(call YES,$(RETRY)),--retry) $(if $(call YES,$(DRY)),--dry) -- $(PATHS) $(EXTRA)
+
+status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss, job and Slurm state
+	$(PY) -m pipeline.sweep status $(SWEEP) -- $(PATHS) $(EXTRA)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
-	$(PY) -m analysis $(SWEEPS)/$(SWEEP) --out $(OUT) $(ARGS)
+	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis "$$dir" $(if $(ANALYSIS_OUT),--out $(ANALYSIS_OUT)) $(ARGS)
 
 theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
 	$(PY) -m analysis.theory verify
 	$(PY) -m analysis.theory figures --out figures/theory
 
 sync: $(VENV)/.installed ## upload offline wandb runs
-	shopt -s nullglob; runs=($(RUNS)/*/wandb/offline-run-*); \
-	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs under $(RUNS)/"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
+	root=$$($(WHERE) --runs -- $(PATHS) $(EXTRA)) && shopt -s nullglob && runs=($$root/*/wandb/offline-run-*); \
+	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs under $$root/"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
 
 report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
 	$(PY) -m analysis.report $(SWEEP) $(if $(DRY),--dry-run)

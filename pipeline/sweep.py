@@ -1,220 +1,257 @@
-"""`make sweep` / `make status`: run a sweep preset of `conf/sweep/` and report on it.
+"""`make sweep` / `make status`: plan a sweep and submit it, in one process (as Dora's shep.py).
 
     python -m pipeline.sweep run toy [--launcher local|basic|slurm] [--jobs 2] [--profile default]
-                                     [--retry 0|1] [-- <hydra overrides>]
-    python -m pipeline.sweep status toy
+                                     [--retry] [--dry] [-- <hydra overrides>]
+    python -m pipeline.sweep status toy [-- <hydra overrides>]
 
-`run` is a Hydra multirun of `pipeline.train` with the `adam` sweeper (validation, sweep
-folder, skip/resume; see hydra_plugins/adam_sweeper) and one of three launchers:
-  basic  in this process, one run after another;
-  local  submitit's local executor, JOBS runs at a time (default);
-  slurm  hydra-submitit-launcher, one job array, settings from a site profile
-         (`slurm/hydra/launcher/<profile>.yaml`). The launcher waits for results, so it runs
-         detached (log: sweeps/<name>/launcher.log) and `make sweep` returns once Slurm has
-         accepted the array; `sweeps/<name>/jobs.json` maps run ids to Slurm job ids.
-Before any launch, a dry run of the same multirun validates every grid point.
+`run` plans (pipeline/plan.py: every grid point composed, validated and decided), prints what it
+will do, registers the runs in the sweep folder `<paths.sweeps>/<name>/`, then launches:
+  slurm  one job array through submitit's SlurmExecutor with the site profile's settings
+         (slurm/profiles/<profile>.yaml), named after the sweep; returns once Slurm has accepted
+         it, printing the array id. Nothing keeps running on the login node.
+  local  submitit's LocalExecutor, JOBS runs at a time; waits, with a progress bar of runs done.
+  basic  in this process, one run after another (for debugging).
+Each run's job handle goes into its run directory (job.json). `--dry` prints the plan and
+creates nothing. `status` prints every run of the sweep: its state as the run store, its lease
+and Slurm see it ("queued", "running", "pending (no job)", "job lost (CANCELLED)", ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
+import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import submitit
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-LAUNCHERS = {"basic": "basic", "local": "submitit_local", "slurm": "submitit_slurm"}
+from . import lease, slurm
+from .compose import CONF_DIR, Composer
+from .plan import Plan, make_plan, register, table
+from .store import RunDir, read_metrics_table, run_holes
+from .train import TrainJob
+from .validate import ConfigError
+
+LAUNCHERS = ("local", "basic", "slurm")
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+    return sorted(p.stem for p in (Path(CONF_DIR) / "sweep").glob("*.yaml"))
 
 
-def profiles() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "slurm" / "hydra" / "launcher").glob("*.yaml"))
-
-
-def _override_value(extra: list[str], key: str, default: str) -> str:
-    for o in extra:
-        if o.lstrip("+").split("=", 1)[0] == key:
-            return o.split("=", 1)[1]
-    return default
-
-
-def sweep_folder(preset: str, extra=()) -> Path:
-    """`<paths.sweeps>/<sweep.name>`, both overridable in EXTRA (the preset names the sweep)."""
-    extra = list(extra)
-    return Path(_override_value(extra, "paths.sweeps", "sweeps")) / _override_value(extra, "sweep.name", preset)
-
-
-def multirun_cmd(preset, launcher, jobs, profile, retry, extra, dry_run):
-    cmd = [sys.executable, "-m", "pipeline.train", "-m", f"sweep={preset}",
-           f"hydra/launcher={LAUNCHERS[launcher] if launcher != 'slurm' else profile}",
-           f"retry={'true' if retry else 'false'}", f"hydra.sweeper.dry_run={str(dry_run).lower()}"]
-    if launcher == "slurm":
-        cmd.insert(4, f"hydra.searchpath=[file://{ROOT / 'slurm'}]")
-    elif launcher == "local":
-        cmd += [f"hydra.sweeper.max_batch_size={jobs}", "hydra.launcher.timeout_min=10080"]
-    return cmd + list(extra)
-
-
-def _fail(msg: str, code: int = 2):
+def _fail(msg, code: int = 2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
-def _error_line(text: str) -> str:
-    """The message of a failed Hydra process, without its traceback; for an unknown config
-    group option, with the available options."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    avail = [i for i, ln in enumerate(lines) if ln.startswith("Available options")]
-    if avail:
-        i = avail[0]
-        opts = []
-        for ln in lines[i + 1:]:
-            if not ln.startswith("\t"):
-                break
-            opts.append(ln.strip())
-        first = next((ln for ln in lines if ln.startswith("In ") or "Could not" in ln), lines[0])
-        return f"{first.strip()}; available: {', '.join(opts)}"
-    for ln in reversed(lines):
-        for marker in ("ConfigError: ", "ConfigCompositionException: ", "Error: "):
-            if marker in ln:
-                return ln.split(marker, 1)[1]
-    for ln in lines:
-        if not ln.startswith(("Traceback", "  ", "Set the environment variable")):
-            return ln
-    return lines[-1] if lines else "unknown error"
+def _print_table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def run(preset, launcher="local", jobs=2, profile="default", retry=False, extra=(), wait_s=600):
+# -- make sweep -----------------------------------------------------------------------------------
+def summary_line(plan: Plan) -> str:
+    skipped = Counter(p.decision.reason.split(";")[0].split(":")[0].split(" (")[0]
+                      for p in plan.points if not p.decision.launch)
+    why = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
+    hint = "; RETRY=1 reruns diverged/failed" if set(skipped) & {"diverged", "failed", "completed with holes"} else ""
+    return (f"sweep {plan.name}: {len(plan.points)} runs, {len(plan.todo)} to launch, "
+            f"{len(plan.points) - len(plan.todo)} skipped{f' ({why}{hint})' if why else ''} -> {plan.folder}")
+
+
+def submit_slurm(plan: Plan, profile: str) -> int:
+    prof = slurm.load_profile(profile)
+    extra = dict(prof.pop("additional_parameters", None) or {})
+    if prof.pop("requeue", True):
+        extra["requeue"] = True  # where JobRequeue=0, a preempted or timed-out job could not come back
+    ex = submitit.SlurmExecutor(folder=plan.folder / ".submitit" / "%j",
+                                max_num_timeout=prof.pop("max_num_timeout", 3))
+    ex.update_parameters(job_name=plan.name, additional_parameters=extra, **prof)
+    todo = plan.todo
+    try:
+        with ex.batch():
+            jobs = [ex.submit(TrainJob(), p.cfg) for p in todo]
+    except Exception as e:  # sbatch refused: the runs stay "pending (no job)"
+        _fail(f"Slurm refused the submission ({type(e).__name__}: "
+              f"{(str(e).strip().splitlines() or [''])[0][:300]}); nothing was submitted", 1)
+    for p, job in zip(todo, jobs):
+        p.run.write_job(dict(backend="slurm", job_id=job.job_id, sweep=plan.name, profile=profile,
+                             submitted_at=time.time(), log=str(job.paths.stderr)))
+    array = jobs[0].job_id.split("_")[0]
+    print(f"submitted {len(todo)} runs as Slurm {'array' if len(jobs) > 1 else 'job'} {array} "
+          f"(job name {plan.name}); `make status SWEEP={plan.name}` to follow")
+    return 0
+
+
+def _outcome(run: RunDir, result, error: str | None) -> str:
+    """What became of a run that a job of this sweep ran."""
+    if result == "live":
+        return "live (run by another process)"
+    state = run.status().get("state") or "pending"
+    return f"{state} ({error})" if error and state not in ("completed", "diverged") else state
+
+
+def run_local(plan: Plan, jobs: int) -> int:
+    """JOBS runs at a time with submitit's LocalExecutor; a progress bar (or a line per run when
+    not on a terminal) of runs done. Ctrl-C stops them: they are pending and resume next time."""
+    from tqdm import tqdm
+
+    ex = submitit.LocalExecutor(folder=plan.folder / ".submitit" / "%j")
+    ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    pending, running, outcomes = list(plan.todo), [], Counter()
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(pending), desc=f"sweep {plan.name}", unit="run", disable=not tty)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                p = pending.pop(0)
+                job = ex.submit(TrainJob(), p.cfg)
+                p.run.write_job(dict(backend="local", job_id=job.job_id, host=socket.gethostname(),
+                                     sweep=plan.name, submitted_at=time.time(), log=str(job.paths.stderr)))
+                running.append((p, job))
+            time.sleep(0.2)
+            for p, job in [r for r in running if r[1].done()]:
+                running.remove((p, job))
+                exc = job.exception()
+                err = (str(exc).strip().splitlines() or [""])[-1][:200] if exc else None
+                out = _outcome(p.run, None if exc else job.result(), err)
+                outcomes[out.split(" (")[0]] += 1
+                bar.update(1)
+                if not tty:
+                    print(f"  {p.run.id} {p.shown}: {out}", flush=True)
+    except KeyboardInterrupt:
+        for _, job in running:
+            job.cancel()
+        bar.close()
+        print(f"interrupted: {len(running)} running runs stopped; they resume at the next `make sweep`",
+              file=sys.stderr)
+        return 130
+    bar.close()
+    print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
+    return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
+
+
+def run_basic(plan: Plan) -> int:
+    outcomes = Counter()
+    for p in plan.todo:
+        result, err = None, None
+        try:
+            result = TrainJob()(p.cfg)
+        except Exception as e:  # one run's failure does not stop the sweep
+            err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            print(f"  {p.run.id} {p.shown}: {err}", file=sys.stderr)
+        outcomes[_outcome(p.run, result, err).split(" (")[0]] += 1
+    print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
+    return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
+
+
+def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=False, extra=()) -> int:
     if preset not in presets():
         _fail(f"SWEEP={preset}: unknown preset; available: {', '.join(presets())}")
     if launcher not in LAUNCHERS:
         _fail(f"LAUNCHER={launcher}: allowed values are {', '.join(LAUNCHERS)}")
-    if launcher == "slurm" and profile not in profiles():
-        _fail(f"PROFILE={profile}: no slurm/hydra/launcher/{profile}.yaml; available: {', '.join(profiles())}")
-    if launcher == "slurm" and not shutil.which("sbatch"):
-        _fail("LAUNCHER=slurm: sbatch not found on PATH (run on a Slurm login node, or use LAUNCHER=local)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    # 1. dry run: validate every grid point, register the sweep folder, plan what to launch
-    dry = subprocess.run(multirun_cmd(preset, launcher, jobs, profile, retry, extra, True),
-                         cwd=os.getcwd(), env=env, capture_output=True, text=True)
-    if dry.returncode != 0:
-        _fail(_error_line(dry.stderr + dry.stdout))
-    folder = sweep_folder(preset, extra)
-    plan = json.loads((folder / "plan.json").read_text())
-    n, todo = len(plan["points"]), len(plan["launched"])
-    states = {}
-    for p in plan["points"]:
-        if not p["launch"]:
-            states[p["state"]] = states.get(p["state"], 0) + 1
-    why = ", ".join(f"{v} {k}" for k, v in sorted(states.items()))
-    hint = "; RETRY=1 reruns diverged/failed" if set(states) - {"completed"} else ""
-    print(f"sweep {folder.name}: {n} runs, {todo} to launch, {n - todo} skipped"
-          f"{f' ({why}{hint})' if why else ''} -> {folder}")
-    if todo == 0:
-        return 0
-    cmd = multirun_cmd(preset, launcher, jobs, profile, retry, extra, False)
-    if launcher != "slurm":
-        return subprocess.run(cmd, env=env).returncode
-    # 2. Slurm: the launcher blocks until the array ends, so detach it and wait for submission
-    log = open(folder / "launcher.log", "ab")
-    started = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    (folder / "launcher.pid").write_text(str(proc.pid))
-    while time.time() - started < wait_s:
-        ids = _submitted_jobs(folder, started)
-        if len(ids) >= todo:
-            jobs_map = dict(zip(plan["launched"], ids))
-            old = json.loads((folder / "jobs.json").read_text()) if (folder / "jobs.json").exists() else {}
-            (folder / "jobs.json").write_text(json.dumps({**old, **jobs_map}, indent=1))
-            print(f"submitted {todo} runs as Slurm array {ids[0].split('_')[0]}; "
-                  f"`make status SWEEP={folder.name}` to follow, launcher log: {folder / 'launcher.log'}")
-            return 0
-        if proc.poll() is not None:
-            _fail(f"the launcher exited ({proc.returncode}) before submitting: "
-                  f"{_error_line((folder / 'launcher.log').read_text())}", 1)
-        time.sleep(0.5)
-    _fail(f"no submission after {wait_s}s; see {folder / 'launcher.log'}", 1)
-
-
-def _submitted_jobs(folder: Path, since: float) -> list[str]:
-    """Slurm ids `<array>_<task>` of the array submitted since `since`, in task order."""
-    ids = []
-    for p in (folder / ".hydra").glob(".submitit/*/*_submitted.pkl"):
-        if p.stat().st_mtime >= since - 1:
-            ids.append(p.parent.name)
-    return sorted(ids, key=lambda j: [int(x) if x.isdigit() else x for x in j.split("_")])
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """Slurm's state of each job (sacct, falling back to squeue), '' when unknown."""
-    if not job_ids or not shutil.which("sacct"):
-        return {}
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                         capture_output=True, text=True)
-    states = {}
-    for line in out.stdout.splitlines():
-        if "|" in line:
-            jid, state = line.split("|", 1)
-            states[jid] = state.split()[0] if state else ""
-    return states
-
-
-def _last_loss(metrics: Path):
+    if jobs < 1:
+        _fail(f"JOBS={jobs}: allowed values are integers >= 1")
     try:
-        with open(metrics, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read().decode(errors="ignore").split("\n")
-        header = metrics.open().readline().strip().split(",")
-        for line in reversed(tail[:-1]):
-            cells = line.split(",")
-            if len(cells) == len(header) and cells[0].isdigit():
-                return float(cells[header.index("loss")])
-    except (FileNotFoundError, ValueError, IndexError):
-        pass
-    return None
+        if launcher == "slurm":
+            slurm.load_profile(profile)  # a bad profile is bad input too: before anything
+            if not shutil.which("sbatch"):
+                raise ConfigError("LAUNCHER=slurm: sbatch not found on PATH (run on a Slurm login "
+                                  "node, or use LAUNCHER=local)")
+        plan = make_plan(preset, extra, retry)
+    except ConfigError as e:
+        _fail(e)
+    print(summary_line(plan))
+    for note in plan.duplicates:
+        print(f"  note: {note}")
+    for p in plan.points:
+        if p.decision.reason.startswith("live"):
+            print(f"  {p.run.id} {p.shown}: {p.decision.reason}")
+    if plan.slurm_error:
+        print(f"warning: {plan.slurm_error}: runs with a Slurm job in an unknown state are not "
+              "submitted again", file=sys.stderr)
+    if dry:
+        _print_table(table(plan))
+        print("dry run: nothing created, nothing submitted")
+        return 0
+    register(plan)
+    if not plan.todo:
+        return 0
+    if launcher == "slurm":
+        return submit_slurm(plan, profile)
+    return run_local(plan, jobs) if launcher == "local" else run_basic(plan)
+
+
+# -- make status ----------------------------------------------------------------------------------
+def view(st: dict, holes: str, job: dict | None, sstate: str | None, owner: dict | None, slurm_error) -> str:
+    """A run's state as the store, its lease and Slurm see it together."""
+    state = st.get("state")
+    if st.get("unreadable"):
+        return "unreadable status.json"
+    if owner:
+        return "running"
+    if state in ("completed", "diverged", "failed"):
+        return f"{state} (holes: {holes})" if holes else state
+    if job and job.get("backend") == "slurm":
+        if sstate in slurm.QUEUED:
+            return "queued"
+        if sstate in slurm.RUNNING:
+            return "starting"  # the job runs; the run has not taken its lease yet
+        if sstate is None and slurm_error:
+            return f"{state or 'pending'} (Slurm unreachable)"
+        return f"job lost ({sstate or 'unknown to Slurm'})"
+    if state in (None, "pending"):
+        return "pending (no job)"
+    return "interrupted"  # was running, no owner, no job: the next `make sweep` resumes it
+
+
+def where(name: str, extra=()) -> tuple[Path, Path]:
+    """(the sweep folder `<paths.sweeps>/<sweep.name>`, the runs root `paths.runs`) as the config
+    of the preset `name` (or of an ad-hoc sweep of that name) and the overrides set them: the
+    one place that knows the default folders is conf/train.yaml."""
+    first = [f"sweep={name}"] if name in presets() else [f"sweep.name={name}"]
+    with Composer() as c:
+        plain = [o.input_line for o in c.parse(first + list(extra)) if not o.is_sweep_override()]
+        cfg = c.compose(plain)
+    return Path(cfg.paths.sweeps) / (cfg.sweep.name or name), Path(cfg.paths.runs)
 
 
 def status(preset, extra=()) -> int:
-    folder = sweep_folder(preset, extra)
+    try:
+        folder, _ = where(preset, extra)
+    except ConfigError as e:
+        _fail(e)
     if not folder.is_dir():
         _fail(f"SWEEP={preset}: no sweep folder {folder} (run `make sweep SWEEP={preset}` first)")
-    jobs = json.loads((folder / "jobs.json").read_text()) if (folder / "jobs.json").exists() else {}
-    runs = sorted(p for p in folder.iterdir() if p.is_symlink() or (p / "status.json").exists())
-    slurm = slurm_states(sorted({jobs[p.name] for p in runs if p.name in jobs}))
-    rows = []
-    for p in runs:
-        st = json.loads((p / "status.json").read_text()) if (p / "status.json").exists() else {}
-        cfg = yaml.safe_load((p / "config.yaml").read_text()) if (p / "config.yaml").exists() else {}
-        o = cfg.get("optim", {})
-        state = st.get("state", "?")
-        job = jobs.get(p.name, "")
-        sstate = slurm.get(job, "")
-        if state in ("pending", "running") and sstate in ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
-                                                          "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
-            state = f"{state}/{sstate.lower()}"  # the job is gone: the run will not progress
-        loss = _last_loss(p / "metrics.csv")
-        rows.append([p.name, f"{o.get('h', '')}", f"{o.get('beta', '')}", f"{o.get('rho', '')}", state,
-                     str(st.get("step", "")), "" if loss is None else f"{loss:.6g}", job, sstate])
-    head = ["run_id", "h", "beta", "rho", "state", "step", "last_loss", "slurm_job", "slurm_state"]
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    counts = {}
-    for r in rows:
-        counts[r[4]] = counts.get(r[4], 0) + 1
-    print(f"\n{len(rows)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    runs = [RunDir(p.resolve().parent, p.resolve().name) for p in sorted(folder.iterdir())
+            if p.is_symlink() or (p / "status.json").exists()]
+    jobs = {r.id: r.job() for r in runs}
+    states, error = slurm.job_states([j["job_id"] for j in jobs.values() if j and j.get("backend") == "slurm"])
+    rows = [["run_id", "h", "beta", "rho", "state", "step", "last_loss", "job", "slurm_state"]]
+    for r in runs:
+        st, job = r.status(), jobs[r.id]
+        try:
+            o = (yaml.safe_load(r.config.read_text()) or {}).get("optim", {})
+        except (OSError, yaml.YAMLError):
+            o = {}
+        sstate = states.get(job["job_id"]) if job and job.get("backend") == "slurm" else None
+        header, table_rows = read_metrics_table(r.metrics)
+        holes = run_holes(st, [int(x[0]) for x in table_rows])
+        loss = f"{float(table_rows[-1][header.index('loss')]):.6g}" if table_rows and "loss" in header else ""
+        rows.append([r.id, str(o.get("h", "")), str(o.get("beta", "")), str(o.get("rho", "")),
+                     view(st, holes, job, sstate, lease.holder(r.path), error), str(st.get("step", "")),
+                     loss, job["job_id"] if job else "", sstate or ""])
+    _print_table(rows)
+    counts = Counter(r[4].split(" (")[0] for r in rows[1:])
+    print(f"\n{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if error and any(j and j.get("backend") == "slurm" for j in jobs.values()):
+        print(f"warning: {error}: the Slurm columns are incomplete", file=sys.stderr)
     return 0
 
 
@@ -227,17 +264,26 @@ def main(argv=None):
     r.add_argument("--launcher", default="local")
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--profile", default="default")
-    r.add_argument("--retry", default="0")
-    r.add_argument("--wait", type=float, default=600, help="seconds to wait for Slurm to accept the array")
+    r.add_argument("--retry", action="store_true", help="rerun diverged and failed runs")
+    r.add_argument("--dry", action="store_true", help="print the plan; create and submit nothing")
     s = sub.add_parser("status")
     s.add_argument("preset")
+    w = sub.add_parser("where", help="print the sweep folder (or with --runs the runs root)")
+    w.add_argument("preset")
+    w.add_argument("--runs", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # Hydra overrides
     argv = argv[:argv.index("--")] if "--" in argv else argv
     a = ap.parse_args(argv)
     extra = [x for x in extra if x]
     if a.cmd == "run":
-        return run(a.preset, a.launcher, a.jobs, a.profile, a.retry not in ("0", "", "false"), extra, a.wait)
+        return run(a.preset, a.launcher, a.jobs, a.profile, a.retry, a.dry, extra)
+    if a.cmd == "where":
+        try:
+            print(where(a.preset, extra)[1 if a.runs else 0])
+        except ConfigError as e:
+            _fail(e)
+        return 0
     return status(a.preset, extra)
 
 

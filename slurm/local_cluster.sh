@@ -8,6 +8,7 @@
 #   bash slurm/local_cluster.sh install   # apt-get the packages when missing
 #   eval "$(bash slurm/local_cluster.sh up)"   # start; prints `export SLURM_CONF=...`
 #   bash slurm/local_cluster.sh status
+#   bash slurm/local_cluster.sh running       # exit status 0 when it is up (scripts: reuse it, leave it up)
 #   bash slurm/local_cluster.sh down
 set -euo pipefail
 
@@ -66,7 +67,7 @@ SchedulerParameters=bf_interval=1,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-JobRequeue=1
+JobRequeue=0                 # as strict sites do: a job comes back only if it asked for --requeue
 KillWait=5
 MinJobAge=600
 InactiveLimit=0
@@ -163,11 +164,17 @@ cmd_status() {
   sinfo 2>/dev/null || true
 }
 
+cmd_running() {
+  [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null &&
+    SLURM_CONF=$DIR/etc/slurm.conf scontrol ping >/dev/null 2>&1
+}
+
 case "${1:-}" in
   install) cmd_install ;;
+  running) cmd_running ;;
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) echo "export SLURM_CONF=$DIR/etc/slurm.conf" ;;
-  *) echo "usage: $0 install|up|down|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|status|running|env" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ retrying, sharing runs between sweeps, `make status`."""
 import json
 import os
 import subprocess
+import time
 
 import pandas as pd
 import pytest
@@ -11,11 +12,11 @@ import pytest
 from .conftest import ROOT
 
 
-def make(target, tmp_path, sweep="synthetic", launcher="basic", extra="", retry=0, timeout=600):
-    paths = f"paths.runs={tmp_path}/runs paths.sweeps={tmp_path}/sweeps"
+def make(target, tmp_path, sweep="synthetic", launcher="basic", extra="", retry=0, timeout=600, *more):
     return subprocess.run(["make", "-s", "-C", str(ROOT), target, f"SWEEP={sweep}", f"LAUNCHER={launcher}",
-                           f"EXTRA={paths} {extra}", f"RETRY={retry}", "JOBS=2"],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps", f"EXTRA={extra}",
+                           f"RETRY={retry}", "JOBS=2", *more],
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
                           env=dict(os.environ, WANDB_MODE="offline"))
 
 
@@ -66,7 +67,7 @@ def test_sweeps_share_runs_and_retry_reruns_diverged(tmp_path):
     # a diverging grid point ends `diverged`, the sweep goes on, RETRY=1 reruns it
     r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=div optim.beta=0.9 optim.rho=0.99 optim.h=1e30,1e-3")
     assert r.returncode == 0, r.stderr
-    st = make("status", tmp_path, sweep="div", extra="paths.sweeps=" + str(tmp_path / "sweeps"))
+    st = make("status", tmp_path, sweep="div")
     assert "1 completed, 1 diverged" in st.stdout
     r = make("sweep", tmp_path, extra=f"{FAST} sweep.name=div optim.beta=0.9 optim.rho=0.99 optim.h=1e30,1e-3")
     assert "0 to launch" in r.stdout
@@ -89,7 +90,7 @@ def test_unknown_model_lists_the_choices(tmp_path):
     r = make("sweep", tmp_path, extra=f"{FAST} model=vgg")
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode != 0 and len(err) == 1
-    assert "model/vgg" in err[0] and "available: bilinear, cnn, mlp, resnet101, resnet18, resnet50" in err[0]
+    assert err[0] == "error: model=vgg: unknown option; available: bilinear, cnn, mlp, resnet101, resnet18, resnet50"
     assert not (tmp_path / "runs").exists()
 
 
@@ -125,3 +126,83 @@ def test_presets_compose_and_validate():
                 assert cfg.optim.eps == 1e-8
         fig5 = compose(config_name="train", overrides=["sweep=fig5"], return_hydra_config=True)
         assert fig5.optim.rho == 0.999 and "optim.beta" in fig5.hydra.sweeper.params
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
+    r = make("sweep", tmp_path, "synthetic", "basic", FAST, 0, 600, "DRY=1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "sweep synthetic: 4 runs, 4 to launch, 0 skipped" in lines[0]
+    assert lines[1].split() == ["run_id", "point", "action"]
+    assert all(ln.split()[-1] == "launch" for ln in lines[2:6]) and "dry run" in lines[6]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_a_live_run_is_reported_and_never_submitted_again(tmp_path):
+    """A run whose lease is held (here by a process on another node, heartbeat fresh) is live:
+    the sweep reports it and launches the others only."""
+    plan = make("sweep", tmp_path, "synthetic", "basic", FAST, 0, 600, "DRY=1")
+    live_id = plan.stdout.splitlines()[2].split()[0]
+    run = tmp_path / "runs" / live_id
+    run.mkdir(parents=True)
+    (run / "lease.json").write_text(json.dumps(dict(host="node-elsewhere", pid=4242, slurm_job="77_1",
+                                                    timeout_s=600)))
+    r = make("sweep", tmp_path, extra=FAST)
+    assert r.returncode == 0, r.stderr
+    assert "4 runs, 3 to launch, 1 skipped (1 live)" in r.stdout
+    assert f"{live_id} " in r.stdout and "held by node-elsewhere:4242 (Slurm job 77_1)" in r.stdout
+    assert not (run / "metrics.csv").exists()  # untouched
+    s = make("status", tmp_path)
+    row = [ln for ln in s.stdout.splitlines() if ln.startswith(live_id)][0]
+    assert row.split()[4] == "running" and "3 completed" in s.stdout
+    # the holder's heartbeat stops: after its timeout the run is launched (and resumed)
+    old = time.time() - 3600
+    os.utime(run / "lease.json", (old, old))
+    r = make("sweep", tmp_path, extra=FAST)
+    assert "1 to launch, 3 skipped" in r.stdout, r.stdout
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert not (run / "lease.json").exists()  # taken over, then released
+
+
+def test_runs_and_sweeps_variables_reach_every_target(tmp_path):
+    r = make("sweep", tmp_path, extra=FAST)
+    assert r.returncode == 0 and (tmp_path / "runs").is_dir() and (tmp_path / "sweeps" / "synthetic").is_dir()
+    assert "4 runs: 4 completed" in make("status", tmp_path).stdout
+    a = make("analyze", tmp_path, "synthetic", "basic", "", 0, 600, "ARGS=--no-figures")
+    assert a.returncode == 0, a.stderr
+    assert (tmp_path / "sweeps" / "synthetic" / "analysis" / "summary.csv").exists()
+    s = make("sync", tmp_path)
+    assert s.returncode == 0 and f"no offline wandb runs under {tmp_path}/runs" in s.stdout
+    assert not (ROOT / "runs").exists() or not any(
+        p.name in {q.name for q in (tmp_path / "runs").iterdir()} for p in (ROOT / "runs").iterdir())
+    assert not (ROOT / "train.log").exists()
+
+
+def test_run_ids_of_existing_presets_never_change():
+    """Run ids are where results live: every preset grid point keeps the id it had before the
+    list of non-semantic keys was made explicit (tests/data/preset_run_ids.json)."""
+    from pipeline.compose import Composer
+    from pipeline.store import run_id
+
+    golden = json.loads((ROOT / "tests" / "data" / "preset_run_ids.json").read_text())["ids"]
+    assert len(golden) == 51
+    with Composer() as c:
+        for preset, point, rid in golden:
+            assert run_id(c.compose([f"sweep={preset}", *point.split()])) == rid, (preset, point)
+
+
+def test_every_key_but_the_non_semantic_ones_changes_the_run_id():
+    """A key added tomorrow is semantic by default: only the listed keys leave the id alone."""
+    from pipeline.compose import Composer
+    from pipeline.store import NON_SEMANTIC, run_id
+
+    with Composer() as c:
+        base = c.compose(["sweep=synthetic"])
+        rid = run_id(base)
+        assert run_id(c.compose(["sweep=synthetic", "+train.new_knob=1"])) != rid
+        assert run_id(c.compose(["sweep=synthetic", "+model.new_knob=1"])) != rid
+        for ov in ["paths.runs=/x", "paths.sweeps=/y", "logger=wandb", "retry=true", "device=cpu",
+                   "lease.timeout_s=5", "sweep.name=other", "train.checkpoint_every=3",
+                   "train.log_every=2", "train.progress=none"]:
+            assert run_id(c.compose(["sweep=synthetic", ov])) == rid, ov
+    assert {"paths", "logger", "lease", "train.progress"} <= set(NON_SEMANTIC)
