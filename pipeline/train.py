@@ -141,10 +141,11 @@ def train(cfg: DictConfig) -> str:
     live = holder(run.path)
     if live:
         raise LeaseHeld(run.path, live)
-    decision = decide(run.status(), cfg.retry)
+    st = run.status()
+    decision = decide(st, cfg.retry)
     if not decision.launch:  # before loading any data
         log.info("run %s: skipped (%s)", run.id, decision.reason)
-        return run.status().get("state")
+        return st.get("state")
     with numerics(cfg) as (device, autocast):
         data = load_dataset(cfg.data, device)  # missing or damaged data: before any directory
         with run_log(run), Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s) as owner:

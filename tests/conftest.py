@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,3 +65,24 @@ def start_stopped_at(tmp_path, args, step, env=None, faults=None):
         assert p.poll() is None, f"the child ended before step {step}: {p.stderr.read()}"
         time.sleep(0.05)
     return p
+
+
+@contextlib.contextmanager
+def crash_at_step(monkeypatch, step: int, message: str):
+    """In this block, the training loop's gradient computation raises at step `step` (a crash of
+    the training code, as a CUDA error or a node failure would be)."""
+    import pipeline.train as pt
+
+    real, calls = pt.full_batch_step, []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == step + 1:
+            raise RuntimeError(message)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pt, "full_batch_step", crashing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(pt, "full_batch_step", real)

@@ -21,7 +21,7 @@ from pipeline.lease import Lease, LeaseHeld
 from pipeline.store import RunDir, decide, run_id
 from pipeline.train import train
 
-from .conftest import ROOT, TINY, make_cfg, run_cli, start_stopped_at
+from .conftest import ROOT, TINY, crash_at_step, make_cfg, run_cli, start_stopped_at
 
 LONG = [*TINY, "train.max_steps=30", "train.checkpoint_every=3", "train.reshuffle=true"]
 
@@ -371,24 +371,13 @@ def test_missing_data_creates_nothing_and_the_fixed_root_runs(tmp_path):
 
 
 def test_failed_means_crashed_and_retry_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, caplog):
-    import pipeline.train as pt
-
     cfg = make_cfg(args_in(tmp_path / "runs"))
-    real, calls = pt.full_batch_step, []
-
-    def crash_at_step_8(*a, **k):
-        calls.append(1)
-        if len(calls) == 9:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*a, **k)
-
-    monkeypatch.setattr(pt, "full_batch_step", crash_at_step_8)
-    with pytest.raises(RuntimeError):
+    with crash_at_step(monkeypatch, 8, "CUDA error: an illegal memory access was encountered"), \
+            pytest.raises(RuntimeError):
         train(cfg)
     run = RunDir(cfg.paths.runs, run_id(cfg))
     st = run.status()
     assert st["state"] == "failed" and st["error"].startswith("RuntimeError: CUDA error") and st["step"] == 6
-    monkeypatch.setattr(pt, "full_batch_step", real)
     assert train(cfg) == "failed" and run.status()["attempts"] == 1  # not rerun without retry
     cfg.retry = True
     assert train(cfg) == "completed" and "resuming at step 6" in caplog.text

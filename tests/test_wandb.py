@@ -16,7 +16,7 @@ from pipeline.loggers import wandb_mode
 from pipeline.store import RunDir, run_id
 from pipeline.train import train
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, crash_at_step
 
 
 def test_rows_config_group_and_tags_reach_wandb(cfg_factory, monkeypatch):
@@ -56,8 +56,6 @@ def test_a_resumed_run_holds_each_step_once_and_keeps_its_first_crossings(cfg_fa
     retry=true: rows 8 and 9 are computed again but mirrored once, and the summary's crossing
     stays the first one (decided by the loop, kept in the checkpoint) instead of becoming the
     resume step."""
-    import pipeline.train as pt
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     probe = cfg_factory("train.max_steps=16", "optim.h=3e-3")
     train(probe)
@@ -66,18 +64,8 @@ def test_a_resumed_run_holds_each_step_once_and_keeps_its_first_crossings(cfg_fa
     first = int((loss < t).idxmax())
     cfg = cfg_factory("train.max_steps=16", "optim.h=3e-3", "logger=wandb", "train.checkpoint_every=4",
                       f"train.loss_thresholds=[{t}]")
-    real, calls = pt.full_batch_step, []
-
-    def crash_at_step_10(*a, **k):
-        calls.append(1)
-        if len(calls) == 11:
-            raise RuntimeError("node failure")
-        return real(*a, **k)
-
-    monkeypatch.setattr(pt, "full_batch_step", crash_at_step_10)
-    with pytest.raises(RuntimeError):
+    with crash_at_step(monkeypatch, 10, "node failure"), pytest.raises(RuntimeError):
         train(cfg)
-    monkeypatch.setattr(pt, "full_batch_step", real)
     cfg.retry = True
     assert train(cfg) == "completed"
     run = RunDir(cfg.paths.runs, run_id(cfg))
