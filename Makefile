@@ -9,6 +9,8 @@ EXTRA ?=
 RETRY ?= 0
 DRY ?=
 JOBS ?= 2
+GPUS ?=
+TASKS ?=
 PROFILE ?= default
 DATA_ROOT ?= data
 RUNS ?=
@@ -17,11 +19,11 @@ ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze figures theory sync report data bench test lint clean-venv
+.PHONY: help install sweep status analyze figures theory sync report data migrate bench test lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) RUNS=<runs root> SWEEPS=<sweeps root>"
+	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> RUNS=<runs root> SWEEPS=<sweeps root>"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +40,8 @@ YES = $(filter 1 true yes,$(1))
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only
 	$(PY) -m pipeline.sweep run $(SWEEP) --launcher $(LAUNCHER) --jobs $(JOBS) --profile $(PROFILE) \
-		$(if $(call YES,$(RETRY)),--retry) $(if $(call YES,$(DRY)),--dry) -- $(PATHS) $(EXTRA)
+		$(if $(call YES,$(RETRY)),--retry) $(if $(call YES,$(DRY)),--dry) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(TASKS),--tasks $(TASKS)) -- $(PATHS) $(EXTRA)
 
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss, job and Slurm state
 	$(PY) -m pipeline.sweep status $(SWEEP) -- $(PATHS) $(EXTRA)
@@ -60,8 +63,12 @@ report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
 data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for offline compute nodes)
 	$(PY) -c "from pipeline.data import download_cifar as d; [d(n, '$(DATA_ROOT)') for n in ('cifar10', 'cifar100')]"
 
-bench: $(VENV)/.installed ## pipeline step vs a bare PyTorch loop (median ratio, img/s, MFU on CUDA)
+migrate: $(VENV)/.installed ## rename run directories to their current ids (runs made before the micro-batch left the id)
+	$(PY) -m pipeline.store migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"
+
+bench: $(VENV)/.installed ## pipeline step vs a bare PyTorch loop (median ratio, img/s, MFU on CUDA); W=1 vs W=2
 	$(PY) -m bench.step_bench
+	$(PY) -m bench.dist_bench
 
 test: $(VENV)/.installed ## run the test suite (Slurm tests use a running cluster or start slurm/local_cluster.sh)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -5,6 +5,7 @@ import math
 from torch import nn
 
 from .bilinear import Bilinear
+from .norm import set_bn_group
 from .resnet import DEPTHS, resnet
 from .small import CNN, MLP
 
@@ -15,10 +16,14 @@ def build_model(cfg, num_classes: int, input_shape: tuple[int, ...]) -> nn.Modul
     """`cfg` is the `model` config group; `input_shape` excludes the batch dimension."""
     name = cfg.name
     if name in DEPTHS:
-        return resnet(name, num_classes=num_classes, norm=cfg.norm, width=cfg.width,
-                      in_channels=input_shape[0])
+        model = resnet(name, num_classes=num_classes, norm=cfg.norm, width=cfg.width,
+                       in_channels=input_shape[0])
+        set_bn_group(model, cfg.get("bn_group"))
+        return model
     if name == "cnn":
-        return CNN(num_classes, norm=cfg.norm, width=cfg.width, in_channels=input_shape[0])
+        model = CNN(num_classes, norm=cfg.norm, width=cfg.width, in_channels=input_shape[0])
+        set_bn_group(model, cfg.get("bn_group"))
+        return model
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes, width=cfg.width, depth=cfg.depth,
                    activation=cfg.activation)

@@ -46,8 +46,11 @@ def guard():
         signal.signal(SIGNAL, previous)
 
 
-def hand_over(step: int) -> None:
-    """Call after the checkpoint of `step` is on disk. Never returns."""
+def hand_over(step: int, main: bool = True) -> None:
+    """Call after the checkpoint of `step` is on disk. Never returns. Ranks other than 0 of a
+    distributed run only exit: rank 0 requeues the job."""
+    if not main:
+        raise Requeue(f"preempted at step {step}")
     if callable(_previous) and _received:
         _previous(*_received[-1])  # submitit: requeue, then sys.exit
     job = os.environ.get("SLURM_JOB_ID")

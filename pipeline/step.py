@@ -2,7 +2,9 @@
 examples, accumulated over a partition into micro-batches, and the metrics at theta_n.
 
 Nothing here synchronises with the host: losses, counts and norms stay on the device as
-tensors, and the caller reads them all with one `.tolist()` per step.
+tensors, and the caller reads them all with one `.tolist()` per step. With W ranks
+(pipeline/dist.py) each takes its share of the micro-batches and the sums are added across
+ranks: gradients in one all-reduce, the scalars and the BatchNorm statistics in another.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import contextlib
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .dist import Ranks
+
+ONE = Ranks()  # the one-process run
 
 
 def loss_sum(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -38,12 +44,29 @@ def bn_layers(model: nn.Module):
 
 
 def start_bn_gathering(bns) -> None:
-    """Make BatchNorm's running statistics the average of this pass's micro-batch statistics
+    """Make BatchNorm's running statistics the average of this pass's group statistics
     (momentum=None is a cumulative average), so evaluation at theta_n uses statistics of
     theta_n rather than stale running averages."""
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
+
+
+def reduce_bn_statistics(bns, ranks) -> None:
+    """The cumulative averages of all ranks' groups: sum_r k_r m_r / sum_r k_r (k_r: groups
+    that rank r normalised), for the running mean and variance alike."""
+    if ranks.world == 1 or not bns:
+        return
+    weighted = []
+    for m in bns:
+        k = m.num_batches_tracked.to(m.running_mean.dtype)
+        weighted += [m.running_mean.mul_(k), m.running_var.mul_(k), k.reshape(1)]
+    ranks.sum_(weighted)
+    for i, m in enumerate(bns):
+        k = weighted[3 * i + 2].clamp_min(1)
+        m.running_mean.div_(k)
+        m.running_var.div_(k)
+        m.num_batches_tracked.fill_(int(weighted[3 * i + 2].item()))
 
 
 def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontext):
@@ -64,13 +87,20 @@ def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontex
     return total / n, correct
 
 
-def full_batch_step(model, x, y, task, parts, params, eps, bns=(), autocast=contextlib.nullcontext):
+def full_batch_step(model, x, y, task, parts, params, eps, bns=(), autocast=contextlib.nullcontext,
+                    ranks=ONE):
     """grad E(theta_n) into `.grad` and the on-device metrics at theta_n:
-    (loss, number correct, [perturbed one-norm, one-norm, two-norm])."""
+    (loss, number correct, [perturbed one-norm, one-norm, two-norm]). `parts` is the common
+    partition; this rank computes its share of it."""
     for p in params:
-        p.grad = None if p.grad is None else p.grad.zero_()
+        p.grad = (torch.zeros_like(p) if ranks.world > 1 else None) if p.grad is None else p.grad.zero_()
     start_bn_gathering(bns)
-    loss, correct = accumulate_gradient(model, x, y, task, parts, autocast)
+    loss, correct = accumulate_gradient(model, x, y, task, ranks.shard(parts), autocast)
+    if ranks.world > 1:
+        scalars = torch.stack([loss, correct.double()])
+        ranks.sum_([p.grad for p in params] + [scalars])
+        loss, correct = scalars[0], scalars[1].long()
+        reduce_bn_statistics(bns, ranks)
     return loss, correct, grad_norms([p.grad for p in params], eps)
 
 
@@ -90,13 +120,14 @@ def grad_norms(grads: list[torch.Tensor], eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, x, y, task, micro_batch, autocast=contextlib.nullcontext):
-    """(mean loss, accuracy) on a held-out set, in eval mode; returns host floats."""
+def evaluate(model, x, y, task, micro_batch, autocast=contextlib.nullcontext, ranks=ONE):
+    """(mean loss, accuracy) on a held-out set, in eval mode, each rank on its share of the
+    micro-batches; returns host floats."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
-    for idx in partition(x.shape[0], micro_batch):
+    for idx in ranks.shard(partition(x.shape[0], micro_batch)):
         with autocast():
             out = model(x[idx])
         total += loss_sum(out, y[idx], task)
@@ -104,5 +135,7 @@ def evaluate(model, x, y, task, micro_batch, autocast=contextlib.nullcontext):
             correct += (out.argmax(1) == y[idx]).sum()
     model.train(was_training)
     n = x.shape[0]
-    loss, corr = torch.stack([total, correct.double()]).tolist()
+    sums = torch.stack([total, correct.double()])
+    ranks.sum_([sums])
+    loss, corr = sums.tolist()
     return loss / n, (corr / n if task == "classification" else float("nan"))

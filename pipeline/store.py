@@ -42,12 +42,13 @@ METRIC_COLUMNS = ["step", "loss", "acc", "pert_norm", "l1_norm", "l2_norm", "per
                   "test_loss", "test_acc", "time_s"]
 
 # The run id hashes the whole config except these keys (top-level names or dotted paths): where
-# files go, how progress is shown or logged, how the job is launched. Anything else, including
-# a key added tomorrow, is semantic by default.
+# files go, how progress is shown or logged, how the job is launched, how memory is chunked.
+# Anything else, including a key added tomorrow, is semantic by default. (The world size of a
+# distributed run is not in the config at all.)
 NON_SEMANTIC = (
     "paths", "logger", "sweep", "retry", "device", "lease", "hydra",
     "data.root", "data.download",
-    "train.checkpoint_every", "train.log_every", "train.progress",
+    "train.checkpoint_every", "train.log_every", "train.progress", "train.micro_batch",
 )
 # Semantic keys added after runs existed, with the value that reproduces the behaviour from
 # before: left out of the hash at that value, so that existing run ids never change.
@@ -55,7 +56,15 @@ ADDED_KEYS: dict[str, object] = {}
 
 
 def semantic_config(cfg: DictConfig) -> dict:
-    """The config without the NON_SEMANTIC keys (and ADDED_KEYS at their old value), resolved."""
+    """The config without the NON_SEMANTIC keys (and ADDED_KEYS at their old value), resolved.
+
+    The micro-batch only chunks memory, but a BatchNorm model's ghost-batch size is semantic:
+    it is hashed where run ids have always had it, as `train.micro_batch` (`model.bn_group`, or
+    the micro-batch itself when bn_group is null), so the ids of BatchNorm runs made before
+    bn_group existed are unchanged."""
+    ghost = None
+    if "model" in cfg and cfg.model.get("norm") == "bn":
+        ghost = cfg.model.get("bn_group") or cfg.train.micro_batch
     out = {}
     for key in cfg:
         if key in NON_SEMANTIC:
@@ -71,6 +80,10 @@ def semantic_config(cfg: DictConfig) -> dict:
         group, key = dotted.split(".", 1)
         if isinstance(out.get(group), dict) and key in out[group] and out[group][key] == old:
             del out[group][key]
+    if isinstance(out.get("model"), dict):
+        out["model"].pop("bn_group", None)
+    if ghost is not None:
+        out["train"]["micro_batch"] = ghost
     return out
 
 
@@ -454,3 +467,58 @@ class MetricsWriter:
             self.f.close()
         except OSError:
             pass
+
+
+# -- migration ------------------------------------------------------------------------------------
+def migrate(runs: Path, sweeps: Path | None = None) -> list[tuple[str, str]]:
+    """Rename the run directories under `runs` whose config.yaml hashes to another id under the
+    current rule (runs of models without BatchNorm made while the micro-batch was part of the
+    id), and repoint the links of the sweep folders under `sweeps`. A run whose new id exists
+    already, or that is live, is left alone (one log line). Returns [(old id, new id)]."""
+    from . import lease
+
+    moved = []
+    for d in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
+        try:
+            cfg = OmegaConf.create(yaml_load(d / "config.yaml"))
+        except (OSError, ValueError):
+            continue
+        new = run_id(cfg)
+        if new == d.name:
+            continue
+        if (d.parent / new).exists() or lease.holder(d):
+            log.warning("run %s: not renamed to %s (%s)", d.name, new,
+                        "that folder exists" if (d.parent / new).exists() else "it is live")
+            continue
+        os.rename(d, d.parent / new)
+        RunDir(runs, new).write_status(run_id=new, renamed_from=d.name)
+        moved.append((d.name, new))
+    renamed = dict(moved)
+    for link in Path(sweeps).glob("*/*") if sweeps and Path(sweeps).is_dir() else []:
+        if link.is_symlink() and Path(os.readlink(link)).name in renamed:
+            new = renamed[Path(os.readlink(link)).name]
+            target = Path(os.readlink(link)).with_name(new)
+            link.unlink()
+            link.with_name(new).symlink_to(target, target_is_directory=True)
+    return moved
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a config")
+    return data
+
+
+if __name__ == "__main__":  # python -m pipeline.store migrate <runs> [<sweeps>]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "migrate":
+        sys.exit("usage: python -m pipeline.store migrate <runs root> [<sweeps root>]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    done = migrate(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    for old, new in done:
+        print(f"{old} -> {new}")
+    print(f"{len(done)} run directories renamed")

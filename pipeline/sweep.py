@@ -65,8 +65,22 @@ def summary_line(plan: Plan) -> str:
             f"{len(plan.points) - len(plan.todo)} skipped{f' ({why}{hint})' if why else ''} -> {plan.folder}")
 
 
-def submit_slurm(plan: Plan, profile: str) -> int:
-    prof = slurm.load_profile(profile)
+def tasks_of(prof: dict, gpus: int | None, tasks: int | None) -> dict:
+    """The profile with `GPUS=n` (n GPUs per node and one task per GPU) or `TASKS=n` (n tasks
+    per node, e.g. CPU ranks) applied. A run of several tasks is one distributed run
+    (pipeline/dist.py); a rank that fails ends the job step."""
+    prof = dict(prof)
+    if gpus:
+        prof.update(gpus_per_node=gpus, ntasks_per_node=gpus)
+    if tasks:
+        prof["ntasks_per_node"] = tasks
+    if prof.get("ntasks_per_node", 1) * prof.get("nodes", 1) > 1:
+        prof["srun_args"] = [*prof.get("srun_args", []), "--kill-on-bad-exit=1"]
+    return prof
+
+
+def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
+    prof = tasks_of(slurm.load_profile(profile), gpus, tasks)
     extra = dict(prof.pop("additional_parameters", None) or {})
     if prof.pop("requeue", True):
         extra["requeue"] = True  # where JobRequeue=0, a preempted or timed-out job could not come back
@@ -97,13 +111,15 @@ def _outcome(run: RunDir, result, error: str | None) -> str:
     return f"{state} ({error})" if error and state not in ("completed", "diverged") else state
 
 
-def run_local(plan: Plan, jobs: int) -> int:
-    """JOBS runs at a time with submitit's LocalExecutor; a progress bar (or a line per run when
-    not on a terminal) of runs done. Ctrl-C stops them: they are pending and resume next time."""
+def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
+    """JOBS runs at a time with submitit's LocalExecutor (each of `GPUS`/`TASKS` processes when
+    given); a progress bar (or a line per run when not on a terminal) of runs done. Ctrl-C
+    stops them: they are pending and resume next time."""
     from tqdm import tqdm
 
     ex = submitit.LocalExecutor(folder=plan.folder / ".submitit" / "%j")
-    ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, tasks_per_node=gpus or tasks or 1,
+                         **({"gpus_per_node": gpus} if gpus else {}))
     pending, running, outcomes = list(plan.todo), [], Counter()
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(pending), desc=f"sweep {plan.name}", unit="run", disable=not tty)
@@ -120,7 +136,7 @@ def run_local(plan: Plan, jobs: int) -> int:
                 running.remove((p, job))
                 exc = job.exception()
                 err = (str(exc).strip().splitlines() or [""])[-1][:200] if exc else None
-                out = _outcome(p.run, None if exc else job.result(), err)
+                out = _outcome(p.run, None if exc else job.results()[0], err)  # task 0: rank 0
                 outcomes[out.split(" (")[0]] += 1
                 bar.update(1)
                 if not tty:
@@ -151,13 +167,19 @@ def run_basic(plan: Plan) -> int:
     return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
 
 
-def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=False, extra=()) -> int:
+def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=False, extra=(),
+        gpus=None, tasks=None) -> int:
     if preset not in presets():
         _fail(f"SWEEP={preset}: unknown preset; available: {', '.join(presets())}")
     if launcher not in LAUNCHERS:
         _fail(f"LAUNCHER={launcher}: allowed values are {', '.join(LAUNCHERS)}")
     if jobs < 1:
         _fail(f"JOBS={jobs}: allowed values are integers >= 1")
+    for key, v in (("GPUS", gpus), ("TASKS", tasks)):
+        if v is not None and v < 1:
+            _fail(f"{key}={v}: allowed values are integers >= 1")
+    if launcher == "basic" and (gpus or tasks):
+        _fail("LAUNCHER=basic runs in this process: GPUS/TASKS need LAUNCHER=local or slurm")
     try:
         if launcher == "slurm":
             slurm.load_profile(profile)  # a bad profile is bad input too: before anything
@@ -184,8 +206,8 @@ def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=Fa
     if not plan.todo:
         return 0
     if launcher == "slurm":
-        return submit_slurm(plan, profile)
-    return run_local(plan, jobs) if launcher == "local" else run_basic(plan)
+        return submit_slurm(plan, profile, gpus, tasks)
+    return run_local(plan, jobs, gpus, tasks) if launcher == "local" else run_basic(plan)
 
 
 # -- make status ----------------------------------------------------------------------------------
@@ -266,6 +288,8 @@ def main(argv=None):
     r.add_argument("--profile", default="default")
     r.add_argument("--retry", action="store_true", help="rerun diverged and failed runs")
     r.add_argument("--dry", action="store_true", help="print the plan; create and submit nothing")
+    r.add_argument("--gpus", type=int, default=None, help="GPUs per run (one task each): distributed runs")
+    r.add_argument("--tasks", type=int, default=None, help="processes per run (e.g. CPU ranks, gloo)")
     s = sub.add_parser("status")
     s.add_argument("preset")
     w = sub.add_parser("where", help="print the sweep folder (or with --runs the runs root)")
@@ -277,7 +301,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     extra = [x for x in extra if x]
     if a.cmd == "run":
-        return run(a.preset, a.launcher, a.jobs, a.profile, a.retry, a.dry, extra)
+        return run(a.preset, a.launcher, a.jobs, a.profile, a.retry, a.dry, extra, a.gpus, a.tasks)
     if a.cmd == "where":
         try:
             print(where(a.preset, extra)[1 if a.runs else 0])

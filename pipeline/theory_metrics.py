@@ -21,21 +21,24 @@ def bias_coefficient(g: torch.Tensor, h: float, beta: float, rho: float, eps: fl
     return 0.5 * h * (a + (1 + rho) / (1 - rho) * eps / (g * g + eps))
 
 
-def bias_term_norm(model, data, cfg, parts, autocast) -> torch.Tensor:
-    """Two-norm of the bias term (Eq. 3) at the current theta; `.grad` must hold grad E."""
+def bias_term_norm(model, data, cfg, parts, autocast, ranks=None) -> torch.Tensor:
+    """Two-norm of the bias term (Eq. 3) at the current theta; `.grad` must hold grad E. With
+    several ranks each adds its share of the micro-batches and the products are summed."""
     params = [p for p in model.parameters() if p.requires_grad]
     eps = float(cfg.optim.eps)
     g = [p.grad.detach().double() for p in params]
     u = [(gi / torch.sqrt(gi * gi + eps)).to(p.dtype) for gi, p in zip(g, params)]
     hvp = [torch.zeros_like(p) for p in params]
     n = data.x_train.shape[0]
-    for idx in parts:
+    for idx in (ranks.shard(parts) if ranks else parts):
         with autocast():
             out = model(data.x_train[idx])
         grads = torch.autograd.grad(loss_sum(out, data.y_train[idx], data.task) / n, params,
                                     create_graph=True)
         dot = sum((gr * ui).sum() for gr, ui in zip(grads, u))
         torch._foreach_add_(hvp, torch.autograd.grad(dot, params))
+    if ranks:
+        ranks.sum_(hvp)
     beta = float(cfg.optim.get("beta", 0.0)) if cfg.optim.name == "adam" else 0.0
     total = torch.zeros((), dtype=torch.float64, device=g[0].device)
     for gi, hv in zip(g, hvp):

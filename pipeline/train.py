@@ -27,14 +27,14 @@ from omegaconf import DictConfig
 
 from models import build_model
 
-from . import faults, preempt
+from . import dist, faults, preempt
 from .compose import CONF_DIR, Composer
 from .data import DataError, load_dataset
 from .lease import Lease, LeaseHeld, LeaseLost, holder, slurm_job_id
-from .loggers import make_logger
+from .loggers import NullLogger, make_logger
 from .optim import build_optimizer
 from .progress import Progress
-from .step import bn_layers, evaluate, full_batch_step, partition
+from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
 from .store import METRIC_COLUMNS, DiskFull, RunDir, decide, run_id
 from .theory_metrics import bias_term_norm
 from .thresholds import newly_crossed
@@ -134,51 +134,120 @@ def _mark_pending(run: RunDir) -> None:
 def train(cfg: DictConfig) -> str:
     """Run (or resume, or skip) the run of `cfg`; returns its state. Raises ConfigError or
     DataError on bad input (nothing is created), LeaseHeld when another process owns the run
-    (nothing is changed), DiskFull (the run is left pending, its last checkpoint intact)."""
+    (nothing is changed), DiskFull (the run is left pending, its last checkpoint intact).
+    Under torchrun or a multi-task Slurm job every rank calls it (pipeline/dist.py)."""
     validate(cfg)
     check_dir_writable("paths.runs", cfg.paths.runs)
     run = RunDir(cfg.paths.runs, run_id(cfg))
+    with numerics(cfg) as (device, autocast), dist.group(device) as (ranks, device):
+        # -- rank 0 decides, every rank follows: live elsewhere, nothing to do, or go --
+        skipped = ranks.share(lambda: _precheck(run, cfg))
+        if skipped:
+            return skipped
+        data = load_dataset(cfg.data, device)  # missing or damaged data: before any directory
+        with contextlib.ExitStack() as held:
+            owner = Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s) if ranks.main else None
+            skipped = ranks.share(lambda: _begin(run, cfg, owner, held))
+            if skipped:
+                return skipped
+            try:
+                return _train(cfg, run, data, device, autocast, owner, ranks)
+            except LeaseLost:
+                raise  # the run is someone else's now: write nothing
+            except DiskFull:
+                if ranks.main:
+                    _mark_pending(run)
+                raise
+            except Exception as e:
+                if ranks.main:
+                    run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
+                raise
+            except BaseException:  # preemption, Ctrl-C, kill: resumable from the last checkpoint
+                if ranks.main:
+                    _mark_pending(run)
+                raise
+
+
+def _precheck(run: RunDir, cfg) -> str | None:
+    """Before loading any data: LeaseHeld if the run is live elsewhere; its state if there is
+    nothing to do (completed, or diverged/failed without retry); None to go on."""
     live = holder(run.path)
     if live:
         raise LeaseHeld(run.path, live)
     st = run.status()
     decision = decide(st, cfg.retry)
-    if not decision.launch:  # before loading any data
+    if decision.launch:
+        return None
+    log.info("run %s: skipped (%s)", run.id, decision.reason)
+    return st.get("state")
+
+
+def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | None:
+    """Take the run's lease (held until `held` closes), decide again as its owner (another
+    process may have ended the run meanwhile) and prepare the directory; the state to return
+    when there is nothing to do, else None."""
+    held.enter_context(run_log(run))
+    held.enter_context(owner)
+    st = run.status()
+    decision = decide(st, cfg.retry)
+    if not decision.launch:
         log.info("run %s: skipped (%s)", run.id, decision.reason)
         return st.get("state")
-    with numerics(cfg) as (device, autocast):
-        data = load_dataset(cfg.data, device)  # missing or damaged data: before any directory
-        with run_log(run), Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s) as owner:
-            st = run.status()
-            decision = decide(st, cfg.retry)  # again as the owner: another process may have ended it
-            if not decision.launch:
-                log.info("run %s: skipped (%s)", run.id, decision.reason)
-                return st.get("state")
-            stale = run.remove_stale_temps()
-            if stale:
-                log.info("run %s: removed %d temporary files of interrupted writes", run.id, len(stale))
-            if decision.action == "restart":
-                run.remove_checkpoints()
-            run.write_config(cfg)
-            run.write_status(state="running", attempts=st.get("attempts", 0) + 1, slurm_job=slurm_job_id(),
-                             started_at=time.time(), error=None,
-                             **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
-            try:
-                return _train(cfg, run, data, device, autocast, owner)
-            except LeaseLost:
-                raise  # the run is someone else's now: write nothing
-            except DiskFull:
-                _mark_pending(run)
-                raise
-            except Exception as e:
-                run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
-                raise
-            except BaseException:  # preemption, Ctrl-C, kill: resumable from the last checkpoint
-                _mark_pending(run)
-                raise
+    stale = run.remove_stale_temps()
+    if stale:
+        log.info("run %s: removed %d temporary files of interrupted writes", run.id, len(stale))
+    if decision.action == "restart":
+        run.remove_checkpoints()
+    run.write_config(cfg)
+    run.write_status(state="running", attempts=st.get("attempts", 0) + 1, slurm_job=slurm_job_id(),
+                     started_at=time.time(), error=None,
+                     **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
+    return None
 
 
-def _train(cfg, run: RunDir, data, device, autocast, owner: Lease) -> str:
+def micro_batch(cfg, fwd, data, params, ranks, autocast) -> int:
+    """`train.micro_batch`, or for `auto` the largest multiple of the BatchNorm group that fits:
+    on CUDA a probe (one micro-batch's forward and backward, halved on out-of-memory, the
+    smallest over the ranks), elsewhere about 256 examples."""
+    mb = cfg.train.micro_batch
+    if mb != "auto":
+        return mb
+    group = (cfg.model.get("bn_group") if cfg.model.get("norm") == "bn" else None) or 1
+    share = -(-data.x_train.shape[0] // ranks.world)
+    mb = -(-share // group) * group  # this rank's share of the examples, in whole groups
+    if data.x_train.device.type != "cuda":
+        return min(mb, max(group, 256 // group * group))
+
+    def attempt(size):  # one micro-batch's forward and backward: the peak memory of a step
+        try:
+            with autocast():
+                out = fwd(data.x_train[:size])
+            loss_sum(out, data.y_train[:size], data.task).backward()
+            torch.cuda.synchronize()
+        finally:
+            for p in params:
+                p.grad = None
+            out = None
+            torch.cuda.empty_cache()
+
+    mb = ranks.min(largest_that_fits(mb, group, attempt))
+    log.info("train.micro_batch=auto: %d examples per forward/backward (%d per BatchNorm group)", mb, group)
+    return mb
+
+
+def largest_that_fits(size: int, group: int, attempt) -> int:
+    """`size`, halved (in whole groups) until `attempt(size)` runs without running out of memory."""
+    while True:
+        try:
+            attempt(size)
+            return size
+        except torch.OutOfMemoryError:
+            if size <= group:
+                raise
+            size = max(group, size // 2 // group * group)
+
+
+def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks: dist.Ranks) -> str:
     tc = cfg.train
     model, fwd, opt = build(cfg, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,8 +255,9 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease) -> str:
     eps = float(cfg.optim.eps)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None
     bns = bn_layers(model)
+    mb = micro_batch(cfg, fwd, data, params, ranks, autocast)
 
-    # -- resume from the newest checkpoint that loads -----------------------------------------
+    # -- resume from the newest checkpoint that loads (every rank reads the same file) -----------
     start, crossed, time_offset = 0, [], 0.0
     ckpt = run.load_checkpoint(map_location=device)
     if ckpt is not None:
@@ -201,43 +271,57 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease) -> str:
             shuffle_gen.set_state(ckpt["rng_shuffle"])
         log.info("run %s: resuming at step %d", run.id, start)
 
-    # -- metrics.csv keeps rows 0..start-1; what is missing there is flagged --------------------
+    # -- rank 0 records: metrics.csv keeps rows 0..start-1, what is missing there is flagged ----
     record = n_params <= tc.record_params
     columns = METRIC_COLUMNS + (["bias_norm"] if tc.bias_term else []) + (
         [f"theta_{i}" for i in range(n_params)] if record else [])
-    writer = run.open_metrics(columns, start)
-    if writer.holes:
-        log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from its "
-                    "checkpoint and is flagged; retry=true recomputes it from step 0", run.id,
-                    start - 1, writer.holes)
-    run.write_status(step=start, holes=writer.holes or None)
-    logger = make_logger(cfg, run.path, run.id, sent_before=writer.last_written)
-    progress = Progress(tc.progress, start, tc.max_steps + 1, tc.log_every, run.id)
+    writer, logger = None, NullLogger()
+    if ranks.main:
+        writer = run.open_metrics(columns, start)
+        if writer.holes:
+            log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from "
+                        "its checkpoint and is flagged; retry=true recomputes it from step 0", run.id,
+                        start - 1, writer.holes)
+        run.write_status(step=start, holes=writer.holes or None)
+        logger = make_logger(cfg, run.path, run.id, sent_before=writer.last_written)
+    progress = Progress(tc.progress if ranks.main else "none", start, tc.max_steps + 1, tc.log_every, run.id)
     thresholds = sorted(float(t) for t in tc.loss_thresholds)
     t0 = time.perf_counter() - time_offset
     saved = {start} if ckpt is not None else set()  # steps whose checkpoint is on disk
 
     def checkpoint(step):
-        writer.sync()  # the rows before `step` are durable before a checkpoint says they exist
-        run.save_checkpoint(dict(
-            model=model.state_dict(), optimizer=opt.state_dict(), step=step, crossed=crossed,
-            time_s=time.perf_counter() - t0, rng_cpu=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            rng_shuffle=shuffle_gen.get_state() if shuffle_gen is not None else None))
+        if ranks.main:
+            writer.sync()  # the rows before `step` are durable before a checkpoint says they exist
+            run.save_checkpoint(dict(
+                model=model.state_dict(), optimizer=opt.state_dict(), step=step, crossed=crossed,
+                time_s=time.perf_counter() - t0, rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                rng_shuffle=shuffle_gen.get_state() if shuffle_gen is not None else None))
+            run.write_status(step=step)
         saved.add(step)
-        run.write_status(step=step)
 
     state, n = "completed", start
     with preempt.guard() as signalled, _finish_on_error(logger, progress):
         for n in range(start, tc.max_steps + 1):
-            if owner.lost:
+            # -- stop flags of every rank: the lease taken over, a preemption signal --
+            signal, lost = ranks.any(signalled(), owner is not None and owner.lost)
+            if lost:
                 raise LeaseLost(f"run {run.id}: the lease was taken over; stopped at step {n}")
+            if signal:
+                if n not in saved:
+                    checkpoint(n)
+                if ranks.main:
+                    writer.close()
+                    run.write_status(state="pending", step=n)
+                progress.close()
+                logger.finish("pending")
+                preempt.hand_over(n, ranks.main)
             faults.point("step", n)
             # -- gradient of E at theta_n over ALL examples, and the metrics at theta_n --
-            parts = partition(data.x_train.shape[0], tc.micro_batch, shuffle_gen, device)
+            parts = partition(data.x_train.shape[0], mb, shuffle_gen, device)
             loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
-                                                   parts, params, eps, bns, autocast)
-            extra = [bias_term_norm(model, data, cfg, parts, autocast)] if tc.bias_term else []
+                                                   parts, params, eps, bns, autocast, ranks)
+            extra = [bias_term_norm(model, data, cfg, parts, autocast, ranks)] if tc.bias_term else []
             theta = [torch.cat([p.detach().flatten() for p in params]).double()] if record else []
             vals = torch.cat([torch.stack([loss, correct.double()]), norms,
                               *[e.reshape(-1).double() for e in extra + theta]]).tolist()
@@ -254,13 +338,14 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease) -> str:
             crossed += newly
             if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps):
                 row["test_loss"], test_acc = evaluate(
-                    fwd, data.x_test, data.y_test, data.task, tc.micro_batch, autocast)
+                    fwd, data.x_test, data.y_test, data.task, mb, autocast, ranks)
                 row["test_acc"] = test_acc if data.task == "classification" else None
             row["time_s"] = time.perf_counter() - t0
             # -- record: metrics.csv (the truth), then the mirror and the progress line --
-            writer.write(row)
-            if n == 0:
-                run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
+            if ranks.main:
+                writer.write(row)
+                if n == 0:
+                    run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
             logger.log(row, newly)
             progress.update(row)
             if not finite:
@@ -268,23 +353,18 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease) -> str:
                 break
             if n == tc.max_steps or (tc.stop_loss is not None and row["loss"] < tc.stop_loss):
                 break
-            # -- update theta_n -> theta_{n+1}; checkpoint; hand over on preemption --
+            # -- update theta_n -> theta_{n+1}; periodic checkpoint --
             opt.step()
-            if (n + 1) % tc.checkpoint_every == 0 or signalled():
+            if (n + 1) % tc.checkpoint_every == 0:
                 checkpoint(n + 1)
-            if signalled():
-                writer.close()
-                progress.close()
-                run.write_status(state="pending", step=n + 1)
-                logger.finish("pending")
-                preempt.hand_over(n + 1)
     if n not in saved:
         checkpoint(n)
-    writer.close()
     progress.close()
-    run.write_status(state=state, step=n, final_loss=row["loss"])
+    if ranks.main:
+        writer.close()
+        run.write_status(state=state, step=n, final_loss=row["loss"])
+        log.info("run %s %s at step %d (loss %.6g) in %s", run.id, state, n, row["loss"], run.path)
     logger.finish(state)
-    log.info("run %s %s at step %d (loss %.6g) in %s", run.id, state, n, row["loss"], run.path)
     return state
 
 

@@ -121,6 +121,14 @@ def validate(cfg: DictConfig) -> None:
     if model in ("cnn", "resnet18", "resnet50", "resnet101"):
         norm = choice(cfg, "model.norm", NORMS)
         width = integer(cfg, "model.width", 1)
+        group = integer(cfg, "model.bn_group", 1, null=True)
+        mb = _get(cfg, "train.micro_batch")
+        if norm == "bn" and mb == "auto" and not group:
+            raise ConfigError("train.micro_batch=auto: with model.norm=bn set model.bn_group too (the "
+                              "BatchNorm group is part of the experiment; the GPU's memory must not choose it)")
+        if norm == "bn" and group and isinstance(mb, int) and not isinstance(mb, bool) and mb % group:
+            raise ConfigError(f"train.micro_batch={mb}: with model.bn_group={group} allowed values are "
+                              f"multiples of {group} (a micro-batch carries whole BatchNorm groups) or auto")
         if norm == "gn" and not gn_groups_ok(model, width):
             raise ConfigError(f"model.width={width}: with model.norm=gn every layer's channel count "
                               "must be below 32 or a multiple of 32 (GroupNorm with 32 groups)")
@@ -180,7 +188,10 @@ def validate(cfg: DictConfig) -> None:
 
     # -- training ------------------------------------------------------------------------------
     integer(cfg, "train.max_steps", 0)
-    for key in ("micro_batch", "eval_every", "checkpoint_every", "log_every"):
+    mb = _get(cfg, "train.micro_batch")
+    if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1):
+        raise ConfigError(f"train.micro_batch={show(mb)}: allowed values are integers >= 1 or auto")
+    for key in ("eval_every", "checkpoint_every", "log_every"):
         integer(cfg, f"train.{key}", 1)
     integer(cfg, "train.record_params", 0)
     boolean(cfg, "train.reshuffle")

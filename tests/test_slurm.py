@@ -163,8 +163,10 @@ def test_sweep_typed_again_while_its_array_runs_submits_nothing(slurm, tmp_path)
             line = [ln for ln in again.stdout.splitlines() if ln.strip().startswith(rid)][0]
             assert f"Slurm job {job}" in line or "held by" in line, line
         assert submissions() <= before
-        wait_rows(RunDir(tmp_path / "runs", next(iter(jobs))), 3)
-        third = make(tmp_path, extra=extra)  # once running: their leases say so
+        deadline = time.time() + SLOW  # until one of them runs (two tasks fit on the node at once)
+        while not any(RunDir(tmp_path / "runs", rid).metrics.exists() for rid in jobs) and time.time() < deadline:
+            time.sleep(0.5)
+        third = make(tmp_path, extra=extra)  # running ones: their leases say so; the rest are queued
         assert "0 to launch, 4 skipped (4 live)" in third.stdout and submissions() <= before
     finally:
         subprocess.run(["scancel", *jobs.values()])
@@ -281,3 +283,27 @@ def test_bad_grid_never_reaches_slurm(slurm, tmp_path, extra, key):
     assert len(err) == 1 and err[0].startswith(f"error: {key}="), r.stderr
     assert submissions() <= before and not (tmp_path / "runs").exists()
     print(err[0], file=sys.stderr)
+
+
+def test_a_2_task_job_is_one_distributed_run_and_resumes_after_requeue(slurm, tmp_path):
+    """TASKS=2: each grid point is one job of 2 tasks, one run over 2 gloo ranks; killed by
+    `scontrol requeue`, it resumes and ends identical to the same 2-task job uninterrupted."""
+    extra = "optim.beta=0.9 optim.rho=0.99 model.norm=bn train.max_steps=500 train.checkpoint_every=25"
+    r = make(tmp_path, extra=extra, more=["TASKS=2"])
+    assert r.returncode == 0, r.stderr + r.stdout
+    (rid, job), = handles(tmp_path).items()
+    script = next((tmp_path / "sweeps/synthetic/.submitit").glob("*/*_submission.sh")).read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "--kill-on-bad-exit=1" in script
+    run = RunDir(tmp_path / "runs", rid)
+    wait_rows(run, 80)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_states(tmp_path, [rid], {"completed"})
+    assert run.status()["attempts"] == 2
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    assert make(ref_dir, extra=extra, more=["TASKS=2"]).returncode == 0  # the same job, uninterrupted
+    wait_states(ref_dir, [rid], {"completed"})
+    ours = pd.read_csv(run.metrics).drop(columns="time_s")
+    assert ours.step.tolist() == list(range(501))
+    ref = pd.read_csv(RunDir(ref_dir / "runs", rid).metrics).drop(columns="time_s")
+    pd.testing.assert_frame_equal(ours, ref, check_exact=True)

@@ -179,16 +179,19 @@ def test_runs_and_sweeps_variables_reach_every_target(tmp_path):
 
 
 def test_run_ids_of_existing_presets_never_change():
-    """Run ids are where results live: every preset grid point keeps the id it had before the
-    list of non-semantic keys was made explicit (tests/data/preset_run_ids.json)."""
+    """Run ids are where results live: every preset grid point has the id pinned in
+    tests/data/preset_run_ids.json. BatchNorm presets kept theirs through every change; the
+    presets without BatchNorm changed once, when the micro-batch left the id (make migrate)."""
     from pipeline.compose import Composer
     from pipeline.store import run_id
 
     golden = json.loads((ROOT / "tests" / "data" / "preset_run_ids.json").read_text())["ids"]
     assert len(golden) == 51
     with Composer() as c:
-        for preset, point, rid in golden:
-            assert run_id(c.compose([f"sweep={preset}", *point.split()])) == rid, (preset, point)
+        for preset, point, old, now in golden:
+            cfg = c.compose([f"sweep={preset}", *point.split()])
+            assert run_id(cfg) == now, (preset, point)
+            assert (old == now) == (cfg.model.get("norm") == "bn"), (preset, point)
 
 
 def test_every_key_but_the_non_semantic_ones_changes_the_run_id():
