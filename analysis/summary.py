@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.thresholds import divergence_step
 from pipeline.thresholds import first_crossing as first_crossing_index
 
 from .runs import hyperparameters
@@ -76,19 +77,24 @@ def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1) ->
     return out
 
 
+# the defaults of conf/train/default.yaml, for runs whose config predates the keys
+DIVERGE_FACTOR, DIVERGE_PATIENCE = 10.0, 50
+
+
 def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
-           spike_min_rise: float = 1e-3) -> str:
-    """`diverged`: the run diverged, a loss is non-finite, or the loss ends above its start;
-    `spiky`: after the first decline the loss jumps above `spike_factor` times its running
-    minimum, by more than `spike_min_rise` times the initial loss (so rounding noise around
-    a loss of 1e-12 is no spike); else `stable`. Empty string when there is no loss at all."""
+           spike_min_rise: float = 1e-3, diverge_factor: float | None = DIVERGE_FACTOR,
+           diverge_patience: int = DIVERGE_PATIENCE) -> str:
+    """`diverged`: the run ended diverged, or its losses meet the training loop's divergence
+    rule (pipeline.thresholds.diverging: non-finite, or above `diverge_factor` times the
+    initial loss at `diverge_patience` consecutive steps); `spiky`: after the first decline
+    the loss jumps above `spike_factor` times its running minimum, by more than
+    `spike_min_rise` times the initial loss (so rounding noise around a loss of 1e-12 is no
+    spike); else `stable`. Empty string when there is no loss at all."""
     values = loss.to_numpy(float)
-    if state == "diverged" or (len(values) and not np.isfinite(values).all()):
+    if state == "diverged" or (len(values) and divergence_step(values, diverge_factor, diverge_patience) is not None):
         return "diverged"
     if len(values) == 0:
         return ""
-    if len(values) > 1 and values[-1] > values[0]:
-        return "diverged"
     declined = np.nonzero(values < values[0])[0]
     if len(declined):
         tail = values[declined[0]:]
@@ -130,9 +136,13 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
         row.update(hill(m["pert_norm"], m["step"], floor, smooth))
     else:
         row.update(hill(pd.Series(dtype=float), pd.Series(dtype=float)))
-    row["regime"] = regime(m["loss"], state, spike_factor) if whole else ""
+    tc = (run["config"].get("train") or {}) if isinstance(run["config"], dict) else {}
+    row["regime"] = regime(m["loss"], state, spike_factor,
+                           diverge_factor=tc.get("diverge_factor", DIVERGE_FACTOR),
+                           diverge_patience=tc.get("diverge_patience", DIVERGE_PATIENCE)) if whole else ""
     thetas = sorted((c for c in m.columns if c.startswith("theta_")), key=lambda c: int(c[6:]))
-    if thetas and len(m) and ends_at_last:  # few-parameter models: the limit point and its one-norm
+    # few-parameter models: the limit point and its one-norm (Figures 2-3); a diverged run has none
+    if thetas and len(m) and ends_at_last and state != "diverged" and row["regime"] != "diverged":
         last = m[thetas].iloc[-1]
         row.update({f"limit_{c}": float(last[c]) for c in thetas})
         row["limit_one_norm"] = float(last.abs().sum())

@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "synthetic", "bilinear")
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "bilinear")
 
 # folder, train files, test file, label key, official md5s (torchvision's lists)
 CIFAR = {
@@ -162,6 +162,26 @@ def _synthetic(cfg):
     return xtr, ytr, xte, yte, c
 
 
+DIGITS_TEST = 360  # 20% of the 1,797 images
+
+
+def _digits(cfg):
+    """scikit-learn's bundled 8x8 handwritten digits (UCI optdigits test set: 1,797 real images
+    of 43 writers, 16 grey levels), shipped inside the package: no download. Pixels 0..16 are
+    scaled to 0..256 and cut at 255 as uint8; one channel. A fixed split: a permutation drawn
+    with seed `data.split_seed` (default 0), the last 360 images for testing, 1,437 for training."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataError("data=digits: needs scikit-learn (pip install scikit-learn)") from e
+    d = load_digits()
+    x = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8)).unsqueeze(1)  # N x 1 x 8 x 8
+    y = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.get("split_seed", 0))))
+    train, test = perm[:-DIGITS_TEST].sort().values, perm[-DIGITS_TEST:].sort().values
+    return x[train], y[train], x[test], y[test], 10
+
+
 def _subset(x, y, cfg, num_classes):
     if cfg.get("per_class"):
         k = int(cfg.per_class)
@@ -191,12 +211,14 @@ def load_dataset(cfg, device="cpu") -> Dataset:
         xtr, ytr, xte, yte, c, note = _load_cifar(cfg)
     elif cfg.name == "synthetic":
         xtr, ytr, xte, yte, c = _synthetic(cfg)
+    elif cfg.name == "digits":
+        xtr, ytr, xte, yte, c = _digits(cfg)
     else:
         raise DataError(f"data={cfg.name!r}: allowed values are {DATASETS}")
     # per-channel statistics of the whole training split, before any subset
     xf = xtr.double() / 255
-    mean = xf.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
-    std = xf.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    mean = xf.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    std = xf.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
     del xf
     xtr, ytr = _subset(xtr, ytr, cfg, c)
     if cfg.get("test_subset"):

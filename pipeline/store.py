@@ -50,9 +50,10 @@ NON_SEMANTIC = (
     "data.root", "data.download",
     "train.checkpoint_every", "train.log_every", "train.progress", "train.micro_batch",
 )
-# Semantic keys added after runs existed, with the value that reproduces the behaviour from
-# before: left out of the hash at that value, so that existing run ids never change.
-ADDED_KEYS: dict[str, object] = {}
+# Semantic keys added after runs existed, left out of the hash at their default so that existing
+# run ids never change. The divergence rule's default only stops earlier a run that the analysis
+# (the same rule, pipeline.thresholds) classifies as diverged anyway, whenever it was made.
+ADDED_KEYS: dict[str, object] = {"train.diverge_factor": 10, "train.diverge_patience": 50}
 
 
 def semantic_config(cfg: DictConfig) -> dict:

@@ -20,3 +20,30 @@ def newly_crossed(loss: float, thresholds, crossed) -> list[float]:
 def first_crossing(losses, threshold: float) -> int | None:
     """Index of the first loss below `threshold`, None if none is."""
     return next((i for i, loss in enumerate(losses) if below(float(loss), threshold)), None)
+
+
+# -- divergence ------------------------------------------------------------------------------
+# Adam's step is bounded (|theta_{n+1} - theta_n| <= h per coordinate when beta <= sqrt(rho)),
+# so a run that blows up rarely reaches a non-finite loss: it climbs and stays high instead.
+def diverging(loss: float, loss0: float, above: int, factor: float | None, patience: int) -> tuple[int, bool]:
+    """The divergence rule (`train.diverge_factor`, `train.diverge_patience`): a non-finite
+    loss, or a loss above `factor` times the initial loss `loss0` at `patience` consecutive
+    steps. `above` counts the consecutive steps above so far; returns (new count, diverged).
+    `factor` None: only a non-finite loss diverges."""
+    if not math.isfinite(loss):
+        return above, True
+    if factor is None or not math.isfinite(loss0):
+        return 0, False
+    above = above + 1 if loss > factor * loss0 else 0
+    return above, above >= patience
+
+
+def divergence_step(losses, factor: float | None, patience: int) -> int | None:
+    """Index of the step at which the rule of `diverging` declares divergence, None if never."""
+    losses = [float(v) for v in losses]
+    above = 0
+    for i, loss in enumerate(losses):
+        above, gone = diverging(loss, losses[0], above, factor, patience)
+        if gone:
+            return i
+    return None

@@ -35,9 +35,9 @@ from .loggers import NullLogger, make_logger
 from .optim import build_optimizer
 from .progress import Progress
 from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
-from .store import METRIC_COLUMNS, DiskFull, RunDir, decide, run_id
+from .store import METRIC_COLUMNS, DiskFull, RunDir, decide, read_metrics_table, run_id
 from .theory_metrics import bias_term_norm
-from .thresholds import newly_crossed
+from .thresholds import diverging, newly_crossed
 from .validate import ConfigError, check_dir_writable, validate
 
 log = logging.getLogger("pipeline.train")
@@ -205,6 +205,15 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | 
     return None
 
 
+def _initial_loss(run: RunDir) -> float:
+    """The training loss at theta_0 from metrics.csv (checkpoints made before the divergence rule)."""
+    header, rows = read_metrics_table(run.metrics)
+    try:
+        return float(rows[0][header.index("loss")]) if rows and rows[0][0] == "0" else math.nan
+    except ValueError:
+        return math.nan
+
+
 def micro_batch(cfg, fwd, data, params, ranks, autocast) -> int:
     """`train.micro_batch`, or for `auto` the largest multiple of the BatchNorm group that fits:
     on CUDA a probe (one micro-batch's forward and backward, halved on out-of-memory, the
@@ -259,11 +268,13 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
 
     # -- resume from the newest checkpoint that loads (every rank reads the same file) -----------
     start, crossed, time_offset = 0, [], 0.0
+    loss0, above = math.nan, 0  # the divergence rule's initial loss and steps above it so far
     ckpt = run.load_checkpoint(map_location=device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start, crossed, time_offset = ckpt["step"], list(ckpt["crossed"]), ckpt["time_s"]
+        loss0, above = ckpt.get("diverge") or (_initial_loss(run), 0)  # older checkpoints: row 0
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
@@ -294,7 +305,7 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
             writer.sync()  # the rows before `step` are durable before a checkpoint says they exist
             run.save_checkpoint(dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), step=step, crossed=crossed,
-                time_s=time.perf_counter() - t0, rng_cpu=torch.get_rng_state(),
+                time_s=time.perf_counter() - t0, diverge=(loss0, above), rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 rng_shuffle=shuffle_gen.get_state() if shuffle_gen is not None else None))
             run.write_status(step=step)
@@ -332,8 +343,12 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
                 row["bias_norm"] = vals[5]
             if record:
                 row.update({f"theta_{i}": v for i, v in enumerate(vals[-n_params:])})
-            # -- thresholds crossed (decided here, once) and the test set at theta_n --
+            # -- thresholds crossed and divergence (decided here, once); the test set at theta_n --
             finite = math.isfinite(row["loss"]) and math.isfinite(row["l2_norm"])
+            if n == 0:
+                loss0 = row["loss"]
+            above, diverged = diverging(row["loss"] if finite else math.inf, loss0, above,
+                                        tc.diverge_factor, tc.diverge_patience)
             newly = newly_crossed(row["loss"], thresholds, crossed)
             crossed += newly
             if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps):
@@ -348,7 +363,7 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
                     run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
             logger.log(row, newly)
             progress.update(row)
-            if not finite:
+            if diverged:
                 state = "diverged"
                 break
             if n == tc.max_steps or (tc.stop_loss is not None and row["loss"] < tc.stop_loss):

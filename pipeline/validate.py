@@ -15,7 +15,7 @@ from models import MODELS
 from models.norm import NORMS, gn_groups_ok
 from models.small import ACTIVATIONS
 
-from .data import CIFAR, DATASETS
+from .data import CIFAR, DATASETS, DIGITS_TEST
 from .optim import OPTIMIZERS
 
 
@@ -156,6 +156,9 @@ def validate(cfg: DictConfig) -> None:
             boolean(cfg, "data.download")
             n_train, n_test = CIFAR[data]["n_train"], CIFAR[data]["n_test"]
             classes, size = CIFAR[data]["classes"], 32
+        elif data == "digits":
+            integer(cfg, "data.split_seed", 0)
+            n_train, n_test, classes, size = 1797 - DIGITS_TEST, DIGITS_TEST, 10, 8
         else:  # synthetic
             integer(cfg, "data.seed", 0)
             classes = integer(cfg, "data.num_classes", 2)
@@ -163,7 +166,7 @@ def validate(cfg: DictConfig) -> None:
             n_train, n_test = integer(cfg, "data.n_train", 1), integer(cfg, "data.n_test", 1)
             number(cfg, "data.noise", 0)
         integer(cfg, "data.subset", 1, n_train, null=True)
-        integer(cfg, "data.per_class", 1, n_train // classes if data in CIFAR else n_train, null=True)
+        integer(cfg, "data.per_class", 1, n_train // classes if data != "synthetic" else n_train, null=True)
         integer(cfg, "data.test_subset", 1, n_test, null=True)
         if model == "cnn" and size < 8:
             raise ConfigError(f"data.image_size={size}: model=cnn halves the image three times; "
@@ -202,6 +205,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.loss_thresholds={show(ts)}: allowed values are lists of positive "
                           "numbers, e.g. [0.1, 0.01]")
     number(cfg, "train.stop_loss", 0, lo_open=True, null=True)
+    number(cfg, "train.diverge_factor", 1, lo_open=True, null=True)
+    integer(cfg, "train.diverge_patience", 1)
     if cfg.train.bias_term and optim not in ("adam", "rmsprop"):
         raise ConfigError(f"train.bias_term=true with optim={optim}: allowed only with optim=adam "
                           "or optim=rmsprop (Eq. 3)")

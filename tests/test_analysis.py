@@ -67,7 +67,12 @@ def test_regimes():
     assert regime(pd.Series(spiky), "completed") == "spiky"
     assert regime(pd.Series(spiky), "completed", spike_factor=100) == "stable"
     assert regime(pd.Series([1.0, 0.5, np.nan]), "diverged") == "diverged"
-    assert regime(pd.Series([1.0, 0.5, 2.0]), "completed") == "diverged"  # ends above its start
+    # the training loop's rule: above diverge_factor x the initial loss for diverge_patience steps
+    climb = pd.Series([1.0, 0.5] + [11.0] * 49 + [0.5])
+    assert regime(climb, "completed") == "spiky"  # 49 steps above 10x: a spike, not yet diverged
+    assert regime(pd.Series([1.0, 0.5] + [11.0] * 50), "completed") == "diverged"
+    assert regime(climb, "completed", diverge_factor=10, diverge_patience=49) == "diverged"
+    assert regime(pd.Series([1.0] + [1e6] * 60), "completed", diverge_factor=None) == "stable"
     noise = np.concatenate([decline, [1e-14, 1e-12, 1e-15, 1e-11]])  # rounding noise at ~0
     assert regime(pd.Series(noise), "completed") == "stable"
 
@@ -131,7 +136,56 @@ def test_figures_are_written(tmp_path):
     names = {p.name for p in paths["figures"]}
     assert {"at_loss_0.01_vs_beta.png", "at_loss_0.01_vs_beta.pdf", "curves_by_beta.png",
             "max_test_acc_hill_vs_beta.pdf"} <= names
-    assert all(p.stat().st_size > 1000 for p in paths["figures"])
+    assert all(p.stat().st_size > 1000 for p in paths["figures"] if p.suffix != ".csv")
+    # every figure's data beside it, same stem: the values that were drawn
+    assert {p.stem for p in paths["figures"] if p.suffix == ".csv"} == \
+        {p.stem for p in paths["figures"] if p.suffix == ".png"}
+    drawn = pd.read_csv(tmp_path / "analysis" / "at_loss_0.01_vs_beta.csv").set_index("run_id")
+    s = pd.read_csv(paths["summary"]).set_index("run_id")
+    assert (drawn["at_loss_0.01_test_acc"] == s.loc[drawn.index, "at_loss_0.01_test_acc"]).all()
+
+
+def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_path):
+    """A beta x rho grid coloured by beta: one row of panels per rho, the data of each panel in
+    the CSV beside the figure; a run that climbs (the loop's divergence rule) gets no limit
+    point and is listed, not drawn, in the limit figure."""
+    theta = dict(theta_0=np.full(60, 1.0), theta_1=np.full(60, 0.5))
+    for i, b in enumerate((0.5, 0.9)):
+        for j, r in enumerate((0.5, 0.99)):
+            write_run(tmp_path, f"b{i}r{j}", np.geomspace(2, 0.001, 60), beta=b, rho=r, extra=theta)
+    write_run(tmp_path, "climb", np.concatenate([[2.0], np.full(59, 30.0)]), beta=0.999, rho=0.99,
+              extra=dict(theta_0=np.full(60, 9.0), theta_1=np.full(60, 9.0)))
+    paths = analyze(tmp_path)
+    s = pd.read_csv(paths["summary"]).set_index("run_id")
+    assert s.loc["climb", "regime"] == "diverged" and np.isnan(s.loc["climb", "limit_one_norm"])
+    assert s.loc["b1r1", "limit_one_norm"] == 1.5
+    limit = pd.read_csv(tmp_path / "analysis" / "limit_one_norm_vs_beta.csv")
+    assert "climb" not in set(limit.run_id) and len(limit) == 4
+    curves = pd.read_csv(tmp_path / "analysis" / "curves_by_beta.csv")
+    assert set(curves.columns) == {"run_id", "rho", "beta", "step", "metric", "value"}
+    assert set(curves.metric) == {"loss", "pert_norm", "pert_norm_floor"}
+    assert sorted(curves.groupby("rho").run_id.nunique()) == [2, 3]  # rho=0.5: 2 runs, 0.99: 3
+    from analysis.figures import curves_figure
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    real_subplots = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real_subplots(*a, **k)
+        shown["axes"] = axes
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        curves_figure(pd.read_csv(paths["curves"]), "beta", tmp_path / "again")
+    finally:
+        plt.subplots = real_subplots
+    axes = shown["axes"]
+    assert axes.shape == (2, 2)  # rows: rho = 0.5, 0.99; columns: loss, perturbed norm
+    assert [len(ax.lines) for ax in axes[:, 0]] == [2, 3]
+    assert [ax.get_title() for ax in axes[:, 0]] == [r"$\rho$=0.5", r"$\rho$=0.99"]
+    assert any(ln.get_linestyle() == ":" for ln in axes[0, 1].lines)  # the floor p sqrt(eps)
 
 
 def test_real_run_through_analysis(cfg_factory, tmp_path):

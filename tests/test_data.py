@@ -135,3 +135,40 @@ def test_synthetic_is_seeded_and_learnable_shape():
     assert a.x_train.shape == (64, 3, 8, 8) and a.num_classes == 4
     cfg.seed = 4
     assert not torch.equal(load_dataset(cfg).x_train, a.x_train)
+
+
+def test_digits_are_the_real_bundled_images_with_a_fixed_split():
+    """data=digits: scikit-learn's 1,797 8x8 digits, 1,437 train / 360 test, disjoint, the same
+    split on every call, normalised with the training split's statistics (one channel)."""
+    from sklearn.datasets import load_digits
+
+    cfg = OmegaConf.create(dict(name="digits", split_seed=0, subset=None, per_class=None, test_subset=None))
+    a, b = load_dataset(cfg), load_dataset(cfg)
+    assert a.x_train.shape == (1437, 1, 8, 8) and a.x_test.shape == (360, 1, 8, 8) and a.num_classes == 10
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert abs(float(a.x_train.mean())) < 1e-5 and abs(float(a.x_train.std()) - 1) < 1e-3
+    # every image is one of sklearn's, each used once across the two splits
+    d = load_digits()
+    raw = torch.from_numpy(d.images.reshape(1797, 64)).double()
+    mean, std = raw.mean() / 16, (raw / 16).std()
+    back = torch.cat([a.x_train, a.x_test]).reshape(1797, 64).double() * std + mean
+    back = (back * 16).round()
+    assert sorted(map(tuple, back.tolist())) == sorted(map(tuple, raw.tolist()))  # the same images, once each
+    labels = torch.cat([a.y_train, a.y_test])
+    assert sorted(labels.tolist()) == sorted(d.target.tolist())
+    other = load_dataset(OmegaConf.create(dict(cfg, split_seed=1)))
+    assert not torch.equal(other.y_test, a.y_test)
+
+
+@pytest.mark.parametrize("model", [["model=mlp"],
+                                   ["model=cnn", "model.width=4", "model.norm=bn", "model.bn_group=479"]])
+def test_digits_train_with_the_mlp_and_a_small_cnn(cfg_factory, model):
+    from pipeline.store import RunDir, run_id
+    from pipeline.train import train
+    from analysis.runs import read_metrics
+
+    cfg = cfg_factory(*model, "data=digits", "optim.h=1e-2", "train.max_steps=15", "train.micro_batch=479",
+                      "train.eval_every=5", "train.progress=none", "device=cpu", tiny=False)
+    assert train(cfg) == "completed"
+    m = read_metrics(RunDir(cfg.paths.runs, run_id(cfg)).metrics)
+    assert m.loss.iloc[-1] < 0.7 * m.loss.iloc[0] and m.test_acc.dropna().iloc[-1] > 0.5

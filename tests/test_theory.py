@@ -4,6 +4,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.integrate import quad
@@ -128,16 +129,70 @@ def test_figure1_closed_form_matches_quadrature():
 
 
 def test_theory_figures_are_written(tmp_path):
-    made = th.figures(tmp_path, steps=30)
+    made = th.figures(tmp_path, T=0.4, hs=(1e-2, 2e-2), betas=(0.5, 0.9), rhos=(0.5, 0.99), budget_s=5)
     names = {p.name for p in made}
-    assert {"fig1_penalty.png", "fig2_trajectories_beta_rho.png", "fig3_trajectories_h.pdf"} <= names
+    assert {"fig1_penalty.png", "fig2_trajectories_beta_rho.png", "fig3_trajectories_h.pdf",
+            "fig2_trajectories_beta_rho.csv"} <= names
     assert all(p.stat().st_size > 2000 for p in made)
+    rows = pd.read_csv(tmp_path / "fig3_trajectories_h.csv")
+    its = rows[rows.kind == "iterate"]
+    assert its.groupby("h").n.max().to_dict() == {0.01: 40, 0.02: 20}  # T/h steps
+    # rho = 0.99 at h = 0.02: kappa = 1.99, the whole ODE is drawn as outside its regime
+    far = rows[(rows.h == 0.02) & (rows.rho == 0.99)]
+    assert set(far.kind) == {"iterate", "ode_outside"}
 
 
-def test_verify_cli_prints_orders(capsys):
-    th.main(["verify", "--hs", "8e-3", "4e-3", "--T", "0.1"])
+def test_trajectories_run_to_their_limits():
+    """Horizon or gradient tolerance, per h: rho = 0.99 at h = 0.01 reaches a gradient one-norm
+    below 1e-6 (and stops there), with |theta|_1 at its limit 2.007; kappa decides the regime."""
+    loss, theta0 = BILINEAR
+    s = th.Setting("adam", 1e-2, 0.9, 0.99, 1e-8)
+    it = th.iterates(loss, theta0, s, 5000, gtol=1e-6)
+    assert 500 < len(it) - 1 < 5000
+    t = torch.tensor(it[-1], requires_grad=True)
+    assert float(torch.autograd.grad(loss[0](t), t)[0].abs().sum()) < 1e-6
+    assert np.abs(it[-1]).sum() == pytest.approx(2.0066, abs=1e-3)
+    assert th.kappa(s) == pytest.approx(0.01 / 2 * 1.99 / 0.01)
+    assert th.kappa(th.Setting("adam", 3e-3, 0.95, 0.5, 1e-8)) < th.REGIME_KAPPA
+
+
+def test_successive_orders():
+    hs = [8e-3, 4e-3, 2e-3]
+    assert th.successive_orders(hs, [4.0, 1.0, 0.25]) == pytest.approx([2.0, 2.0])
+    assert th.successive_orders(hs, [1.0, 0.5, 0.0])[1] != th.successive_orders(hs, [1.0, 0.5, 0.0])[1]  # nan
+
+
+def test_verify_cli_prints_orders_and_slopes(capsys):
+    th.main(["verify", "--hs", "8e-3", "4e-3", "2e-3", "--T", "0.1", "--algos", "adam", "momentum",
+             "--models", "bilinear", "--forms", "first", "modified"])
     out = capsys.readouterr().out
-    assert out.count("order") == 4 and "adam on bilinear" in out and "rmsprop on tanh net (p=13" in out
+    assert out.count("order") == 2 and "adam on bilinear" in out and "momentum on bilinear" in out
+    assert out.count("slope 1") == 2 and out.count("slope 2") == 2 and "tanh" not in out and "rmsprop" not in out
+
+
+def test_example_2_3_adam_with_large_eps_is_heavy_ball(capsys):
+    """Example 2.3: Adam (step h sqrt(eps)/(1-beta), no bias correction) approaches heavy-ball GD
+    with step h at order 1 in 1/eps; heavy-ball GD follows the first-order flow of [8] at order
+    1 in h and its modified equation at order 2 (successive slopes rising towards 2)."""
+    r = th.example_2_3(T=0.5, epss=(1e6, 1e7, 1e8), hs=(8e-3, 4e-3, 2e-3, 1e-3))
+    assert 0.95 < r["order_in_inv_eps"] < 1.05
+    assert all(0.95 < x < 1.05 for x in r["slopes_in_inv_eps"])
+    assert 0.95 < r["orders"]["first"] < 1.05
+    assert 1.75 < r["slopes"]["modified"][0] < r["slopes"]["modified"][-1] < 2.05
+    assert r["slopes"]["modified"][-1] > 1.9
+    assert "Example 2.3 (a)" in capsys.readouterr().out
+
+
+def test_heavy_ball_rhs_against_ghosh_et_al_written_out():
+    """The modified equation of [8] at n = 3, from a full Hessian (independent of autograd's HVP)."""
+    loss, _ = BILINEAR
+    beta, h, n = 0.7, 0.01, 3
+    theta = np.array([1.3, 0.4])
+    g, H = _full_batch_terms(loss[0], theta, 0.0)
+    gamma = (1 - beta ** (2 * n + 2)) - 4 * (n + 1) * beta ** (n + 1) * (1 - beta) / (1 + beta)
+    ref = -(1 - beta ** (n + 1)) / (1 - beta) * g - h * gamma * (1 + beta) / (2 * (1 - beta) ** 3) * H @ g
+    got = th.heavy_ball_rhs(loss[0], th.Setting("momentum", h, beta, 0.0, 0.0), n, theta)
+    assert got == pytest.approx(ref, rel=1e-12)
 
 
 def _bias_reference(g, H, h, beta, rho, eps):
