@@ -19,7 +19,7 @@ ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze figures theory sync report data migrate bench test lint clean-venv
+.PHONY: help install sweep status analyze figures theory sync report data migrate bench gpucheck test lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,7 @@ analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (AR
 
 theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
 	$(PY) -m analysis.theory verify
+	$(PY) -m analysis.theory example23
 	$(PY) -m analysis.theory figures --out figures/theory
 
 sync: $(VENV)/.installed ## upload offline wandb runs
@@ -66,9 +67,13 @@ data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for 
 migrate: $(VENV)/.installed ## rename run directories to their current ids (runs made before the micro-batch left the id)
 	$(PY) -m pipeline.store migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"
 
-bench: $(VENV)/.installed ## pipeline step vs a bare PyTorch loop (median ratio, img/s, MFU on CUDA); W=1 vs W=2
-	$(PY) -m bench.step_bench
-	$(PY) -m bench.dist_bench
+bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-end run cost, W=1 vs W=2 (ARGS=--all-precisions: every switch)
+	$(PY) -m bench.step_bench $(ARGS)
+	$(if $(ARGS),,$(PY) -m bench.run_bench)
+	$(if $(ARGS),,$(PY) -m bench.dist_bench)
+
+gpucheck: $(VENV)/.installed ## one-shot GPU check (< 8 min): exactness, speed grid, auto micro-batch, ratios -> gpucheck/gpucheck.md
+	$(PY) -m bench.gpucheck --out gpucheck $(ARGS)
 
 test: $(VENV)/.installed ## run the test suite (Slurm tests use a running cluster or start slurm/local_cluster.sh)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

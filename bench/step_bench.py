@@ -1,29 +1,43 @@
-"""`make bench`: the pipeline's full-batch step against a bare hand-written PyTorch loop doing
-the same forward/backward/update on the same model and data, alternating in one process.
+"""`make bench`: the pipeline's full-batch step against two contenders on the same model and
+data at the same precision, alternating in one process (so a noisy machine slows all alike):
 
-Prints per model: median time per step of each, their median ratio (target <= 1.05),
-images/s, and on CUDA the model FLOPs utilisation; then the cost of the opt-in bias-term
-metric (one extra Hessian-vector product) relative to a plain step.
+- bare: a hand-written PyTorch loop (forward / backward / update over the micro-batches);
+- authors: the paper's authors' loop (bench/authors.py: DataLoader, 8 workers, per-batch
+  `.item()`, a full test pass every step), with augmentation off (the comparable one: the
+  exact full-batch gradient) and on (their default).
 
-    python -m bench.step_bench [--models cnn mlp] [--n 2048] [--micro-batch 512] [--reps 15]
+The pipeline's step includes its test evaluation amortised over `--eval-every` steps (the
+presets evaluate every 50). Prints per model the median time per step of each, the median
+ratios pipeline/bare and pipeline/authors, images/s, on CUDA the MFU, and the relative cost of
+the opt-in bias-term metric. `--all-precisions` instead times the pipeline's step under every
+numerics switch (fp32, tf32, bf16, fp64, channels_last, compile, deterministic).
+
+    python -m bench.step_bench [--models cnn resnet18] [--n 2000] [--reps 5] [--all-precisions]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import statistics
 import time
 
 import torch
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from models import build_model
-from pipeline.optim import Adam
-from pipeline.step import bn_layers, full_batch_step, partition
+from bench import authors
+from pipeline.compose import Composer
+from pipeline.data import _synthetic, load_dataset
+from pipeline.step import bn_layers, evaluate, full_batch_step, partition
 from pipeline.theory_metrics import bias_term_norm
+from pipeline.train import build, numerics
 
-PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0}  # H100/H200 SXM dense, per GPU
+PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0, "fp64": 67.0}  # H100/H200 SXM dense, per GPU
+SWITCHES = {"fp32": [], "tf32": ["precision=tf32"], "bf16": ["precision=bf16"], "fp64": ["precision=fp64"],
+            "channels_last": ["channels_last=true"], "compile": ["compile=true"],
+            "deterministic": ["deterministic=true"]}
 
 
 def sync(device):
@@ -31,93 +45,196 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_model(name, n, mb, reps, device, width):
-    cfg = OmegaConf.create(dict(name=name, norm="bn" if name.startswith("resnet") else "none",
-                                width=width, depth=2, activation="tanh"))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (n,), generator=g).to(device)
-    torch.manual_seed(0)
-    model = build_model(cfg, 10, (3, 32, 32)).to(device)
-    params = [p for p in model.parameters()]
-    opt = Adam(params, h=1e-4, beta=0.9, rho=0.999, eps=1e-8)
-    bns = bn_layers(model)
-    parts = partition(n, mb)
+def timed(f, device):
+    sync(device)
+    t = time.perf_counter()
+    f()
+    sync(device)
+    return time.perf_counter() - t
 
-    def pipeline_step():
-        loss, correct, norms = full_batch_step(model, x, y, "classification", parts, params,
-                                               1e-8, bns)
+
+def compose(model, n, width, switch=(), device="auto", micro_batch=500):
+    over = [f"model={model}", "data=synthetic", f"data.n_train={n}", f"data.n_test={max(n // 5, 1)}",
+            f"train.micro_batch={micro_batch}", f"device={device}"]
+    if width:
+        over.append(f"model.width={width}")
+    if model.startswith("resnet") or model == "cnn":
+        over.append("model.norm=bn")
+    over += list(switch)  # last: they win
+    with Composer() as c:
+        return c.compose(over)
+
+
+@contextlib.contextmanager
+def setup(cfg):
+    """(device, autocast, data, model, fwd, optimizer) exactly as pipeline.train builds them."""
+    with numerics(cfg) as (device, autocast):
+        data = load_dataset(cfg.data, device)
+        model, fwd, opt = build(cfg, data, device)
+        yield device, autocast, data, model, fwd, opt
+
+
+def pipeline_step_fn(cfg, data, model, fwd, opt, autocast):
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = partition(data.x_train.shape[0], cfg.train.micro_batch)
+    bns, eps = bn_layers(model), float(cfg.optim.eps)
+
+    def step():
+        loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task, parts, params,
+                                               eps, bns, autocast)
         torch.cat([torch.stack([loss, correct.double()]), norms]).tolist()  # the one sync
         opt.step()
 
-    bare_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    def test_pass():
+        evaluate(fwd, data.x_test, data.y_test, data.task, cfg.train.micro_batch, autocast)
 
-    def bare_step():
-        bare_opt.zero_grad(set_to_none=False)
-        total = 0.0
-        for i in range(0, n, mb):
-            loss = F.cross_entropy(model(x[i:i + mb]), y[i:i + mb], reduction="sum") / n
-            loss.backward()
-            total = total + loss.detach()
-        float(total)
-        bare_opt.step()
-
-    def bias_step():
-        pipeline_step()
-        bias_term_norm(model, data_ns, cfg_ns, parts, __import__("contextlib").nullcontext).item()
-
-    data_ns = type("D", (), dict(x_train=x, y_train=y, task="classification"))
-    cfg_ns = OmegaConf.create(dict(optim=dict(name="adam", h=1e-4, beta=0.9, rho=0.999, eps=1e-8)))
-
-    def timed(f):
-        sync(device)
-        t = time.perf_counter()
-        f()
-        sync(device)
-        return time.perf_counter() - t
-
-    for f in (pipeline_step, bare_step, bias_step):  # warm-up
-        f()
-    tp, tb, tbias = [], [], []
-    for _ in range(reps):
-        tp.append(timed(pipeline_step))
-        tb.append(timed(bare_step))
-    for _ in range(max(3, reps // 3)):
-        tbias.append(timed(bias_step))
-    ratios = [a / b for a, b in zip(tp, tb)]
-    mp, mbare = statistics.median(tp), statistics.median(tb)
-    line = (f"{name:10s} p={sum(p.numel() for p in params):>10,d} N={n} mb={mb}: pipeline "
-            f"{mp * 1e3:8.1f} ms  bare {mbare * 1e3:8.1f} ms  median ratio "
-            f"{statistics.median(ratios):.3f}  {n / mp:8.0f} img/s  bias-term step "
-            f"{statistics.median(tbias) / mp:.2f}x")
-    if device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:
-            F.cross_entropy(model(x[:mb]), y[:mb]).backward()
-        flops = fc.get_total_flops() * n / mb
-        line += f"  MFU(fp32) {flops / mp / (PEAK_TFLOPS['fp32'] * 1e12) * 100:.1f}%"
-    print(line, flush=True)
+    return step, test_pass, params, parts
 
 
-def main():
+def contest(name, n, reps, width, workers, eval_every, switch=()):
+    cfg = compose(name, n, width, switch)
+    with setup(cfg) as (device, autocast, data, model, fwd, opt):
+        step, test_pass, params, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
+        mb = cfg.train.micro_batch
+        bare_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+        def bare_step():
+            bare_opt.zero_grad(set_to_none=False)
+            total = 0.0
+            for i in range(0, n, mb):
+                with autocast():
+                    out = fwd(data.x_train[i:i + mb])
+                loss = F.cross_entropy(out.float(), data.y_train[i:i + mb], reduction="sum") / n
+                loss.backward()
+                total = total + loss.detach()
+            float(total)
+            bare_opt.step()
+
+        # the authors' loop over the same images (uint8, through PIL and transforms)
+        xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
+        hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
+        auth_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+        cudnn = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # theirs; set only around their steps
+        contenders = {}
+        for aug in (False, True):
+            tl, sl = authors.loaders(hwc[0], ytr, hwc[1], yte, aug, workers, pin_memory=device.type == "cuda")
+
+            def auth(tl=tl, sl=sl):
+                torch.backends.cudnn.benchmark = True
+                try:
+                    authors.authors_step(model, auth_opt, tl, sl, device, 1e-8, autocast, mf, dtype)
+                finally:
+                    torch.backends.cudnn.benchmark = cudnn
+            contenders[f"authors aug {'on' if aug else 'off'}"] = auth
+        runs = {"pipeline": step, "bare": bare_step, **contenders}
+        for f in (*runs.values(), test_pass):  # warm-up (compilation, cudnn autotuning, workers)
+            f()
+        times = {k: [] for k in runs}
+        for _ in range(reps):
+            for k, f in runs.items():
+                times[k].append(timed(f, device))
+        t_test = statistics.median(timed(test_pass, device) for _ in range(max(3, reps // 2)))
+        times["pipeline"] = [t + t_test / eval_every for t in times["pipeline"]]
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = {k: statistics.median(a / b for a, b in zip(times["pipeline"], v)) for k, v in times.items()}
+        p = sum(q.numel() for q in params)
+        out = dict(model=name, params=p, n=n, micro_batch=mb, precision=cfg.precision,
+                   channels_last=bool(cfg.channels_last), compile=bool(cfg.compile), device=device.type,
+                   ms={k: v * 1e3 for k, v in med.items()}, ratio={k: v for k, v in ratio.items() if k != "pipeline"},
+                   img_s=n / med["pipeline"], workers=workers, eval_every=eval_every)
+        if device.type == "cuda":
+            out["mfu"] = mfu(model, data, mb, med["pipeline"], PEAK_TFLOPS[cfg.precision], autocast)
+        return out
+
+
+def mfu(model, data, mb, seconds, peak_tflops, autocast=contextlib.nullcontext):
+    """Model FLOPs utilisation: FLOPs of forward + backward over N images (counted by
+    torch.utils.flop_counter on the eager model) / time / the GPU's dense peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        with autocast():
+            out = model(data.x_train[:mb])
+        F.cross_entropy(out.float(), data.y_train[:mb]).backward()
+    flops = fc.get_total_flops() * data.x_train.shape[0] / mb
+    return flops / seconds / (peak_tflops * 1e12)
+
+
+def bias_cost(name, n, width, reps):
+    """Time of a step with train.bias_term (one more Hessian-vector product) over a plain step."""
+    cfg = compose(name, n, width)
+    with setup(cfg) as (device, autocast, data, model, fwd, opt):
+        step, _, _, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
+
+        def with_bias():
+            step()
+            bias_term_norm(model, data, cfg, parts, autocast).item()
+
+        step(), with_bias()
+        a = [timed(step, device) for _ in range(reps)]
+        b = [timed(with_bias, device) for _ in range(reps)]
+        return statistics.median(b) / statistics.median(a)
+
+
+def precision_table(name, n, width, reps):
+    """The pipeline's step under each numerics switch: median ms, img/s, relative to fp32."""
+    rows = []
+    for sw, over in SWITCHES.items():
+        if sw == "compile" and not (shutil.which("g++") or shutil.which("c++") or torch.cuda.is_available()):
+            rows.append(dict(switch=sw, skipped="no C++ compiler for torch.compile on CPU"))
+            continue
+        cfg = compose(name, n, width, over)
+        with setup(cfg) as (device, autocast, data, model, fwd, opt):
+            step, _, _, _ = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
+            step()
+            t = statistics.median(timed(step, device) for _ in range(reps))
+            rows.append(dict(switch=sw, ms=t * 1e3, img_s=n / t))
+    base = next(r["ms"] for r in rows if r["switch"] == "fp32")
+    for r in rows:
+        if "ms" in r:
+            r["vs_fp32"] = r["ms"] / base
+    return rows
+
+
+def fmt_contest(r) -> str:
+    ms, ra = r["ms"], r["ratio"]
+    line = (f"{r['model']:9s} p={r['params']:>10,d} N={r['n']} mb={r['micro_batch']} {r['precision']}: "
+            + "  ".join(f"{k} {v:8.1f} ms" for k, v in ms.items())
+            + f"\n{'':9s} pipeline/bare {ra['bare']:.3f}  pipeline/authors(aug off) {ra['authors aug off']:.3f}"
+            f"  pipeline/authors(aug on) {ra['authors aug on']:.3f}  {r['img_s']:8.0f} img/s")
+    if "mfu" in r:
+        line += f"  MFU {r['mfu'] * 100:.1f}%"
+    return line
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=None)
-    ap.add_argument("--n", type=int, default=None)
-    ap.add_argument("--micro-batch", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--n", type=int, nargs="+", default=None, help="training examples, one per model")
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--width", type=int, default=None)
-    a = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    models = a.models or (["cnn", "mlp", "resnet18", "resnet50"] if device.type == "cuda"
-                          else ["cnn", "mlp"])
-    n = a.n or (8192 if device.type == "cuda" else 2048)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    for name in models:
-        width = a.width or (64 if name.startswith("resnet") else 16 if name == "cnn" else 256)
-        bench_model(name, n, a.micro_batch, a.reps, device, width)
+    ap.add_argument("--workers", type=int, default=8, help="DataLoader workers of the authors' loop (theirs: 8)")
+    ap.add_argument("--eval-every", type=int, default=50, help="the pipeline's test cadence (presets: 50)")
+    ap.add_argument("--all-precisions", action="store_true", help="time the pipeline's step under every switch")
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    models = a.models or (["cnn", "resnet18", "resnet50"] if cuda else ["cnn", "resnet18"])
+    ns = a.n or [(8000 if cuda else {"cnn": 2000}.get(m, 500)) for m in models]
+    ns = ns * len(models) if len(ns) == 1 else ns
+    print(f"device={'cuda' if cuda else 'cpu'} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"cores={os.cpu_count()} authors' workers={a.workers}", flush=True)
+    for name, n in zip(models, ns):
+        if a.all_precisions:
+            for r in precision_table(name, n, a.width, a.reps):
+                print(f"{name:9s} N={n} {r['switch']:14s} " + (f"skipped: {r['skipped']}" if "skipped" in r else
+                      f"{r['ms']:9.1f} ms  {r['img_s']:8.0f} img/s  {r['vs_fp32']:.2f}x fp32"), flush=True)
+            continue
+        print(fmt_contest(contest(name, n, a.reps, a.width, a.workers, a.eval_every)), flush=True)
+        if name == "cnn":
+            print(f"{'':9s} bias-term step {bias_cost(name, n, a.width, a.reps):.2f}x a plain step", flush=True)
 
 
 if __name__ == "__main__":
