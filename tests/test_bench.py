@@ -1,0 +1,72 @@
+"""The benchmark's contenders and the GPU check's report (its dry run on the CPU)."""
+
+import json
+
+import numpy as np
+import torch
+
+from bench import authors
+from bench.step_bench import compose, pipeline_step_fn, setup
+from pipeline.data import _synthetic
+
+
+def test_authors_loop_without_augmentation_computes_the_full_batch_step():
+    """The contender is faithful: with augmentation off its loss and gradient norms at theta_0
+    are the pipeline's (only the summation order differs), and both move theta the same way."""
+    cfg = compose("cnn", 256, 8, ["model.norm=none", "data.image_size=32", "optim.h=1e-3"], device="cpu",
+                  micro_batch=100)
+    with setup(cfg) as (device, autocast, data, model, fwd, opt):
+        from pipeline.step import bn_layers, full_batch_step, partition
+
+        params = [p for p in model.parameters()]
+        loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
+                                               partition(256, 100), params, 1e-8, bn_layers(model))
+        ours = dict(loss=float(loss), pert_norm=float(norms[0]), l1_norm=float(norms[1]), l2_norm=float(norms[2]))
+        xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
+        hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
+        tl, sl = authors.loaders(hwc[0], ytr, hwc[1], yte, augment=False, workers=0, batch_size=100,
+                                 pin_memory=False)
+        sgd = torch.optim.SGD(params, lr=0.0)  # theta stays: the metrics are those of theta_0
+        theirs = authors.authors_step(model, sgd, tl, sl, device)
+    for k, v in ours.items():
+        assert np.isclose(theirs[k], v, rtol=2e-5), (k, theirs[k], v)
+    assert 0 <= theirs["test_acc"] <= 1 and theirs["acc"] == float(correct) / 256
+
+
+def test_authors_loop_augmentation_changes_the_gradient():
+    cfg = compose("cnn", 128, 8, ["model.norm=none"], device="cpu", micro_batch=128)
+    with setup(cfg) as (device, autocast, data, model, fwd, opt):
+        xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
+        hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
+        sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+        off = [authors.authors_step(model, sgd, *authors.loaders(hwc[0], ytr, hwc[1], yte, a, 0, 64, False),
+                                    device)["l2_norm"] for a in (False, False, True)]
+    assert np.isclose(off[0], off[1], rtol=1e-5) and not np.isclose(off[0], off[2], rtol=1e-3)
+
+
+def test_pipeline_step_of_the_bench_is_the_training_loop_step():
+    cfg = compose("cnn", 64, 4, ["precision=bf16"], device="cpu", micro_batch=32)
+    with setup(cfg) as (device, autocast, data, model, fwd, opt):
+        step, test_pass, params, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
+        before = [p.detach().clone() for p in params]
+        step()
+        test_pass()
+        assert len(parts) == 2 and any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_gpucheck_dry_run_writes_its_report(tmp_path):
+    """No GPU here: the dry run exercises every section on the CPU and the report's format."""
+    from bench.gpucheck import main
+
+    main(["--dry", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "gpucheck.json").read_text())
+    assert set(res) >= {"exactness", "speed", "auto_micro_batch", "contest", "data_parallel", "environment"}
+    assert max(res["exactness"]["max_rel_diff"].values()) < 1e-5  # fp32 against fp64
+    assert all("ms" in r for r in res["speed"]) and res["auto_micro_batch"][0]["chosen"] % 100 == 0
+    c = res["contest"][0]
+    assert set(c["ratio"]) == {"bare", "authors aug off", "authors aug on"}
+    md = (tmp_path / "gpucheck.md").read_text()
+    for head in ("## 1. Exactness", "## 2. Step time", "## 3. train.micro_batch=auto", "## 4. Pipeline against",
+                 "## 5. Data-parallel"):
+        assert head in md
+    assert md.count("| cnn (N=64) |") == len(res["speed"])
