@@ -34,8 +34,9 @@ def overrides(a, runs):
     return [f"model={a.model}", "model.norm=bn", "data=synthetic", f"data.n_train={a.n}",
             f"data.n_test={max(a.n // 5, 1)}", f"train.micro_batch={a.micro_batch}", f"train.max_steps={a.steps}",
             f"train.eval_every={a.eval_every}", f"train.checkpoint_every={a.checkpoint_every}",
-            "train.progress=none", "logger=wandb", "logger.mode=offline", "device=cpu" if not torch.cuda.is_available()
-            else "device=cuda", f"paths.runs={runs}", f"seed={a.seed}"]
+            "train.progress=none", f"device={'cuda' if torch.cuda.is_available() else 'cpu'}",
+            f"paths.runs={runs}", f"seed={a.seed}",
+            *(["logger=wandb", "logger.mode=offline"] if a.logger == "wandb" else ["logger=none"])]
 
 
 def run_once(a) -> tuple[float, float]:
@@ -60,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--logger", choices=("wandb", "none"), default="wandb", help="wandb: offline mode")
     a = ap.parse_args(argv)
     cfg = compose(a.model, a.n, None, micro_batch=a.micro_batch)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
@@ -87,7 +89,7 @@ def main(argv=None):
             bare.append(timed(bare_run, device))
     ratios = [x / y for x, y in zip(loop, bare)]
     print(f"end to end: {a.model} N={a.n} mb={a.micro_batch} {a.steps} steps, eval every {a.eval_every}, "
-          f"checkpoint every {a.checkpoint_every}, wandb offline: run loop {statistics.median(loop):.2f} s, "
+          f"checkpoint every {a.checkpoint_every}, logger {a.logger}: run loop {statistics.median(loop):.2f} s, "
           f"bare loop {statistics.median(bare):.2f} s, overhead ratio {statistics.median(ratios):.3f} "
           f"(target <= 1.05); process start-up and finish {statistics.median(wall) - statistics.median(loop):.1f} s",
           flush=True)
