@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from bench.step_bench import compose, contest, pipeline_step_fn, setup, timed
@@ -59,7 +58,7 @@ def exactness(dry: bool) -> dict:
     from analysis.runs import read_metrics
     from pipeline.store import RunDir, run_id
     from pipeline.train import train
-    from tests.conftest import make_cfg
+    from pipeline.compose import compose as compose_run
 
     steps = 10 if dry else 50
     base = ["model=cnn", "model.width=8", "model.norm=bn", "data=synthetic", "data.n_train=512",
@@ -70,7 +69,7 @@ def exactness(dry: bool) -> dict:
     with tempfile.TemporaryDirectory() as d:
         frames = []
         for over in ([fast, "precision=fp32"], ["device=cpu", "precision=fp64"]):
-            cfg = make_cfg(base + over, runs=d)
+            cfg = compose_run(base + over + [f"paths.runs={d}"])
             train(cfg)
             frames.append(read_metrics(RunDir(cfg.paths.runs, run_id(cfg)).metrics))
         a, b = frames
@@ -233,5 +232,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    pd.set_option("display.width", 200)
     main()

@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
-from torch.nn import functional as F
 
-from bench.step_bench import compose, setup, timed
+from analysis.runs import read_metrics
+from bench.step_bench import bare_step_fn, compose, setup, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +47,7 @@ def run_once(a) -> tuple[float, float]:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - t
         (metrics,) = Path(d).glob("*/metrics.csv")
-        return float(pd.read_csv(metrics)["time_s"].iloc[-1]), wall
+        return float(read_metrics(metrics)["time_s"].iloc[-1]), wall
 
 
 def main(argv=None):
@@ -65,21 +64,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cfg = compose(a.model, a.n, None, micro_batch=a.micro_batch)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
-        params = [p for p in model.parameters() if p.requires_grad]
-        bare_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, foreach=True)
-        mb, n = a.micro_batch, a.n
+        bare_step = bare_step_fn(data, fwd, [p for p in model.parameters() if p.requires_grad], a.micro_batch)
 
-        def bare_run():  # rows 0..steps: steps + 1 gradients, steps updates
-            for k in range(a.steps + 1):
-                bare_opt.zero_grad(set_to_none=False)
-                total = 0.0
-                for i in range(0, n, mb):
-                    loss = F.cross_entropy(fwd(data.x_train[i:i + mb]), data.y_train[i:i + mb], reduction="sum") / n
-                    loss.backward()
-                    total = total + loss.detach()
-                float(total)
-                if k < a.steps:
-                    bare_opt.step()
+        def bare_run():  # rows 0..steps: steps + 1 gradients (and one update more than the run)
+            for _ in range(a.steps + 1):
+                bare_step()
 
         loop, wall, bare = [], [], []
         for _ in range(a.reps):

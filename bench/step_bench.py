@@ -91,24 +91,33 @@ def pipeline_step_fn(cfg, data, model, fwd, opt, autocast):
     return step, test_pass, params, parts
 
 
+def bare_step_fn(data, fwd, params, mb, autocast=contextlib.nullcontext):
+    """The bare loop's step: zero the gradients, forward/backward over the micro-batches of the
+    mean loss, one host sync, torch's own Adam."""
+    n = data.x_train.shape[0]
+    bare_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+    def bare_step():
+        bare_opt.zero_grad(set_to_none=False)
+        total = 0.0
+        for i in range(0, n, mb):
+            with autocast():
+                out = fwd(data.x_train[i:i + mb])
+            loss = F.cross_entropy(out.float(), data.y_train[i:i + mb], reduction="sum") / n
+            loss.backward()
+            total = total + loss.detach()
+        float(total)
+        bare_opt.step()
+
+    return bare_step
+
+
 def contest(name, n, reps, width, workers, eval_every, switch=()):
     cfg = compose(name, n, width, switch)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
         step, test_pass, params, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
         mb = cfg.train.micro_batch
-        bare_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, foreach=True)
-
-        def bare_step():
-            bare_opt.zero_grad(set_to_none=False)
-            total = 0.0
-            for i in range(0, n, mb):
-                with autocast():
-                    out = fwd(data.x_train[i:i + mb])
-                loss = F.cross_entropy(out.float(), data.y_train[i:i + mb], reduction="sum") / n
-                loss.backward()
-                total = total + loss.detach()
-            float(total)
-            bare_opt.step()
+        bare_step = bare_step_fn(data, fwd, params, mb, autocast)
 
         # the authors' loop over the same images (uint8, through PIL and transforms)
         xtr, ytr, xte, yte, _ = _synthetic(cfg.data)

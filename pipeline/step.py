@@ -62,11 +62,11 @@ def reduce_bn_statistics(bns, ranks) -> None:
         k = m.num_batches_tracked.to(m.running_mean.dtype)
         weighted += [m.running_mean.mul_(k), m.running_var.mul_(k), k.reshape(1)]
     ranks.sum_(weighted)
-    for i, m in enumerate(bns):
-        k = weighted[3 * i + 2].clamp_min(1)
-        m.running_mean.div_(k)
-        m.running_var.div_(k)
-        m.num_batches_tracked.fill_(int(weighted[3 * i + 2].item()))
+    for i, m in enumerate(bns):  # on the device: no host sync per layer
+        k = weighted[3 * i + 2]
+        m.running_mean.div_(k.clamp_min(1))
+        m.running_var.div_(k.clamp_min(1))
+        m.num_batches_tracked.copy_(k.round().reshape(()))
 
 
 def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontext):
