@@ -8,6 +8,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 
 from .conftest import ROOT
 
@@ -209,3 +210,15 @@ def test_every_key_but_the_non_semantic_ones_changes_the_run_id():
                    "train.log_every=2", "train.progress=none"]:
             assert run_id(c.compose(["sweep=synthetic", ov])) == rid, ov
     assert {"paths", "logger", "lease", "train.progress"} <= set(NON_SEMANTIC)
+
+
+def test_preset_headers_say_what_comes_from_the_paper_and_fig7_has_rho_below_beta():
+    """Every preset's header separates the paper's settings from ours (or says it is not from
+    the paper); fig7 shows the hills "even if beta > rho" (Section 7): some rho below beta."""
+    for f in sorted((ROOT / "conf" / "sweep").glob("*.yaml")):
+        header = " ".join(line for line in f.read_text().splitlines() if line.startswith("#"))
+        assert ("Paper:" in header and "Our choices:" in header) or "Not from the paper" in header \
+            or "Not a figure of the paper" in header, f.name
+    fig7 = yaml.safe_load((ROOT / "conf" / "sweep" / "fig7.yaml").read_text())
+    rhos = [float(r) for r in str(fig7["hydra"]["sweeper"]["params"]["optim.rho"]).split(",")]
+    assert min(rhos) < fig7["optim"]["beta"] < max(rhos)
