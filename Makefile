@@ -11,7 +11,7 @@ DRY ?=
 JOBS ?= 2
 GPUS ?=
 TASKS ?=
-PROFILE ?= default
+PROFILE ?=
 DATA_ROOT ?= data
 RUNS ?=
 SWEEPS ?=
@@ -35,16 +35,14 @@ install: $(VENV)/.installed ## create .venv and install the project (torch, hydr
 
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
 PATHS = $(if $(RUNS),paths.runs=$(RUNS)) $(if $(SWEEPS),paths.sweeps=$(SWEEPS))
-WHERE = $(PY) -m pipeline.sweep where $(SWEEP)
-YES = $(filter 1 true yes,$(1))
+WHERE = $(PY) -m pipeline.sweep where "$(SWEEP)"
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only
-	$(PY) -m pipeline.sweep run $(SWEEP) --launcher $(LAUNCHER) --jobs $(JOBS) --profile $(PROFILE) \
-		$(if $(call YES,$(RETRY)),--retry) $(if $(call YES,$(DRY)),--dry) $(if $(GPUS),--gpus $(GPUS)) \
-		$(if $(TASKS),--tasks $(TASKS)) -- $(PATHS) $(EXTRA)
+	$(PY) -m pipeline.sweep run "$(SWEEP)" --launcher "$(LAUNCHER)" --jobs "$(JOBS)" --profile "$(PROFILE)" \
+		--retry "$(RETRY)" --dry "$(DRY)" --gpus "$(GPUS)" --tasks "$(TASKS)" -- $(PATHS) $(EXTRA)
 
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss, job and Slurm state
-	$(PY) -m pipeline.sweep status $(SWEEP) -- $(PATHS) $(EXTRA)
+	$(PY) -m pipeline.sweep status "$(SWEEP)" -- $(PATHS) $(EXTRA)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
 	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis "$$dir" $(if $(ANALYSIS_OUT),--out $(ANALYSIS_OUT)) $(ARGS)

@@ -45,9 +45,10 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     if parquet:
         summary.to_parquet(out / "summary.parquet", index=False)
         curves.to_parquet(out / "curves.parquet", index=False)
-    if figures:
-        params = varying(summary) or [p for p in ("beta", "rho", "h") if summary[p].notna().any()][:1]
-        paths["figures"] = all_figures(summary, curves, out, thresholds, params)
+    shown = summary[summary["damaged"].isna()] if "damaged" in summary else summary  # damaged runs: no values
+    if figures and len(shown):
+        params = varying(shown) or [p for p in ("beta", "rho", "h") if p in shown and shown[p].notna().any()][:1]
+        paths["figures"] = all_figures(shown, curves, out, thresholds, params)
     return paths
 
 

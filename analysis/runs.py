@@ -7,15 +7,15 @@ directories), or a single run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from pipeline.store import read_metrics_table, run_holes
+from pipeline.integrity import check
+from pipeline.plan import sweep_runs
+from pipeline.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,43 @@ def _is_run(p: Path) -> bool:
     return (p / "status.json").exists() or (p / "metrics.csv").exists()
 
 
-def find_runs(root) -> list[Path]:
-    """Run directories at or below `root` (two levels; links are followed; hidden folders and
-    wandb's folders are skipped)."""
+def find_runs(root, warnings: list | None = None) -> list[Path]:
+    """Run directories at or below `root`, each once: a sweep folder's are those of its
+    plan.json (pipeline.plan.sweep_runs; links that point elsewhere, dangle or are in no plan
+    are warned about, never counted); a runs root's are its folders (two levels; links are
+    followed, one run directory once; hidden folders and wandb's folders are skipped).
+    `warnings` collects one line for each thing left out."""
     root = Path(root)
+    warnings = [] if warnings is None else warnings
     if _is_run(root):
         return [root]
-    found = []
+    if (root / "plan.json").exists():
+        runs, warned = sweep_runs(root)
+        warnings += warned
+        return [r.path for r in runs]
+    found, seen = [], set()
+    candidates = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         if p.name.startswith(".") or p.name == "wandb" or not p.is_dir():
+            if p.is_symlink() and not p.exists():
+                warnings.append(f"{p}: a dangling link; ignored")
             continue
         if _is_run(p):
-            found.append(p)
+            candidates.append(p)
+        elif (p / "plan.json").exists():
+            runs, warned = sweep_runs(p)
+            warnings += warned
+            candidates += [r.path for r in runs]
         else:
-            found += [q for q in sorted(p.iterdir()) if q.is_dir() and not q.name.startswith(".")
-                      and _is_run(q)]
+            candidates += [q for q in sorted(p.iterdir()) if q.is_dir() and not q.name.startswith(".")
+                           and _is_run(q)]
+    for p in candidates:
+        real = p.resolve()
+        if real in seen:
+            warnings.append(f"{p}: the same run directory as another one found ({real}); counted once")
+            continue
+        seen.add(real)
+        found.append(p)
     return found
 
 
@@ -59,10 +81,8 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def read_metrics(path: Path) -> pd.DataFrame:
-    """metrics.csv as floats (parsed by Python's float: exact round trip), through the store's
-    reader: rows cut short by a crash are dropped; a missing or empty file gives an empty frame."""
-    header, rows = read_metrics_table(path)
+def frame(header: list[str], rows: list[list[str]]) -> pd.DataFrame:
+    """Rows of metrics.csv as floats (parsed by Python's float: exact round trip)."""
     if not header:
         return pd.DataFrame()
     cols = list(zip(*rows)) if rows else [()] * len(header)
@@ -70,21 +90,31 @@ def read_metrics(path: Path) -> pd.DataFrame:
                          for h, col in zip(header, cols)})
 
 
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.csv as floats through the store's reader: rows cut short by a crash or with a
+    cell that is not a number are dropped; a missing or damaged file gives an empty frame."""
+    from pipeline.store import read_metrics_table
+
+    return frame(*read_metrics_table(path))
+
+
 def read_run(path: Path) -> dict:
-    """{'run_id', 'path', 'config', 'status', 'metrics'} of one run directory."""
+    """{'run_id', 'path', 'config', 'status', 'metrics', 'holes', 'damaged', 'whole_until'} of one
+    run directory, judged by the one integrity rule (pipeline.integrity.check). The metrics are
+    the parseable rows in step order, each step once; `whole_until` is the last step up to which
+    they are known to be the run's whole history. A damaged run (status.json or config.yaml) has
+    its problems in `damaged` and no config."""
     path = Path(path)
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except (FileNotFoundError, yaml.YAMLError):
-        config = {}
-    try:
-        status = json.loads((path / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        status = {}
-    metrics = read_metrics(path / "metrics.csv")
-    steps = [int(s) for s in metrics["step"]] if "step" in metrics else []
-    return dict(run_id=status.get("run_id", path.resolve().name), path=path, config=config,
-                status=status, metrics=metrics, holes=run_holes(status, steps))
+    run = RunDir(path.parent, path.name)
+    health = check(run)
+    seen, rows = set(), []
+    for r in sorted(health.history.rows, key=lambda r: int(r[0])):  # stable: the first of a repeated step
+        if r[0] not in seen:
+            seen.add(r[0])
+            rows.append(r)
+    return dict(run_id=run.id, path=path, config=health.config if not health.damaged else {},
+                status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
+                damaged="; ".join(health.damaged), whole_until=health.whole_until)
 
 
 def hyperparameters(config: dict) -> dict:
@@ -92,13 +122,20 @@ def hyperparameters(config: dict) -> dict:
 
 
 def load_runs(root) -> list[dict]:
-    runs = [read_run(p) for p in find_runs(root)]
+    warnings = []
+    runs = [read_run(p) for p in find_runs(root, warnings)]
+    for w in warnings:
+        log.warning("%s", w)
     for r in runs:
-        if r["metrics"].empty:
-            log.warning("run %s (%s): metrics.csv missing or empty", r["run_id"], r["path"])
+        if r["damaged"]:
+            log.warning("run %s (%s): %s: its values are left out of the summary; retry=true "
+                        "recomputes it", r["run_id"], r["path"], r["damaged"])
+        elif r["metrics"].empty:
+            log.warning("run %s (%s): metrics.csv missing or empty%s", r["run_id"], r["path"],
+                        f" ({r['holes']})" if r["holes"] else "")
         elif r["holes"]:
-            log.warning("run %s: history not whole (%s): values that depend on the missing rows are "
-                        "left empty; retry=true recomputes it", r["run_id"], r["holes"])
+            log.warning("run %s: metrics.csv not whole (%s): values that depend on the missing or damaged rows "
+                        "are left empty; retry=true recomputes it", r["run_id"], r["holes"])
     return runs
 
 
@@ -107,7 +144,7 @@ def curves_frame(runs: list[dict]) -> pd.DataFrame:
     frames = []
     for r in runs:
         m = r["metrics"]
-        if m.empty or "step" not in m:
+        if m.empty or "step" not in m or r.get("damaged"):  # a damaged run: not the run it claims to be
             continue
         long = m.melt(id_vars="step", var_name="metric", value_name="value").dropna(subset=["value"])
         for k, v in reversed(list(hyperparameters(r["config"]).items())):

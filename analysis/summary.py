@@ -25,8 +25,8 @@ def tkey(t: float) -> str:
 
 def first_crossing(m: pd.DataFrame, threshold: float, known_until: float = float("inf")) -> dict:
     """Values at the first step whose training loss is below `threshold` (the rule of
-    pipeline.thresholds). `known_until`: the first missing step of a history with holes; a
-    crossing after it may not be the first, and is left empty."""
+    pipeline.thresholds). `known_until`: the last step of the whole prefix of a history with
+    holes; a crossing after it may not be the first, and is left empty."""
     out = {f"at_loss_{tkey(threshold)}_step": NAN}
     out.update({f"at_loss_{tkey(threshold)}_{c}": NAN for c in CROSSING_METRICS if c in m})
     if m.empty or "loss" not in m:
@@ -115,6 +115,9 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
     """One summary row. A run whose history has holes (`run['holes']`) gets only the values
     that do not depend on its missing rows; the rest stays empty."""
     m, st, holes = run["metrics"], run["status"], run.get("holes", "")
+    if run.get("damaged"):  # not the run it claims to be, or its status unreadable: no values at all
+        return dict(run_id=run["run_id"], **dict.fromkeys(hyperparameters({})), state=st.get("state") or "damaged",
+                    holes=holes, damaged=run["damaged"])
     state = st.get("state", "unknown" if m.empty else "running")
     row = dict(run_id=run["run_id"], **hyperparameters(run["config"]), state=state,
                steps=int(m["step"].max()) if "step" in m and len(m) else 0,  # last step reached
@@ -124,7 +127,7 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
     ends_at_last = has_loss and (state not in ("completed", "diverged") or int(m["step"].iloc[-1]) == st.get("step"))
     row["last_loss"] = float(m["loss"].iloc[-1]) if has_loss else NAN
     row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") and ends_at_last else NAN
-    known_until = _first_missing(m["step"]) if has_loss and holes else float("inf")
+    known_until = run.get("whole_until", _first_missing(m["step"]) - 1) if has_loss and holes else float("inf")
     for t in thresholds:
         row.update(first_crossing(m, t, known_until))
     for s in steps_at:

@@ -3,11 +3,20 @@ whole life, so that two processes can never write one run.
 
 The lease is two things, so that it holds on one machine and across the nodes of a shared
 file system alike:
-- `lease.lock`, locked with flock(2) for the holder's life (released by the kernel when the
-  process dies, however it dies; on NFSv4 flock is a lock the server sees);
+- `lease.<host>.lock`, locked with flock(2) for the holder's life (released by the kernel when
+  the process dies, however it dies): it excludes a second process of the same host at once.
+  Across hosts flock is not relied on (on many shared file systems it is node-local);
 - `lease.json`, a record naming the holder (host, pid and its start time, Slurm job, since,
-  timeout), created with link(2), which fails atomically when the file exists, also over NFS.
+  timeout) and its fencing token (`generation`, one more at every takeover, and a random
+  `token`), created with link(2), which fails atomically when the file exists, also over NFS.
   Its mtime is the heartbeat: a thread touches it every `heartbeat_s`.
+
+Fencing: a holder that was stopped (SIGSTOP, a long pause, a frozen file-system client) for
+longer than the timeout may find its lease taken over when it continues. Every write to the run
+directory calls `Lease.check()` just before it acts; it compares the record on disk with the
+holder's token and raises `LeaseLost` when they differ, so a fenced-off process writes nothing
+more (pipeline/store.py: `RunDir.owner`). Temporary files carry their writer's host, pid and
+generation in their names (`temp_tag`), so that a new owner can tell its own from others'.
 
 A record whose holder is gone is stale and is taken over with one log line: on the same host
 when the pid no longer runs (or is another process), from anywhere when its heartbeat is older
@@ -17,17 +26,23 @@ that finds a live record is refused (`LeaseHeld`) and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-LOCK, RECORD = "lease.lock", "lease.json"
+RECORD = "lease.json"
+
+
+def lock_name(host: str) -> str:
+    return f"lease.{host}.lock"
 
 
 class LeaseHeld(Exception):
@@ -41,7 +56,7 @@ class LeaseHeld(Exception):
 
 class LeaseLost(Exception):
     """Another process took the lease over (this one was stopped for longer than the timeout):
-    this process must stop writing at once."""
+    this process must stop writing at once (exit status EXIT_FENCED, pipeline/train.py)."""
 
 
 def slurm_job_id() -> str | None:
@@ -81,29 +96,34 @@ def describe(rec: dict) -> str:
     return who
 
 
+def read_file(path) -> dict:
+    """A lease record file as a dict; {} when it is missing, garbled or not an object."""
+    try:
+        rec = json.loads(Path(path).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
 def read(run_path) -> dict | None:
     """The lease record with its heartbeat age (`age_s`), None when there is none."""
     path = Path(run_path) / RECORD
     try:
         age = time.time() - path.stat().st_mtime
-        rec = json.loads(path.read_text() or "{}")
-    except FileNotFoundError:
+    except OSError:
         return None
-    except (OSError, ValueError):
-        rec = {}
-        try:
-            age = time.time() - path.stat().st_mtime
-        except OSError:
-            return None
-    rec = rec if isinstance(rec, dict) else {}
+    rec = read_file(path)
     rec["age_s"] = max(0.0, age)
     return rec
 
 
-def stale_reason(rec: dict) -> str | None:
-    """Why the holder of `rec` is gone, or None while it may be alive."""
-    timeout = float(rec.get("timeout_s", 600))
-    if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
+def stale_reason(rec: dict, host: str | None = None) -> str | None:
+    """Why the holder of `rec` is gone, or None while it may be alive (`host`: the asker's)."""
+    try:
+        timeout = float(rec.get("timeout_s", 600))
+    except (TypeError, ValueError):
+        timeout = 600.0
+    if rec.get("host") == (host or socket.gethostname()) and isinstance(rec.get("pid"), int):
         if not _alive(rec["pid"], rec.get("start")):
             return f"process {rec['pid']} is gone"
         return None
@@ -112,10 +132,10 @@ def stale_reason(rec: dict) -> str | None:
     return None
 
 
-def holder(run_path) -> dict | None:
-    """The live holder's record, or None: what `make sweep` and `make status` ask."""
+def holder(run_path, host: str | None = None) -> dict | None:
+    """The live holder's record, or None: what `make sweep` and `make status` ask (as `host`)."""
     rec = read(run_path)
-    return rec if rec is not None and stale_reason(rec) is None else None
+    return rec if rec is not None and stale_reason(rec, host) is None else None
 
 
 class Lease:
@@ -123,9 +143,10 @@ class Lease:
     `lost` turns true if another process took the lease over (this one was stopped for longer
     than the timeout): the holder must then stop writing."""
 
-    def __init__(self, run_path, timeout_s: float = 600, heartbeat_s: float = 30):
+    def __init__(self, run_path, timeout_s: float = 600, heartbeat_s: float = 30, host: str | None = None):
         self.path = Path(run_path)
         self.timeout_s, self.heartbeat_s = float(timeout_s), float(heartbeat_s)
+        self.host = host or socket.gethostname()  # `lease.host`: tests play another node
         self.fd = None
         self.lost = False
         self._stop = threading.Event()
@@ -139,14 +160,20 @@ class Lease:
     def __exit__(self, *exc):
         self.release()
 
-    def _mine(self) -> dict:
-        return dict(host=socket.gethostname(), pid=os.getpid(), start=_proc_start(os.getpid()),
+    def _mine(self, generation: int = 1) -> dict:
+        return dict(host=self.host, pid=os.getpid(), start=_proc_start(os.getpid()),
                     slurm_job=slurm_job_id(), since=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s)
+                    timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s,
+                    generation=generation, token=secrets.token_hex(8))
+
+    @property
+    def temp_tag(self) -> str:
+        """What this holder's temporary files carry in their names: host, pid, generation."""
+        return f"{self.host}-{os.getpid()}-g{self.record['generation']}"
 
     def _create_record(self) -> bool:
         """Create lease.json with our record, atomically and only if absent (link(2))."""
-        tmp = self.path / f".{RECORD}.{os.getpid()}.tmp"
+        tmp = self.path / f".{RECORD}.{self.host}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(self.record))
         try:
             os.link(tmp, self.path / RECORD)
@@ -158,7 +185,7 @@ class Lease:
 
     def acquire(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self.path / lock_name(self.host), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -172,21 +199,32 @@ class Lease:
                 rec = read(self.path)
                 if rec is None:
                     continue
-                why = stale_reason(rec)
+                why = stale_reason(rec, self.host)
                 me = self.record["slurm_job"]
                 if why is None and me and rec.get("slurm_job") == me:
                     why = f"Slurm job {me} was requeued"
                 if why is None:
                     raise LeaseHeld(self.path, rec)
-                aside = self.path / f".{RECORD}.{os.getpid()}.stale"
+                aside = self.path / f".{RECORD}.{self.host}.{os.getpid()}.stale"
                 try:
                     os.rename(self.path / RECORD, aside)  # only one taker-over can win this
                 except FileNotFoundError:
                     continue
+                moved = read_file(aside)
+                if moved.get("token") != rec.get("token") or moved.get("pid") != rec.get("pid"):
+                    # another taker-over replaced the stale record meanwhile: give it back
+                    with contextlib.suppress(FileExistsError):
+                        os.link(aside, self.path / RECORD)
+                    aside.unlink(missing_ok=True)
+                    continue
                 aside.unlink(missing_ok=True)
+                gen = rec.get("generation")
+                self.record = self._mine((gen if isinstance(gen, int) else 0) + 1)
                 log.warning("run %s: taking over the lease %s (%s)", self.path.name,
                             describe(rec).replace("held by ", "of "), why)
             else:
+                raise LeaseHeld(self.path, read(self.path))
+            if not self._still_mine():  # a racing taker-over on another host won after all
                 raise LeaseHeld(self.path, read(self.path))
         except BaseException:
             self._unlock()
@@ -195,17 +233,41 @@ class Lease:
         self._thread.start()
 
     def _still_mine(self) -> bool:
+        rec = read_file(self.path / RECORD)
+        return bool(rec) and rec.get("token") == self.record["token"] and \
+            rec.get("pid") == self.record["pid"] and rec.get("host") == self.record["host"]
+
+    def check(self) -> None:
+        """Raise LeaseLost unless this process still holds the lease: every write to the run
+        directory calls it just before it acts (the fencing token compared with the record)."""
+        if self.fd is None:
+            raise LeaseLost(f"run {self.path.name}: this process no longer holds the lease (released)")
+        try:
+            mine = not self.lost and self._still_mine()
+        except OSError:  # the record cannot be read: not ours to write on
+            mine = False
+        if not mine:
+            self._lose()
+            raise self.lost_error()
+
+    def lost_error(self) -> LeaseLost:
+        """LeaseLost saying who holds the run now."""
         rec = read(self.path)
-        return bool(rec) and rec.get("pid") == self.record["pid"] and \
-            rec.get("host") == self.record["host"] and rec.get("start") == self.record["start"]
+        by = (f"by {describe(rec).removeprefix('held by ')}" if rec else
+              "by another process, which has released it since")
+        return LeaseLost(f"run {self.path.name}: the lease was taken over {by}")
+
+    def _lose(self) -> None:
+        if not self.lost:
+            self.lost = True
+            log.error("run %s: lease lost to %s; this process stops writing",
+                      self.path.name, describe(read(self.path) or {}))
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 if not self._still_mine():
-                    self.lost = True
-                    log.error("run %s: lease lost to %s; this process stops writing",
-                              self.path.name, describe(read(self.path) or {}))
+                    self._lose()
                     return
                 os.utime(self.path / RECORD)
             except OSError as e:  # a full disk or a file server hiccup: try again next beat

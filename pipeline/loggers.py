@@ -24,6 +24,9 @@ class NullLogger:
     def finish(self, state: str) -> None:
         pass
 
+    def abandon(self) -> None:
+        pass
+
 
 def wandb_mode(requested: str) -> str:
     """`online` when credentials exist, `offline` when not; an explicit mode wins."""
@@ -48,8 +51,9 @@ class WandbLogger:
     mirrored by an earlier attempt and are not sent again. If the server cannot be reached the
     rows go to an offline run instead, which `make sync` uploads later."""
 
-    def __init__(self, cfg, run_dir, rid: str, sent_before: int = -1):
+    def __init__(self, cfg, run_dir, rid: str, sent_before: int = -1, fence=None):
         lc = cfg.logger
+        self.fence = fence or (lambda: None)  # raises once this process lost the run: mirror nothing more
         self.sent_before, self.finish_timeout = sent_before, float(lc.finish_timeout)
         self.init_kw = dict(
             project=lc.project, entity=lc.entity, group=cfg.sweep.name or None, id=rid,
@@ -74,6 +78,11 @@ class WandbLogger:
         if self.thread.is_alive():
             log.warning("wandb did not finish within %.0f s; metrics.csv is complete (`make sync` "
                         "uploads offline runs)", self.finish_timeout)
+
+    def abandon(self) -> None:
+        """This process lost the run: stop mirroring without finishing the wandb run (its new
+        owner goes on with it)."""
+        self.queue.put(("abandon", None, None))
 
     # -- the mirror's thread ---------------------------------------------------------------------
     def _init(self):
@@ -103,6 +112,13 @@ class WandbLogger:
             run = None
         while True:
             kind, item, crossed = self.queue.get()
+            if kind == "abandon":
+                return
+            if run is not None:
+                try:
+                    self.fence()
+                except Exception:  # LeaseLost: the run is another process's now
+                    return
             if run is None:
                 if kind == "finish":
                     return
@@ -124,7 +140,7 @@ class WandbLogger:
                 run = None
 
 
-def make_logger(cfg, run_dir, rid: str, sent_before: int = -1):
+def make_logger(cfg, run_dir, rid: str, sent_before: int = -1, fence=None):
     if cfg.logger.name != "wandb":
         return NullLogger()
-    return WandbLogger(cfg, run_dir, rid, sent_before)
+    return WandbLogger(cfg, run_dir, rid, sent_before, fence)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from omegaconf import DictConfig
 
 from . import lease, slurm
 from .compose import Composer
-from .store import Decision, RunDir, atomic_write_text, decide, run_id
+from .integrity import Health, check, decide
+from .store import Decision, RunDir, atomic_write_text, read_json_object, run_id
 from .validate import ConfigError, check_dir_writable, validate
 
 # overrides that every point carries: not shown as the point's own
@@ -31,6 +33,7 @@ class Point:
     decision: Decision = None
     job: dict | None = None  # the handle of the job a sweep submitted for the run
     slurm_state: str | None = None
+    health: Health | None = None
 
     @property
     def shown(self) -> str:
@@ -44,6 +47,7 @@ class Plan:
     points: list[Point]
     slurm_error: str | None = None
     duplicates: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # damaged files that were read around
 
     @property
     def todo(self) -> list[Point]:
@@ -78,6 +82,10 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     check_dir_writable("paths.sweeps", first.paths.sweeps)
     name = first.sweep.name or preset or "adhoc"
     plan = Plan(name, Path(first.paths.sweeps) / name, [])
+    _, why = read_plan(plan.folder)
+    if why:
+        plan.warnings.append(f"{plan.folder}/{why}; it is written anew from this plan (the runs it named "
+                             "keep their directories)")
     seen = {}
     for p in points:  # points that differ only in non-semantic keys are one run
         if p.run.id in seen:
@@ -86,7 +94,10 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
         seen[p.run.id] = p.shown
         plan.points.append(p)
     for p in plan.points:
-        p.job = p.run.job()
+        p.job, why = p.run.read_job()
+        if why:
+            plan.warnings.append(f"run {p.run.id}: {why}; read as no job")
+        p.health = check(p.run)
     states, plan.slurm_error = slurm.job_states(
         [p.job["job_id"] for p in plan.points if p.job and p.job.get("backend") == "slurm"])
     for p in plan.points:
@@ -95,9 +106,9 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
         owner = lease.holder(p.run.path)
         live = lease.describe(owner) if owner else live_job(p.job, p.slurm_state)
         if live is None and plan.slurm_error and p.job and p.job.get("backend") == "slurm" \
-                and p.run.status().get("state") in (None, "pending", "running"):
+                and p.health.state in (None, "pending", "running"):
             live = f"Slurm job {p.job['job_id']}, state unknown ({plan.slurm_error})"  # do not submit twice
-        p.decision = decide(p.run.status(), bool(p.cfg.retry), live)
+        p.decision = decide(p.health, bool(p.cfg.retry), live)
     return plan
 
 
@@ -106,9 +117,13 @@ def register(plan: Plan) -> None:
     link `<sweep folder>/<run_id> -> <run directory>` for every run of the sweep, and
     `plan.json`: the points with their overrides and what was decided."""
     plan.folder.mkdir(parents=True, exist_ok=True)
+    earlier, _ = read_plan(plan.folder)  # an earlier plan of this sweep keeps its points
+    points = {p["run_id"]: p for p in (earlier or {}).get("points", [])}
+    points.update({p.run.id: dict(run_id=p.run.id, overrides=p.overrides, action=p.decision.action,
+                                  reason=p.decision.reason) for p in plan.points})
+    root = str(Path(plan.points[0].cfg.paths.runs).resolve())
     atomic_write_text(plan.folder / "plan.json", json.dumps(dict(
-        sweep=plan.name, points=[dict(run_id=p.run.id, overrides=p.overrides, action=p.decision.action,
-                                      reason=p.decision.reason) for p in plan.points]), indent=1) + "\n")
+        sweep=plan.name, runs_root=root, points=list(points.values())), indent=1) + "\n")
     for p in plan.points:
         p.run.create(p.cfg)
         link = plan.folder / p.run.id
@@ -130,3 +145,67 @@ def table(plan: Plan) -> list[list[str]]:
                      if p.decision.action in ("skip", "restart") else act])
     return rows
 
+
+
+# -- which runs a sweep holds: plan.json ----------------------------------------------------------
+RUN_ID = re.compile(r"[0-9a-f]{12}")
+PLAN_FIELDS = {"sweep": (str,), "runs_root": (str,), "points": (list,)}
+SWEEP_FILES = {"plan.json", "analysis", ".submitit", ".hydra"}
+
+
+def read_plan(folder: Path) -> tuple[dict | None, str]:
+    """(plan.json of a sweep folder, '') or (None, why it is damaged); (None, '') when missing."""
+    plan, why = read_json_object(Path(folder) / "plan.json", PLAN_FIELDS)
+    if plan is None:
+        return None, why
+    for i, p in enumerate(plan.get("points") or []):
+        if not isinstance(p, dict) or not isinstance(p.get("run_id"), str) or not RUN_ID.fullmatch(p["run_id"]):
+            return None, f"plan.json: point {i} has no run_id of 12 hex digits"
+    return plan, ""
+
+
+def sweep_runs(folder: Path) -> tuple[list[RunDir], list[str]]:
+    """The run directories of a sweep folder, each once, and one warning per thing read around.
+
+    The runs are those of plan.json, in the runs root it names (`<runs_root>/<run_id>`); the
+    folder's links are only a convenience for users: a link that points elsewhere, is missing
+    or dangles, and an entry that no plan names, gets a warning and is never counted. Without a
+    readable plan.json (sweeps made before it held the runs root) the links are followed, each
+    run directory once."""
+    folder = Path(folder)
+    plan, why = read_plan(folder)
+    warnings = [f"{folder}/{why}; reading the folder's links instead"] if why else []
+    entries = {p.name: p for p in sorted(folder.iterdir()) if p.name not in SWEEP_FILES
+               and not p.name.startswith(".")} if folder.is_dir() else {}
+    runs, seen = [], set()
+    if plan is not None and plan.get("runs_root"):
+        root = Path(plan["runs_root"])
+        for rid in dict.fromkeys(p["run_id"] for p in plan.get("points", [])):
+            run, link = RunDir(root, rid), entries.pop(rid, None)
+            if not run.path.is_dir():
+                warnings.append(f"run {rid} of {folder}/plan.json: no run directory {run.path}; left out")
+                continue
+            if link is None:
+                warnings.append(f"run {rid}: the link {folder / rid} is missing (plan.json names the run)")
+            elif not link.exists():
+                warnings.append(f"run {rid}: the link {link} dangles; using {run.path}")
+            elif link.resolve() != run.path.resolve():
+                warnings.append(f"run {rid}: the link {link} points to {link.resolve()}, not to the run "
+                                f"directory {run.path}; using the run directory")
+            runs.append(run)
+        for p in entries.values():
+            warnings.append(f"{p}: not a run of {folder}/plan.json; ignored")
+        return runs, warnings
+    for name, p in entries.items():
+        if not p.exists():
+            warnings.append(f"{p}: a dangling link; ignored")
+            continue
+        if not (p / "status.json").exists() and not (p / "metrics.csv").exists():
+            continue
+        real = p.resolve()
+        if real in seen:
+            warnings.append(f"{p}: the same run directory as another entry ({real}); counted once")
+            continue
+        seen.add(real)
+        runs.append(RunDir(real.parent, name) if p.is_symlink() and real.name == name else RunDir(folder, name))
+    return runs, warnings

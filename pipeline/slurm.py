@@ -22,29 +22,96 @@ QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "
           "SUSPENDED", "RESV_DEL_HOLD", "STOPPED"}
 RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 OURS = {"max_num_timeout", "requeue"}
+NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES.glob("*.yaml"))
 
 
+def _kinds(annotation) -> tuple[set, type | None]:
+    """(the plain types a value of this annotation may have, the element type of a list)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kinds, elem = set(), None
+    for a in args:
+        origin = typing.get_origin(a) or a
+        if origin in (list, tuple, typing.Iterable, typing.Sequence) or str(origin).endswith("Iterable'>"):
+            kinds.add(list)
+            elem = (typing.get_args(a) or (str,))[0]
+        elif origin in (dict, typing.Dict):
+            kinds.add(dict)
+        elif a in (str, int, bool, float):
+            kinds.add(a)
+        elif "Path" in str(a):
+            kinds.add(str)
+    return kinds, elem
+
+
+def parameter_types() -> dict:
+    """{sbatch option: (types allowed, list element type)} from submitit's own signature, plus ours."""
+    import inspect
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    out = {k: _kinds(p.annotation) for k, p in inspect.signature(_make_sbatch_string).parameters.items()}
+    out.update(max_num_timeout=({int}, None), requeue=({bool}, None), time=({int, str}, None))  # "1-00:00:00" too
+    return out
+
+
+def _type_ok(v, kinds: set, elem) -> bool:
+    if isinstance(v, bool):
+        return bool in kinds
+    if isinstance(v, int):
+        return bool(kinds & {int, str, float})  # a number where sbatch takes text (mem: 64000) is fine
+    if isinstance(v, float):
+        return bool(kinds & {float, str})
+    if isinstance(v, str):
+        return str in kinds
+    if isinstance(v, list):
+        return list in kinds and all(isinstance(x, elem or str) for x in v)
+    if isinstance(v, dict):
+        return dict in kinds
+    return False
+
+
 def load_profile(name: str) -> dict:
-    """The profile's settings; ConfigError naming the key when one is unknown to sbatch."""
+    """The profile's settings; ConfigError naming the file and key when the file is not a mapping
+    of sbatch options (as submitit names them) with values of their types."""
     from submitit.slurm.slurm import _get_default_parameters
 
     path = PROFILES / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(f"PROFILE={name}: no {path.relative_to(PROFILES.parents[1])}; "
-                          f"available: {', '.join(profiles())}")
+    if not NAME_OK.fullmatch(name or "") or not path.exists():
+        raise ConfigError(f"PROFILE={name}: no slurm/profiles/{name}.yaml; available: {', '.join(profiles())}")
     try:
-        prof = yaml.safe_load(path.read_text()) or {}
+        prof = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"PROFILE={name}: {path} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"PROFILE={name}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    prof = {} if prof is None else prof
+    if not isinstance(prof, dict):
+        raise ConfigError(f"PROFILE={name}: {path} holds a YAML {type(prof).__name__}, not a mapping of "
+                          "sbatch options (key: value lines)")
     valid = set(_get_default_parameters()) | OURS
-    unknown = sorted(set(prof) - valid)
+    unknown = sorted(str(k) for k in set(prof) - valid)
     if unknown:
         raise ConfigError(f"PROFILE={name}: unknown key {unknown[0]} in {path}; allowed keys: "
                           f"{', '.join(sorted(valid))}")
+    types = parameter_types()
+    for key, v in prof.items():
+        kinds, elem = types.get(key, (set(), None))
+        if v is not None and kinds and not _type_ok(v, kinds, elem):
+            allowed = " or ".join(sorted({list: "a list of strings", dict: "a mapping", bool: "true/false",
+                                          int: "a whole number", str: "text", float: "a number"}[k] for k in kinds))
+            raise ConfigError(f"PROFILE={name}: {key}: {v!r} in {path} is not {allowed}")
+    for key in ("nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "time", "array_parallelism",
+                "max_num_timeout", "signal_delay_s"):
+        v = prof.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v < (0 if key in ("gpus_per_node", "max_num_timeout",
+                                                                                "signal_delay_s") else 1):
+            raise ConfigError(f"PROFILE={name}: {key}: {v} in {path} is out of range")
     return {k: v for k, v in prof.items() if v is not None}
 
 

@@ -26,8 +26,9 @@ import logging
 import math
 import os
 import secrets
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -108,15 +109,19 @@ def _raise_disk_full(e: OSError, path) -> None:
         raise DiskFull(path) from e
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+def _temp_name(path: Path, tag: str | None = None) -> Path:
+    """`.<name>.<writer>.<random>.tmp`: the writer is the lease holder's host, pid and
+    generation (Lease.temp_tag), so that a new owner can tell its own temporary files from
+    those of a process that lost the run."""
+    tag = tag or f"{socket.gethostname()}-{os.getpid()}"
+    return path.with_name(f".{path.name}.{tag}.{secrets.token_hex(4)}.tmp")
 
 
-def write_temp(path: Path, data: bytes) -> Path:
+def write_temp(path: Path, data: bytes, tag: str | None = None) -> Path:
     """`data` in a durable temporary file beside `path`, created with the umask's permissions
     (mkstemp would make it 0600, unreadable to the rest of a group on a shared cluster)."""
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp = _temp_name(path, tag)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -144,10 +149,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fence=None, tag: str | None = None) -> None:
+    """Replace `path` by `data` (temporary file, fsync, rename). `fence()`, when given, is
+    called just before the rename: it raises when this process may no longer write here."""
     path = Path(path)
-    tmp = write_temp(path, data)
+    if fence is not None:
+        fence()
+    tmp = write_temp(path, data, tag)
     try:
+        if fence is not None:
+            fence()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -155,8 +166,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, fence=None, tag: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), fence, tag)
 
 
 def json_safe(v):
@@ -180,29 +191,71 @@ def fmt(v) -> str:
 
 
 # -- reading metrics.csv: the one reader ---------------------------------------------------
-def read_metrics_table(path) -> tuple[list[str], list[list[str]]]:
-    """(header, complete rows as lists of cells) of a metrics.csv that may be torn.
-
-    A row is kept when it has the header's number of cells and an integer step; a row cut
-    short by a kill, a crash or a full disk (anywhere in the file) is dropped, and so is the
-    last piece when no newline ends it. A missing or empty file gives ([], [])."""
+def _number(cell: str) -> bool:
+    if cell == "":
+        return True
     try:
-        with open(path, newline="") as f:
-            text = f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return [], []
-    except UnicodeDecodeError:
-        return [], []
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class History:
+    """metrics.csv as read: `rows` are the complete, parseable rows in file order; what else was
+    found is kept to be judged (pipeline/integrity.py)."""
+
+    header: list[str]
+    rows: list[list[str]]
+    damage: str = ""  # the file as a whole: not UTF-8, no header, ...
+    unparseable: list = field(default_factory=list)  # (line number, step cell) of rows with a non-number
+    missing_file: bool = False
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(r[0]) for r in self.rows]
+
+
+def read_history(path) -> History:
+    """metrics.csv, which may be torn or damaged. A row is kept when it has the header's number
+    of cells, an integer step and numbers (or empty cells) elsewhere; a row cut short by a kill
+    (anywhere in the file) is dropped, and so is the last piece when no newline ends it; a row
+    with a cell that is not a number is noted in `unparseable`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return History([], [], missing_file=True)
+    except OSError as e:
+        return History([], [], damage=f"cannot be read ({e.strerror or e})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return History([], [], damage=f"not UTF-8 text (byte {e.start})")
+    if not text:
+        return History([], [], damage="empty (zero bytes)")
     lines = text.split("\n")
-    if len(lines) < 2 or not lines[0].startswith("step,"):
-        return [], []
+    if not lines[0].startswith("step,"):
+        return History([], [], damage="no header line starting with 'step,'")
     header = lines[0].split(",")
-    rows = []
-    for line in lines[1:-1]:  # the last piece has no newline after it: empty or torn
+    rows, bad = [], []
+    for i, line in enumerate(lines[1:-1], start=2):  # the last piece has no newline after it: empty or torn
         cells = line.split(",")
-        if len(cells) == len(header) and cells[0].isdigit():
+        if len(cells) != len(header) or not cells[0].isdigit():
+            continue
+        if all(_number(c) for c in cells[1:]):
             rows.append(cells)
-    return header, rows
+        else:
+            bad.append((i, cells[0]))
+    return History(header, rows, unparseable=bad)
+
+
+def read_metrics_table(path) -> tuple[list[str], list[list[str]]]:
+    """(header, complete parseable rows in file order) of a metrics.csv; ([], []) when there is
+    none or it is damaged as a whole."""
+    h = read_history(path)
+    return h.header, h.rows
 
 
 def describe_ranges(steps) -> str:
@@ -219,8 +272,8 @@ def describe_ranges(steps) -> str:
 
 
 def history_holes(steps: list[int], last: int) -> str:
-    """'' when `steps` are exactly 0..last, each once; else what is wrong, e.g.
-    'missing 334-800' or 'missing 5; repeated 7'."""
+    """'' when `steps` are exactly 0..last, each once, in this order; else what is wrong, e.g.
+    'missing 334-800' or 'missing 5; repeated 7; out of order at step 24'."""
     seen, repeated = set(), set()
     for s in steps:
         (repeated if s in seen else seen).add(s)
@@ -234,21 +287,23 @@ def history_holes(steps: list[int], last: int) -> str:
         parts.append("repeated " + describe_ranges(repeated))
     if extra:
         parts.append("beyond the last step " + describe_ranges(extra))
+    disorder = sorted({b for a, b in zip(steps, steps[1:]) if b < a})
+    if disorder and not repeated:
+        parts.append("out of order at step " + describe_ranges(disorder[:20]))
     return "; ".join(parts)
 
 
-def run_holes(status: dict, steps: list[int]) -> str:
-    """What is wrong with a run's history, '' when it is whole: the holes flagged when it resumed
-    (status.json) and those of its metrics.csv now (steps 0..k exactly once, k the last step of a
-    completed or diverged run, else the last step written)."""
-    last = status.get("step") if status.get("state") in ("completed", "diverged") else None
-    if not isinstance(last, int):
-        last = max(steps, default=-1)
-    found = [h for h in (status.get("holes") or "", history_holes(steps, last)) if h]
-    return "; ".join(dict.fromkeys(found))
+def whole_until(steps: list[int]) -> int:
+    """The largest k such that the history starts with steps 0..k, once each, in order (-1: none)."""
+    k = -1
+    for s in steps:
+        if s != k + 1:
+            break
+        k = s
+    return k
 
 
-# -- the skip/launch rule ---------------------------------------------------------------------
+# -- the skip/launch decision (made by pipeline.integrity.decide) ------------------------------
 @dataclass(frozen=True)
 class Decision:
     action: str  # start | resume | restart | skip
@@ -259,37 +314,95 @@ class Decision:
         return self.action != "skip"
 
 
-def decide(status: dict, retry: bool, live: str | None = None) -> Decision:
-    """What to do with a run, given its status.json, `retry`, and a description of its live
-    owner or job (None when there is none). The one rule: train.py and the sweep planner both
-    call it.
-
-    live -> skip; completed and whole -> skip; diverged, failed or completed with holes ->
-    skip unless retry (diverged and holes restart from step 0, failed resumes from its last
-    loadable checkpoint); new -> start; pending or running (interrupted) -> resume."""
-    state, holes = status.get("state"), status.get("holes")
-    if live:
-        return Decision("skip", f"live: {live}")
-    if state == "completed" and not holes:
-        return Decision("skip", "completed")
-    if state in ("diverged", "failed", "completed"):
-        what = f"completed with holes ({holes})" if state == "completed" else state
-        if not retry:
-            return Decision("skip", f"{what}; retry reruns it")
-        return Decision("resume" if state == "failed" else "restart", f"{what}: retry")
-    if state is None:
-        return Decision("start", "new")
-    return Decision("resume", state)
-
-
 # -- the run directory ------------------------------------------------------------------------
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "crossed", "rng_cpu"}
+FINISHED = ("completed", "diverged")  # states of a run that ended by itself
+
+# status.json: the fields the tools read, with the types they must have (others are kept as they are)
+STATUS_FIELDS = {"state": (str,), "step": (int,), "attempts": (int,), "holes": (str,), "error": (str,),
+                 "run_id": (str,), "slurm_job": (str,), "final_loss": (int, float, str),
+                 "started_at": (int, float), "first_step_at": (int, float), "updated_at": (str,)}
+JOB_FIELDS = {"backend": (str,), "job_id": (str,), "sweep": (str,), "submitted_at": (int, float),
+              "log": (str,), "host": (str,), "profile": (str,), "pid": (int,), "start": (str,)}
+JOB_BACKENDS = ("slurm", "local")
+
+
+def _type_names(types) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
+             bool: "true/false"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
+    """(object, '') for a JSON file holding an object whose `fields` have their types; (None, '')
+    when the file is missing; (None, why) when it is damaged (`why` names the file)."""
+    name = Path(path).name
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"{name}: cannot be read ({e.strerror or e})"
+    if not raw.strip():
+        return None, f"{name}: empty ({len(raw)} bytes)"
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"{name}: not UTF-8 text (byte {e.start})"
+    except ValueError as e:
+        return None, f"{name}: not valid JSON ({str(e).splitlines()[0][:80]})"
+    if not isinstance(obj, dict):
+        return None, f"{name}: a JSON {type(obj).__name__}, not an object"
+    for key, types in fields.items():
+        v = obj.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            return None, f"{name}: field {key} is {json.dumps(v)[:40]}, not {_type_names(types)}"
+    return obj, ""
+
+
+def read_status_file(path: Path) -> tuple[dict, str]:
+    """(status.json, '') or ({}, why it is damaged); a missing file is ({}, '')."""
+    st, why = read_json_object(path, STATUS_FIELDS)
+    if st is None:
+        return {}, why
+    if st.get("state") not in STATES:
+        return {}, f"status.json: state {json.dumps(st.get('state'))[:40]} is not one of {', '.join(STATES)}"
+    for key in ("step", "attempts"):
+        if isinstance(st.get(key), int) and st[key] < 0:
+            return {}, f"status.json: field {key} is {st[key]}, not >= 0"
+    return st, ""
+
+
+def read_config_file(path: Path) -> tuple[dict | None, str]:
+    """(config.yaml as a dict, '') or (None, why); why is '' only when the file is missing."""
+    import yaml
+
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"config.yaml: cannot be read ({e.strerror or e})"
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"config.yaml: not UTF-8 text (byte {e.start})"
+    except yaml.YAMLError as e:
+        return None, f"config.yaml: not valid YAML ({str(e).splitlines()[0][:80]})"
+    if not isinstance(data, dict):
+        return None, f"config.yaml: {'empty' if data is None else 'a YAML ' + type(data).__name__}, not a mapping"
+    return data, ""
 
 
 class RunDir:
+    """One run's folder. `owner` (a Lease) is set while this process holds the run's lease:
+    from then on every write checks it just before it acts (`fence`) and raises LeaseLost once
+    another process has taken the run over."""
+
     def __init__(self, root: str | Path, rid: str):
         self.path = Path(root) / rid
         self.id = rid
+        self.owner = None
 
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.csv")
@@ -299,30 +412,34 @@ class RunDir:
     job_file = property(lambda self: self.path / "job.json")
     log_file = property(lambda self: self.path / "train.log")
 
+    def fence(self) -> None:
+        """Raise LeaseLost when this process held the run's lease and no longer does."""
+        if self.owner is not None:
+            self.owner.check()
+
+    @property
+    def _tag(self) -> str | None:
+        return self.owner.temp_tag if self.owner is not None else None
+
     # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict:
-        """status.json; {} when missing, {'unreadable': why} when garbled."""
-        try:
-            st = json.loads(self.status_file.read_text())
-            return st if isinstance(st, dict) else {"unreadable": "not a JSON object"}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            return {"unreadable": f"{type(e).__name__}: {e}"}
+        """status.json; {} when missing, {'unreadable': why} when damaged."""
+        st, why = read_status_file(self.status_file)
+        return {"unreadable": why} if why else st
 
     def write_status(self, **fields) -> dict:
         st = {k: v for k, v in self.status().items() if k != "unreadable"}
         st.update(fields, run_id=self.id, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         st = {k: v for k, v in st.items() if v is not None}  # None clears a field
         atomic_write_text(self.status_file, json.dumps(json_safe(st), indent=1, sort_keys=True,
-                                                       allow_nan=False) + "\n")
+                                                       allow_nan=False) + "\n", self.fence, self._tag)
         return st
 
     def create(self, cfg: DictConfig) -> bool:
         """Register a new run (config.yaml, status.json `pending`) unless it exists: the status
         file is created with link(2), which fails atomically if another process made one first."""
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.status_file.exists():
+        if self.status_file.exists() or self.status_file.is_symlink():
             return False
         self.write_config(cfg)
         st = dict(state="pending", step=0, attempts=0, run_id=self.id)
@@ -336,20 +453,31 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
     def write_config(self, cfg: DictConfig) -> None:
-        atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True), self.fence, self._tag)
 
     def job(self) -> dict | None:
-        try:
-            return json.loads(self.job_file.read_text())
-        except (OSError, ValueError):
-            return None
+        """job.json, None when missing or damaged (`job_problem` says why)."""
+        return self.read_job()[0]
+
+    def read_job(self) -> tuple[dict | None, str]:
+        job, why = read_json_object(self.job_file, JOB_FIELDS)
+        if job is not None and (job.get("backend") not in JOB_BACKENDS or
+                                (job.get("backend") == "slurm" and not job.get("job_id"))):
+            what = "backend" if job.get("backend") not in JOB_BACKENDS else "job_id"
+            return None, (f"job.json: field {what} is {json.dumps(job.get(what))[:40]}, not "
+                          + ("one of " + ", ".join(JOB_BACKENDS) if what == "backend" else "a Slurm job id"))
+        return job, why
 
     def write_job(self, handle: dict) -> None:
+        """The sweep's handle of the job it submitted (the sweep process writes it, not the run's owner)."""
         atomic_write_text(self.job_file, json.dumps(handle, indent=1, sort_keys=True) + "\n")
 
     def remove_stale_temps(self) -> list[Path]:
-        """Temporary files of writes that a kill interrupted (the lease's own excepted)."""
-        stale = [p for p in self.path.glob(".*.tmp") if not p.name.startswith(".lease.json.")]
+        """Temporary files of other writers (interrupted, or fenced off); the lease's own excepted."""
+        self.fence()
+        mine = f".{self._tag}." if self._tag else None
+        stale = [p for p in self.path.glob(".*.tmp")
+                 if not p.name.startswith(".lease.json.") and not (mine and mine in p.name)]
         for p in stale:
             p.unlink(missing_ok=True)
         return stale
@@ -358,24 +486,32 @@ class RunDir:
     def save_checkpoint(self, state: dict) -> None:
         """Write the checkpoint of state['step'] so that a kill at any instant leaves one that
         loads: temporary file (fsync) -> checkpoint.pt becomes checkpoint.prev.pt -> the
-        temporary file becomes checkpoint.pt."""
+        temporary file becomes checkpoint.pt. The lease is checked before each of the three."""
         buf = io.BytesIO()
         torch.save(state, buf)
         step = state["step"]
-        tmp = write_temp(self.checkpoint, buf.getvalue())
+        self.fence()
+        tmp = write_temp(self.checkpoint, buf.getvalue(), self._tag)
         try:
             faults.point("ckpt.tmp", step)
+            self.fence()
             if self.checkpoint.exists():
                 os.replace(self.checkpoint, self.prev_checkpoint)
             faults.point("ckpt.prev", step)
+            self.fence()
             os.replace(tmp, self.checkpoint)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
+            if not self.lost:
+                tmp.unlink(missing_ok=True)
             if isinstance(e, OSError):
                 _raise_disk_full(e, self.checkpoint)
             raise
         _fsync_dir(self.path)
         faults.point("ckpt.done", step)
+
+    @property
+    def lost(self) -> bool:
+        return self.owner is not None and self.owner.lost
 
     def load_checkpoint(self, map_location="cpu") -> dict | None:
         """The newest checkpoint that loads: checkpoint.pt, else checkpoint.prev.pt, else None
@@ -391,6 +527,9 @@ class RunDir:
                 if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= ck.keys():
                     raise ValueError(f"not a checkpoint of this pipeline (keys {sorted(ck)[:6]})"
                                      if isinstance(ck, dict) else "not a checkpoint dict")
+                if not isinstance(ck["step"], int) or isinstance(ck["step"], bool) or ck["step"] < 0 \
+                        or not isinstance(ck["model"], dict) or not isinstance(ck["optimizer"], dict):
+                    raise ValueError("its step, model or optimizer has the wrong type")
                 return ck
             except Exception as e:
                 why = (str(e).strip().splitlines() or [""])[0][:160]
@@ -399,6 +538,7 @@ class RunDir:
         return None
 
     def remove_checkpoints(self) -> None:
+        self.fence()
         self.checkpoint.unlink(missing_ok=True)
         self.prev_checkpoint.unlink(missing_ok=True)
 
@@ -406,42 +546,51 @@ class RunDir:
     def open_metrics(self, columns: list[str], resume_step: int) -> MetricsWriter:
         """Keep the complete rows with step < resume_step (atomically), then append.
 
-        The kept rows must be exactly steps 0..resume_step-1; what is not (a hole, a torn row
-        in the middle, a deleted file) is returned as `writer.holes` for status.json.
+        The kept rows must be exactly steps 0..resume_step-1, in order; what is not (a hole, a
+        torn or unparseable row, a repeated or out-of-order step, a deleted file) is returned as
+        `writer.holes` for status.json, and the kept rows are written in step order, each once.
         `writer.last_written` is the last step that the file held before (a resumed mirror
         must not send those rows twice)."""
-        header, rows = read_metrics_table(self.metrics)
-        last_written = max((int(r[0]) for r in rows), default=-1)
-        kept, seen = [], set()
-        if header == columns:
-            for r in rows:
+        hist = read_history(self.metrics)
+        last_written = max(hist.steps, default=-1)
+        kept = {}
+        if hist.header == columns:
+            for r in hist.rows:
                 s = int(r[0])
-                if s < resume_step and s not in seen:
-                    seen.add(s)
-                    kept.append(r)
-        holes = history_holes([int(r[0]) for r in kept], resume_step - 1)
+                if s < resume_step:
+                    kept.setdefault(s, r)
+        found = hist.steps if hist.header == columns else []
+        holes = history_holes([s for s in found if s < resume_step], resume_step - 1)
+        if resume_step > 0 and hist.header and hist.header != columns:
+            holes = "; ".join(filter(None, ["columns differ from this run's", holes]))
+        bad = [line for line, step in hist.unparseable if step.isdigit() and int(step) < resume_step]
+        if bad:
+            holes = "; ".join(filter(None, [holes, f"unparseable row at line {describe_ranges(bad)}"]))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
-        w.writerows(kept)
-        atomic_write_text(self.metrics, buf.getvalue())
-        writer = MetricsWriter(self.metrics, columns)
+        w.writerows(kept[s] for s in sorted(kept))
+        atomic_write_text(self.metrics, buf.getvalue(), self.fence, self._tag)
+        writer = MetricsWriter(self.metrics, columns, self.fence)
         writer.holes, writer.last_written = holes, last_written
         return writer
 
 
 class MetricsWriter:
-    """Appends one row per step and flushes it, so a reader (or wandb sync) sees it at once."""
+    """Appends one row per step and flushes it, so a reader (or wandb sync) sees it at once;
+    `fence()` is called before each row and each sync."""
 
     holes = ""
     last_written = -1
 
-    def __init__(self, path: Path, columns: list[str]):
+    def __init__(self, path: Path, columns: list[str], fence=None):
         self.path, self.columns = path, columns
+        self.fence = fence or (lambda: None)
         self.f = open(path, "a", buffering=1)
 
     def write(self, row: dict) -> None:
         line = ",".join(fmt(row.get(c)) for c in self.columns) + "\n"
+        self.fence()
         try:
             if faults.armed("row.torn", row["step"]):
                 self.f.write(line[: len(line) // 2])
@@ -456,6 +605,7 @@ class MetricsWriter:
 
     def sync(self) -> None:
         """Make the rows durable (before a checkpoint that says they exist)."""
+        self.fence()
         try:
             self.f.flush()
             os.fsync(self.f.fileno())

@@ -19,25 +19,33 @@ and Slurm see it ("queued", "running", "pending (no job)", "job lost (CANCELLED)
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import submitit
-import yaml
 
 from . import lease, slurm
 from .compose import CONF_DIR, Composer
-from .plan import Plan, make_plan, register, table
-from .store import RunDir, read_metrics_table, run_holes
+from .integrity import check
+from .plan import Plan, make_plan, register, sweep_runs, table
+from .store import RunDir, read_json_object
 from .train import TrainJob
 from .validate import ConfigError
 
 LAUNCHERS = ("local", "basic", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+YES, NO = ("1", "true", "yes"), ("", "0", "false", "no")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+STOP_GRACE_S = 30  # how long Ctrl-C waits for the running runs to mark themselves pending
 
 
 def presets() -> list[str]:
@@ -60,7 +68,8 @@ def summary_line(plan: Plan) -> str:
     skipped = Counter(p.decision.reason.split(";")[0].split(":")[0].split(" (")[0]
                       for p in plan.points if not p.decision.launch)
     why = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
-    hint = "; RETRY=1 reruns diverged/failed" if set(skipped) & {"diverged", "failed", "completed with holes"} else ""
+    hint = "; RETRY=1 reruns diverged/failed/damaged" if set(skipped) & {
+        "diverged", "failed", "completed with holes", "diverged with holes", "damaged"} else ""
     return (f"sweep {plan.name}: {len(plan.points)} runs, {len(plan.todo)} to launch, "
             f"{len(plan.points) - len(plan.todo)} skipped{f' ({why}{hint})' if why else ''} -> {plan.folder}")
 
@@ -103,72 +112,179 @@ def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
     return 0
 
 
-def _outcome(run: RunDir, result, error: str | None) -> str:
-    """What became of a run that a job of this sweep ran."""
-    if result == "live":
+# -- what became of a run: its run directory's status.json, and the job's own outcome.json ----------
+def outcome_path(plan: Plan, run: RunDir) -> Path:
+    """Where a job of this sweep writes the outcome of its run (JSON, in the sweep's own folder,
+    which only its user can write: pipeline.sweep never unpickles submitit's result files)."""
+    return plan.folder / ".submitit" / "outcomes" / f"{run.id}.json"
+
+
+def private_folder(path: Path) -> Path:
+    """`path`, created readable and writable by this user only (submitit's pickles live there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _outcome(run: RunDir, path: Path | None, started: float = 0.0) -> str:
+    """What became of a run that a job of this sweep ran: its state (status.json), with the one-line
+    reason when it did not end by itself (the job's outcome.json, written by TrainJob)."""
+    out, _ = read_json_object(path, {"result": (str,), "error": (str,)}) if path else (None, "")
+    if out is not None and out.get("written_at", 0) < started:
+        out = None  # an earlier job's
+    if out and out.get("result") == "live":
         return "live (run by another process)"
-    state = run.status().get("state") or "pending"
-    return f"{state} ({error})" if error and state not in ("completed", "diverged") else state
+    health = check(run)
+    state = health.state or "pending"
+    if health.damaged:
+        return f"damaged ({health.summary()})"
+    err = (out or {}).get("error")
+    if state in ("completed", "diverged") and not err:
+        return f"{state} (metrics.csv: {health.holes})" if health.holes else state
+    if err:
+        return f"{state} ({err})"
+    if out is None:
+        return f"{state} (the job ended without a word: killed? see {run.log_file})"
+    return state
+
+
+def _params(p) -> str:
+    o = p.cfg.optim
+    return " ".join(f"{k}={o[k]}" for k in ("h", "beta", "rho") if k in o) or p.shown
+
+
+class _Detached:
+    """Stands in for the `subprocess` module inside submitit's local executor while it starts a
+    job: the job's controller runs in a session of its own (Ctrl-C at the terminal reaches only
+    this process, which then stops the runs itself) with its output in the sweep's folder."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    def Popen(self, *args, **kw):  # noqa: N802 (the name submitit calls)
+        with open(self.log_path, "ab") as f:
+            return subprocess.Popen(*args, start_new_session=True, stdin=subprocess.DEVNULL,
+                                    stdout=f, stderr=f, **kw)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def stop_local(jobs) -> None:
+    """Ctrl-C: SIGINT to every run's process (it marks its run pending, resumable), then wait for
+    them (at most STOP_GRACE_S), then kill what is left of their controllers' sessions."""
+    for job in jobs:
+        for pid in _children(int(job.job_id)):
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + STOP_GRACE_S
+    while time.time() < deadline and not all(j.done() for j in jobs):
+        time.sleep(0.1)
+    for job in jobs:
+        if not job.done():
+            try:
+                os.killpg(int(job.job_id), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
     """JOBS runs at a time with submitit's LocalExecutor (each of `GPUS`/`TASKS` processes when
-    given); a progress bar (or a line per run when not on a terminal) of runs done. Ctrl-C
-    stops them: they are pending and resume next time."""
+    given): a line per run as it starts and as it ends (its state, or its one-line reason), and a
+    progress bar on a terminal. Ctrl-C stops them: they are pending and resume next time."""
     from tqdm import tqdm
 
-    ex = submitit.LocalExecutor(folder=plan.folder / ".submitit" / "%j")
+    folder = private_folder(plan.folder / ".submitit")
+    private_folder(folder / "outcomes")
+    ex = submitit.LocalExecutor(folder=folder / "%j")
     ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, tasks_per_node=gpus or tasks or 1,
                          **({"gpus_per_node": gpus} if gpus else {}))
+    me = dict(backend="local", host=socket.gethostname(), pid=os.getpid(), start=lease._proc_start(os.getpid()),
+              sweep=plan.name)
+    for p in plan.todo:  # waiting for a slot: `make status` says "queued (local)"
+        p.run.write_job(dict(me, submitted_at=time.time(), queued=True))
     pending, running, outcomes = list(plan.todo), [], Counter()
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(pending), desc=f"sweep {plan.name}", unit="run", disable=not tty)
+    say = bar.write if tty else (lambda line: print(line, flush=True))
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 p = pending.pop(0)
-                job = ex.submit(TrainJob(), p.cfg)
-                p.run.write_job(dict(backend="local", job_id=job.job_id, host=socket.gethostname(),
-                                     sweep=plan.name, submitted_at=time.time(), log=str(job.paths.stderr)))
-                running.append((p, job))
+                out = outcome_path(plan, p.run)
+                t0 = time.time()
+                with mock.patch.object(submitit.local.local, "subprocess", _Detached(folder / "controllers.log")):
+                    job = ex.submit(TrainJob(str(out)), p.cfg)
+                p.run.write_job(dict(me, job_id=job.job_id, submitted_at=t0, log=str(job.paths.stderr)))
+                running.append((p, job, t0))
+                say(f"  start {p.run.id} {_params(p)}")
             time.sleep(0.2)
-            for p, job in [r for r in running if r[1].done()]:
-                running.remove((p, job))
-                exc = job.exception()
-                err = (str(exc).strip().splitlines() or [""])[-1][:200] if exc else None
-                out = _outcome(p.run, None if exc else job.results()[0], err)  # task 0: rank 0
-                outcomes[out.split(" (")[0]] += 1
+            for item in [r for r in running if r[1].done()]:
+                running.remove(item)
+                p, job, t0 = item
+                result = _outcome(p.run, outcome_path(plan, p.run), t0)
+                outcomes[result.split(" (")[0]] += 1
                 bar.update(1)
-                if not tty:
-                    print(f"  {p.run.id} {p.shown}: {out}", flush=True)
+                last = read_last_loss(p.run)
+                say(f"  end   {p.run.id} {_params(p)}: {result}"
+                    f"{f', loss {last:.4g}' if last is not None else ''}, {time.time() - t0:.0f} s")
     except KeyboardInterrupt:
-        for _, job in running:
-            job.cancel()
         bar.close()
-        print(f"interrupted: {len(running)} running runs stopped; they resume at the next `make sweep`",
-              file=sys.stderr)
+        print(f"interrupted: stopping {len(running)} running runs ...", file=sys.stderr, flush=True)
+        stop_local([job for _, job, _ in running])
+        for p, _, _ in running:
+            p.run.write_job(dict(me, job_id=None, submitted_at=time.time(), stopped=True))
+        print(f"interrupted: {len(running)} runs stopped, {len(pending)} not started; they are pending "
+              "and resume at the next `make sweep`", file=sys.stderr)
         return 130
     bar.close()
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
     return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
 
 
+def read_last_loss(run: RunDir) -> float | None:
+    h = check(run).history
+    try:
+        return float(h.rows[-1][h.header.index("loss")]) if h.rows else None
+    except ValueError:
+        return None
+
+
 def run_basic(plan: Plan) -> int:
     outcomes = Counter()
     for p in plan.todo:
-        result, err = None, None
+        out = outcome_path(plan, p.run)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
         try:
-            result = TrainJob()(p.cfg)
-        except Exception as e:  # one run's failure does not stop the sweep
-            err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-            print(f"  {p.run.id} {p.shown}: {err}", file=sys.stderr)
-        outcomes[_outcome(p.run, result, err).split(" (")[0]] += 1
+            TrainJob(str(out))(p.cfg)
+        except Exception:  # one run's failure does not stop the sweep; its reason is in its outcome
+            pass
+        result = _outcome(p.run, out, t0)
+        print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
+        outcomes[result.split(" (")[0]] += 1
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
     return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
 
 
-def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=False, extra=(),
+def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, extra=(),
         gpus=None, tasks=None) -> int:
+    """`make sweep`: every input checked first (one line each, exit 2), then plan, register, launch.
+    `profile` None: the default site profile for Slurm, none otherwise."""
     if preset not in presets():
         _fail(f"SWEEP={preset}: unknown preset; available: {', '.join(presets())}")
     if launcher not in LAUNCHERS:
@@ -181,19 +297,24 @@ def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=Fa
     if launcher == "basic" and (gpus or tasks):
         _fail("LAUNCHER=basic runs in this process: GPUS/TASKS need LAUNCHER=local or slurm")
     try:
-        if launcher == "slurm":
-            slurm.load_profile(profile)  # a bad profile is bad input too: before anything
-            if not shutil.which("sbatch"):
-                raise ConfigError("LAUNCHER=slurm: sbatch not found on PATH (run on a Slurm login "
-                                  "node, or use LAUNCHER=local)")
+        if launcher == "slurm" or profile:
+            slurm.load_profile(profile or "default")  # a bad profile is bad input too: before anything
+        if launcher == "slurm" and not shutil.which("sbatch"):
+            raise ConfigError("LAUNCHER=slurm: sbatch not found on PATH (run on a Slurm login "
+                              "node, or use LAUNCHER=local)")
         plan = make_plan(preset, extra, retry)
     except ConfigError as e:
         _fail(e)
+    if profile and launcher != "slurm":
+        print(f"note: PROFILE={profile} is ignored with LAUNCHER={launcher}: a site profile holds sbatch "
+              "options (partition, time, memory, ...); GPUS=/TASKS=/JOBS= set what applies here", file=sys.stderr)
     print(summary_line(plan))
     for note in plan.duplicates:
         print(f"  note: {note}")
+    for w in plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     for p in plan.points:
-        if p.decision.reason.startswith("live"):
+        if p.decision.reason.startswith(("live", "damaged")) or " with holes (" in p.decision.reason:
             print(f"  {p.run.id} {p.shown}: {p.decision.reason}")
     if plan.slurm_error:
         print(f"warning: {plan.slurm_error}: runs with a Slurm job in an unknown state are not "
@@ -206,20 +327,27 @@ def run(preset, launcher="local", jobs=2, profile="default", retry=False, dry=Fa
     if not plan.todo:
         return 0
     if launcher == "slurm":
-        return submit_slurm(plan, profile, gpus, tasks)
+        return submit_slurm(plan, profile or "default", gpus, tasks)
     return run_local(plan, jobs, gpus, tasks) if launcher == "local" else run_basic(plan)
 
 
 # -- make status ----------------------------------------------------------------------------------
-def view(st: dict, holes: str, job: dict | None, sstate: str | None, owner: dict | None, slurm_error) -> str:
-    """A run's state as the store, its lease and Slurm see it together."""
-    state = st.get("state")
-    if st.get("unreadable"):
-        return "unreadable status.json"
+def _local_sweep_alive(job: dict) -> bool:
+    """Whether the local sweep process that wrote this job handle still runs (on this host)."""
+    if job.get("host") != socket.gethostname() or not isinstance(job.get("pid"), int):
+        return False
+    return lease._alive(job["pid"], job.get("start"))
+
+
+def view(health, job: dict | None, sstate: str | None, owner: dict | None, slurm_error) -> str:
+    """A run's state as the store (the integrity rule's answer), its lease and Slurm see it."""
+    state, holes = health.state, health.holes
+    if health.damaged:
+        return f"damaged ({health.summary()})"
     if owner:
         return "running"
     if state in ("completed", "diverged", "failed"):
-        return f"{state} (holes: {holes})" if holes else state
+        return f"{state} (metrics.csv: {holes})" if holes else state
     if job and job.get("backend") == "slurm":
         if sstate in slurm.QUEUED:
             return "queued"
@@ -228,6 +356,8 @@ def view(st: dict, holes: str, job: dict | None, sstate: str | None, owner: dict
         if sstate is None and slurm_error:
             return f"{state or 'pending'} (Slurm unreachable)"
         return f"job lost ({sstate or 'unknown to Slurm'})"
+    if job and job.get("backend") == "local" and _local_sweep_alive(job):
+        return "starting" if job.get("job_id") else "queued (local)"
     if state in (None, "pending"):
         return "pending (no job)"
     return "interrupted"  # was running, no owner, no job: the next `make sweep` resumes it
@@ -251,45 +381,75 @@ def status(preset, extra=()) -> int:
         _fail(e)
     if not folder.is_dir():
         _fail(f"SWEEP={preset}: no sweep folder {folder} (run `make sweep SWEEP={preset}` first)")
-    runs = [RunDir(p.resolve().parent, p.resolve().name) for p in sorted(folder.iterdir())
-            if p.is_symlink() or (p / "status.json").exists()]
-    jobs = {r.id: r.job() for r in runs}
+    runs, warnings = sweep_runs(folder)
+    handles = {r.id: r.read_job() for r in runs}
+    warnings += [f"run {rid}: {why}; read as no job" for rid, (_, why) in handles.items() if why]
+    jobs = {rid: job for rid, (job, _) in handles.items()}
     states, error = slurm.job_states([j["job_id"] for j in jobs.values() if j and j.get("backend") == "slurm"])
     rows = [["run_id", "h", "beta", "rho", "state", "step", "last_loss", "job", "slurm_state"]]
     for r in runs:
-        st, job = r.status(), jobs[r.id]
-        try:
-            o = (yaml.safe_load(r.config.read_text()) or {}).get("optim", {})
-        except (OSError, yaml.YAMLError):
-            o = {}
+        health, job = check(r), jobs[r.id]
+        o = (health.config or {}).get("optim") if not health.damaged else {}
+        o = o if isinstance(o, dict) else {}
         sstate = states.get(job["job_id"]) if job and job.get("backend") == "slurm" else None
-        header, table_rows = read_metrics_table(r.metrics)
-        holes = run_holes(st, [int(x[0]) for x in table_rows])
-        loss = f"{float(table_rows[-1][header.index('loss')]):.6g}" if table_rows and "loss" in header else ""
+        h = health.history
+        loss = f"{float(h.rows[-1][h.header.index('loss')]):.6g}" if h.rows and "loss" in h.header else ""
         rows.append([r.id, str(o.get("h", "")), str(o.get("beta", "")), str(o.get("rho", "")),
-                     view(st, holes, job, sstate, lease.holder(r.path), error), str(st.get("step", "")),
-                     loss, job["job_id"] if job else "", sstate or ""])
+                     view(health, job, sstate, lease.holder(r.path), error), str(health.status.get("step", "")),
+                     loss, str(job.get("job_id") or "") if job else "", sstate or ""])
     _print_table(rows)
-    counts = Counter(r[4].split(" (")[0] for r in rows[1:])
+    counts = Counter(r[4].split(" (")[0] if not r[4].startswith("queued (local)") else r[4] for r in rows[1:])
     print(f"\n{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if error and any(j and j.get("backend") == "slurm" for j in jobs.values()):
         print(f"warning: {error}: the Slurm columns are incomplete", file=sys.stderr)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other mistake
+        _fail(f"{self.prog}: {message}")
+
+
+def flag(name: str, value) -> bool:
+    """RETRY=/DRY=: 0/1/true/false/yes/no (any case), empty for no; anything else is refused."""
+    v = str(value if value is not None else "").strip().lower()
+    if v in YES or v in NO:
+        return v in YES
+    _fail(f"{name}={value}: allowed values are 1, 0, true, false, yes, no")
+
+
+def count(name: str, value, empty=None) -> int | None:
+    """JOBS=/GPUS=/TASKS=: a whole number >= 1 (empty: `empty`)."""
+    v = str(value if value is not None else "").strip()
+    if v == "":
+        return empty
+    if not v.isdigit() or int(v) < 1:
+        _fail(f"{name}={value}: allowed values are whole numbers >= 1")
+    return int(v)
+
+
+def sweep_name(value: str) -> str:
+    if not NAME.fullmatch(value or ""):
+        _fail(f"SWEEP={value!r}: a sweep name is one word of letters, digits, '_', '.' and '-' "
+              f"(presets: {', '.join(presets())})")
+    return value
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="python -m pipeline.sweep", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run")
     r.add_argument("preset")
     r.add_argument("--launcher", default="local")
-    r.add_argument("--jobs", type=int, default=2)
-    r.add_argument("--profile", default="default")
-    r.add_argument("--retry", action="store_true", help="rerun diverged and failed runs")
-    r.add_argument("--dry", action="store_true", help="print the plan; create and submit nothing")
-    r.add_argument("--gpus", type=int, default=None, help="GPUs per run (one task each): distributed runs")
-    r.add_argument("--tasks", type=int, default=None, help="processes per run (e.g. CPU ranks, gloo)")
+    r.add_argument("--jobs", default="2", help="runs at a time (local launcher)")
+    r.add_argument("--profile", default="", help="site profile of slurm/profiles/ (Slurm only)")
+    r.add_argument("--retry", default="0", help="1/true/yes: rerun diverged, failed and damaged runs")
+    r.add_argument("--dry", default="0", help="1/true/yes: print the plan; create and submit nothing")
+    r.add_argument("--gpus", default="", help="GPUs per run (one task each): distributed runs")
+    r.add_argument("--tasks", default="", help="processes per run (e.g. CPU ranks, gloo)")
     s = sub.add_parser("status")
     s.add_argument("preset")
     w = sub.add_parser("where", help="print the sweep folder (or with --runs the runs root)")
@@ -298,10 +458,13 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # Hydra overrides
     argv = argv[:argv.index("--")] if "--" in argv else argv
+    if len(argv) >= 2 and argv[0] in ("run", "status", "where"):
+        sweep_name(argv[1])  # before argparse: `SWEEP='a b'` is one clear line, not a usage text
     a = ap.parse_args(argv)
     extra = [x for x in extra if x]
     if a.cmd == "run":
-        return run(a.preset, a.launcher, a.jobs, a.profile, a.retry, a.dry, extra, a.gpus, a.tasks)
+        return run(a.preset, a.launcher, count("JOBS", a.jobs, 2), a.profile or None, flag("RETRY", a.retry),
+                   flag("DRY", a.dry), extra, count("GPUS", a.gpus), count("TASKS", a.tasks))
     if a.cmd == "where":
         try:
             print(where(a.preset, extra)[1 if a.runs else 0])

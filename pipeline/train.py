@@ -8,17 +8,21 @@ a checkpointed one resumed.
 
 Exit status: 0 done or skipped; 1 a crash, or a full disk (the run stays pending); 2 bad input
 (one line `error: key=value: why`, nothing created); 3 the run is live in another process
-(one line naming it, nothing changed).
+(one line naming it, nothing changed); 4 fenced off: this process was stopped for longer than
+the lease timeout and another process took the run over (one line; this process wrote nothing
+more to the run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import submitit
@@ -30,18 +34,19 @@ from models import build_model
 from . import dist, faults, preempt
 from .compose import CONF_DIR, Composer
 from .data import DataError, load_dataset
+from .integrity import check, decide
 from .lease import Lease, LeaseHeld, LeaseLost, holder, slurm_job_id
 from .loggers import NullLogger, make_logger
 from .optim import build_optimizer
 from .progress import Progress
 from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
-from .store import METRIC_COLUMNS, DiskFull, RunDir, decide, read_metrics_table, run_id
+from .store import METRIC_COLUMNS, DiskFull, RunDir, atomic_write_text, read_metrics_table, run_id
 from .theory_metrics import bias_term_norm
 from .thresholds import diverging, newly_crossed
 from .validate import ConfigError, check_dir_writable, validate
 
 log = logging.getLogger("pipeline.train")
-EXIT_CRASH, EXIT_BAD_INPUT, EXIT_LIVE = 1, 2, 3
+EXIT_CRASH, EXIT_BAD_INPUT, EXIT_LIVE, EXIT_FENCED = 1, 2, 3, 4
 
 
 @contextlib.contextmanager
@@ -94,8 +99,10 @@ def build(cfg, data, device):
 @contextlib.contextmanager
 def run_log(run: RunDir):
     """Log lines also into the run's own folder (every attempt appends to train.log; the file is
-    opened at the first line, so a process that is refused writes nothing)."""
+    opened at the first line, so a process that is refused writes nothing, and none once this
+    process has lost the run's lease)."""
     handler = logging.FileHandler(run.log_file, delay=True)
+    handler.addFilter(lambda record: not run.lost)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     handler.setLevel(logging.INFO)
     top = logging.getLogger("pipeline")
@@ -115,6 +122,10 @@ def _finish_on_error(logger, progress):
     """A crash or an interruption still closes the wandb run (failed / pending) and the bar."""
     try:
         yield
+    except LeaseLost:  # the run (and its wandb run) is another process's now
+        progress.close()
+        logger.abandon()
+        raise
     except Exception:
         progress.close()
         logger.finish("failed")
@@ -146,14 +157,15 @@ def train(cfg: DictConfig) -> str:
             return skipped
         data = load_dataset(cfg.data, device)  # missing or damaged data: before any directory
         with contextlib.ExitStack() as held:
-            owner = Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s) if ranks.main else None
+            owner = Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s,
+                          cfg.lease.get("host")) if ranks.main else None
             skipped = ranks.share(lambda: _begin(run, cfg, owner, held))
             if skipped:
                 return skipped
             try:
                 return _train(cfg, run, data, device, autocast, owner, ranks)
             except LeaseLost:
-                raise  # the run is someone else's now: write nothing
+                raise  # the run is someone else's now: write nothing (every write is fenced too)
             except DiskFull:
                 if ranks.main:
                     _mark_pending(run)
@@ -171,15 +183,15 @@ def train(cfg: DictConfig) -> str:
 def _precheck(run: RunDir, cfg) -> str | None:
     """Before loading any data: LeaseHeld if the run is live elsewhere; its state if there is
     nothing to do (completed, or diverged/failed without retry); None to go on."""
-    live = holder(run.path)
+    live = holder(run.path, cfg.lease.get("host"))
     if live:
         raise LeaseHeld(run.path, live)
-    st = run.status()
-    decision = decide(st, cfg.retry)
+    health = check(run)
+    decision = decide(health, cfg.retry)
     if decision.launch:
         return None
     log.info("run %s: skipped (%s)", run.id, decision.reason)
-    return st.get("state")
+    return health.state or "damaged"
 
 
 def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | None:
@@ -188,11 +200,15 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | 
     when there is nothing to do, else None."""
     held.enter_context(run_log(run))
     held.enter_context(owner)
-    st = run.status()
-    decision = decide(st, cfg.retry)
+    run.owner = owner  # from here on every write to the run checks that this process still owns it
+    health = check(run)
+    st = health.status
+    decision = decide(health, cfg.retry)
     if not decision.launch:
         log.info("run %s: skipped (%s)", run.id, decision.reason)
-        return st.get("state")
+        return health.state or "damaged"
+    if health.problems:
+        log.warning("run %s: %s", run.id, decision.reason)
     stale = run.remove_stale_temps()
     if stale:
         log.info("run %s: removed %d temporary files of interrupted writes", run.id, len(stale))
@@ -294,7 +310,7 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
                         "its checkpoint and is flagged; retry=true recomputes it from step 0", run.id,
                         start - 1, writer.holes)
         run.write_status(step=start, holes=writer.holes or None)
-        logger = make_logger(cfg, run.path, run.id, sent_before=writer.last_written)
+        logger = make_logger(cfg, run.path, run.id, sent_before=writer.last_written, fence=run.fence)
     progress = Progress(tc.progress if ranks.main else "none", start, tc.max_steps + 1, tc.log_every, run.id)
     thresholds = sorted(float(t) for t in tc.loss_thresholds)
     t0 = time.perf_counter() - time_offset
@@ -317,7 +333,7 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
             # -- stop flags of every rank: the lease taken over, a preemption signal --
             signal, lost = ranks.any(signalled(), owner is not None and owner.lost)
             if lost:
-                raise LeaseLost(f"run {run.id}: the lease was taken over; stopped at step {n}")
+                raise owner.lost_error() if owner is not None else LeaseLost(f"run {run.id}: lease lost on rank 0")
             if signal:
                 if n not in saved:
                     checkpoint(n)
@@ -386,14 +402,43 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
 class TrainJob(submitit.helpers.Checkpointable):
     """What a sweep submits: `train(cfg)` in the job's process. On Slurm's warning signal the
     loop writes a checkpoint first (preempt.py); submitit then calls `checkpoint` (inherited:
-    the same call again) and requeues the job, which resumes from that checkpoint."""
+    the same call again) and requeues the job, which resumes from that checkpoint.
+
+    `outcome`: a JSON file (in the sweep's own folder) where the job says how its run ended,
+    with the one-line reason of an expected failure, so that the sweep reads JSON, never
+    submitit's result pickles."""
+
+    def __init__(self, outcome: str | None = None):
+        self.outcome = outcome
+
+    def _say(self, result: str | None, error: str | None = None) -> None:
+        path = getattr(self, "outcome", None)  # jobs pickled before outcomes existed have none
+        if path:
+            with contextlib.suppress(OSError):
+                atomic_write_text(Path(path), json.dumps(dict(result=result, error=error, written_at=time.time(),
+                                                              pid=os.getpid())) + "\n")
 
     def __call__(self, cfg: DictConfig) -> str:
         try:
-            return train(cfg)
+            result = train(cfg)
         except LeaseHeld as e:  # another process (another sweep, a user) runs it: nothing to do here
             log.warning("%s", e)
+            self._say("live", None)
             return "live"
+        except LeaseLost as e:
+            self._say("fenced", f"{e}; this process stopped without writing to it")
+            fenced_exit(e)
+        except (ConfigError, DataError) as e:
+            self._say(None, str(e))
+            raise
+        except DiskFull as e:
+            self._say("pending", f"{e}; the run resumes from its last checkpoint once there is room")
+            raise
+        except Exception as e:
+            self._say("failed", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+            raise
+        self._say(result, None)
+        return result
 
 
 def _exit(code: int, message) -> None:
@@ -412,6 +457,16 @@ def train_or_exit(cfg: DictConfig) -> str:
     except DiskFull as e:
         _exit(EXIT_CRASH, f"{e}; the run is pending and resumes from its last checkpoint once "
                           "there is room (rerun the same command)")
+    except LeaseLost as e:
+        fenced_exit(e)
+
+
+def fenced_exit(e: LeaseLost) -> None:
+    """One line and exit status 4, at once: no exit handler (wandb's among them) may write to a
+    run that another process owns now."""
+    print(f"error: {e}; this process stopped without writing to it", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_FENCED)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

@@ -3,6 +3,8 @@ Each error is one line `key=value: why`, naming the allowed values."""
 
 from __future__ import annotations
 
+import re
+
 import math
 import os
 from pathlib import Path
@@ -214,6 +216,10 @@ def validate(cfg: DictConfig) -> None:
     # -- lease and logger ----------------------------------------------------------------------
     timeout = number(cfg, "lease.timeout_s", 0, lo_open=True)
     number(cfg, "lease.heartbeat_s", 0, timeout, lo_open=True, hi_open=True)
+    host = cfg.lease.get("host")
+    if host is not None and (not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", host)):
+        raise ConfigError(f"lease.host={host}: allowed values are null (this machine's name) or a host "
+                          "name of letters, digits, '.', '_' and '-'")
     logger = choice(cfg, "logger.name", ("none", "wandb"), shown_key="logger")
     if logger == "wandb":
         text(cfg, "logger.project")

@@ -11,15 +11,25 @@ import yaml
 from analysis.__main__ import analyze, main
 from analysis.runs import find_runs, read_metrics
 from analysis.summary import hill, regime
+from omegaconf import OmegaConf
+
 from pipeline.store import METRIC_COLUMNS, RunDir, run_id
+
 from pipeline.train import train
 
+ID = {}  # label of a hand-written run -> its run id (the hash of its config, as the integrity rule wants)
 
-def write_run(root, rid, loss, pert=None, state="completed", test_acc=None, beta=0.9, rho=0.999,
+
+def write_run(root, label, loss, pert=None, state="completed", test_acc=None, beta=0.9, rho=0.999,
               floor=0.5, extra=None):
+    """A run directory written by hand, named by the hash of its config (`label` is a config key
+    too, so runs with equal hyperparameters are distinct runs); ID[label] is its run id."""
+    n = len(loss)
+    cfg = dict(optim=dict(name="adam", h=1e-4, beta=beta, rho=rho, eps=1e-8), model=dict(name="cnn"),
+               data=dict(name="synthetic"), seed=0, train=dict(max_steps=n - 1), label=label)
+    rid = ID[label] = run_id(OmegaConf.create(cfg))
     d = root / rid
     d.mkdir(parents=True)
-    n = len(loss)
     cols = dict(step=range(n), loss=loss, acc=np.full(n, 0.5),
                 pert_norm=pert if pert is not None else np.linspace(10, 1, n),
                 l1_norm=np.full(n, 1.0), l2_norm=np.full(n, 1.0), pert_norm_floor=np.full(n, floor),
@@ -28,8 +38,6 @@ def write_run(root, rid, loss, pert=None, state="completed", test_acc=None, beta
     cols.update(extra or {})
     pd.DataFrame(cols).to_csv(d / "metrics.csv", index=False)
     (d / "status.json").write_text(json.dumps(dict(state=state, step=n - 1, run_id=rid, attempts=1)))
-    cfg = dict(optim=dict(name="adam", h=1e-4, beta=beta, rho=rho, eps=1e-8), model=dict(name="cnn"),
-               data=dict(name="synthetic"), seed=0, train=dict(max_steps=n - 1))
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
@@ -87,7 +95,7 @@ def test_summary_with_known_answers(tmp_path):
     write_run(tmp_path, "bbb", np.linspace(2, 1, 5), state="running", beta=0.95)
     paths = analyze(tmp_path, thresholds=(0.1, 0.01, 1e-5), steps_at=(20,), figures=False)
     s = pd.read_csv(paths["summary"]).set_index("run_id")
-    a = s.loc["aaa"]
+    a = s.loc[ID["aaa"]]
     assert a["at_loss_0.1_step"] == 10 and a["at_loss_0.01_step"] == 20
     assert a["at_loss_0.1_pert_norm"] == pert[10] and a["at_loss_0.1_test_acc"] == 0.7
     assert a["at_loss_0.01_test_acc"] == 0.8 and a["at_step_20_pert_norm"] == pert[20]
@@ -95,19 +103,19 @@ def test_summary_with_known_answers(tmp_path):
     assert a["max_test_acc"] == 0.85 and a["final_loss"] == loss[-1] and a["steps"] == 24
     assert a["regime"] == "stable" and a["state"] == "completed"
     assert a["h"] == 1e-4 and a["beta"] == 0.9 and a["rho"] == 0.999
-    b = s.loc["bbb"]
+    b = s.loc[ID["bbb"]]
     assert b["state"] == "running" and np.isnan(b["final_loss"]) and np.isnan(b["at_loss_0.1_step"])
     assert b["last_loss"] == 1.0
     with open(tmp_path / "analysis" / "summary.csv", newline="") as f:  # empty cells, not invented numbers
         raw = {r["run_id"]: r for r in csv.DictReader(f)}
-    assert raw["aaa"]["at_loss_1e-05_step"] == raw["aaa"]["at_loss_1e-05_pert_norm"] == ""
-    assert raw["aaa"]["holes"] == "" and raw["aaa"]["at_loss_0.1_step"] == "10"
+    assert raw[ID["aaa"]]["at_loss_1e-05_step"] == raw[ID["aaa"]]["at_loss_1e-05_pert_norm"] == ""
+    assert raw[ID["aaa"]]["holes"] == "" and raw[ID["aaa"]]["at_loss_0.1_step"] == "10"
     for col in ("final_loss", "at_loss_0.1_step", "at_loss_0.1_pert_norm", "at_loss_0.01_test_acc", "max_test_acc"):
-        assert raw["bbb"][col] == "", col
-    assert raw["bbb"]["last_loss"] == "1.0" and raw["bbb"]["state"] == "running"
+        assert raw[ID["bbb"]][col] == "", col
+    assert raw[ID["bbb"]]["last_loss"] == "1.0" and raw[ID["bbb"]]["state"] == "running"
     c = pd.read_csv(paths["curves"])
     assert set(c.columns) >= {"run_id", "h", "beta", "rho", "step", "metric", "value"}
-    assert len(c[(c.run_id == "aaa") & (c.metric == "test_acc")]) == 4
+    assert len(c[(c.run_id == ID["aaa"]) & (c.metric == "test_acc")]) == 4
     assert (tmp_path / "analysis" / "summary.parquet").exists()
 
 
@@ -122,9 +130,9 @@ def test_broken_inputs_give_messages_not_tracebacks(tmp_path, capsys):
     (e / "metrics.csv").unlink()
     main([str(tmp_path), "--no-figures"])
     s = pd.read_csv(tmp_path / "analysis" / "summary.csv").set_index("run_id")
-    assert s.loc["torn", "steps"] == 4
-    assert s.loc["nans", "regime"] == "diverged" and s.loc["nans", "state"] == "diverged"
-    assert s.loc["empty", "steps"] == 0
+    assert s.loc[ID["torn"], "steps"] == 4
+    assert s.loc[ID["nans"], "regime"] == "diverged" and s.loc[ID["nans"], "state"] == "diverged"
+    assert s.loc[ID["empty"], "steps"] == 0
     assert len(read_metrics(d / "metrics.csv")) == 5
 
 
@@ -157,8 +165,8 @@ def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_pa
               extra=dict(theta_0=np.full(60, 9.0), theta_1=np.full(60, 9.0)))
     paths = analyze(tmp_path)
     s = pd.read_csv(paths["summary"]).set_index("run_id")
-    assert s.loc["climb", "regime"] == "diverged" and np.isnan(s.loc["climb", "limit_one_norm"])
-    assert s.loc["b1r1", "limit_one_norm"] == 1.5
+    assert s.loc[ID["climb"], "regime"] == "diverged" and np.isnan(s.loc[ID["climb"], "limit_one_norm"])
+    assert s.loc[ID["b1r1"], "limit_one_norm"] == 1.5
     limit = pd.read_csv(tmp_path / "analysis" / "limit_one_norm_vs_beta.csv")
     assert "climb" not in set(limit.run_id) and len(limit) == 4
     curves = pd.read_csv(tmp_path / "analysis" / "curves_by_beta.csv")

@@ -18,7 +18,8 @@ import torch
 
 from pipeline import lease as lease_mod
 from pipeline.lease import Lease, LeaseHeld
-from pipeline.store import RunDir, decide, run_id
+from pipeline.integrity import check, decide
+from pipeline.store import RunDir, run_id
 from pipeline.train import train
 
 from .conftest import ROOT, TINY, crash_at_step, make_cfg, run_cli, start_stopped_at
@@ -255,12 +256,12 @@ def test_hole_is_flagged_everywhere_and_retry_makes_it_whole(tmp_path, damage):
     assert r.returncode == 0 and f"is not whole ({missing})" in r.stderr, r.stderr
     st = run.status()
     assert st["state"] == "completed" and st["holes"] == missing  # flagged, not passed off as whole
-    assert decide(st, retry=False).action == "skip" and "retry" in decide(st, retry=False).reason
+    assert decide(check(run), retry=False).action == "skip" and "retry" in decide(check(run), retry=False).reason
     # make status and summary.csv say so; what depends on the missing rows stays empty
     from analysis.__main__ import analyze
     from pipeline.sweep import view
 
-    assert view(st, st["holes"], None, None, None, None) == f"completed (holes: {missing})"
+    assert view(check(run), None, None, None, None) == f"completed (metrics.csv: {missing})"
     s = pd.read_csv(analyze(tmp_path / "runs", figures=False, thresholds=(2.0, 1e-9))["summary"]).iloc[0]
     assert s["holes"] == missing
     for col in ("hill_height", "max_test_acc", "regime", "at_loss_1e-09_step"):
@@ -401,5 +402,6 @@ def test_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     run = RunDir(cfg.paths.runs, run_id(cfg))
-    for name in ("config.yaml", "status.json", "metrics.csv", "checkpoint.pt", "train.log", "lease.lock"):
+    for name in ("config.yaml", "status.json", "metrics.csv", "checkpoint.pt", "train.log",
+                 f"lease.{socket.gethostname()}.lock"):
         assert stat.S_IMODE((run.path / name).stat().st_mode) == 0o664, name

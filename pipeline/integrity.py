@@ -1,0 +1,147 @@
+"""The one integrity rule: is a run directory what it claims to be, and is its history whole?
+
+`check(run)` reads the run's own files -- status.json, config.yaml and metrics.csv itself, not
+only what status.json says -- and every decision uses its answer: `decide()` (train.py's skip /
+resume / restart and the sweep planner's launch / skip), `make status` and the analysis.
+
+A run is *whole* when
+- status.json is a JSON object with fields of the right types and a known state;
+- config.yaml is a mapping that hashes to the run id (the folder's name): the run is the run
+  of that config (an edited, deleted or replaced config.yaml is an identity problem);
+- metrics.csv holds steps 0..k exactly once, in this order, every cell a number (or empty),
+  where k is the last step of a finished run (status.json `step`), and for an unfinished one at
+  least the steps before its checkpoint (status.json `step`, which the loop writes with each
+  checkpoint); rows after the checkpoint of an unfinished run are cut back when it resumes.
+Anything else is a problem: one line naming the file. A run with problems is flagged
+everywhere; `retry` recomputes it from step 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+from .store import FINISHED, Decision, History, RunDir, describe_ranges, history_holes, read_config_file, \
+    read_history, run_id, whole_until
+
+
+@dataclass
+class Health:
+    """What `check` found: the status as read, the history, and the problems (one line each)."""
+
+    status: dict
+    history: History
+    config: dict | None = None
+    damaged: list[str] = field(default_factory=list)  # status.json or config.yaml: the run is not what it says
+    holes: str = ""  # metrics.csv: what is not whole (also what a resume flagged in status.json)
+    whole_until: int = -1  # rows 0..whole_until are there once each, in order, parseable
+
+    @property
+    def state(self) -> str | None:
+        return self.status.get("state")
+
+    @property
+    def problems(self) -> list[str]:
+        return self.damaged + ([f"metrics.csv: {self.holes}"] if self.holes else [])
+
+    @property
+    def whole(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        return "; ".join(self.problems)
+
+
+def identity_problem(run: RunDir, config: dict | None, why: str) -> str:
+    """'' when config.yaml hashes to the run id, else what is wrong (naming the file)."""
+    if why:
+        return why
+    if config is None:
+        return "config.yaml: missing"
+    try:
+        rid = run_id(OmegaConf.create(config))
+    except Exception as e:  # a mapping that is no config of ours (interpolations, odd types)
+        return f"config.yaml: not a config of this pipeline ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    if rid != run.id:
+        return (f"config.yaml: hashes to run id {rid}, not {run.id} (edited, or replaced by another run's; "
+                "`make migrate` renames runs made under an older id rule)")
+    return ""
+
+
+def history_problem(status: dict, hist: History) -> tuple[str, int]:
+    """(what is wrong with the history, '' when whole; the last step of its whole prefix)."""
+    state, last = status.get("state"), status.get("step")
+    flagged = status.get("holes") or ""
+    if hist.damage:
+        return "; ".join(filter(None, [flagged, hist.damage])), -1
+    steps = hist.steps
+    if state in FINISHED and isinstance(last, int):
+        need = last
+    elif state is None and not steps:
+        need = -1  # a folder without status.json and without rows: nothing to check
+    else:  # unfinished: at least the rows before its checkpoint
+        ckpt = last if isinstance(last, int) else 0
+        need = max(ckpt - 1, max(steps, default=-1))
+    if hist.missing_file and need >= 0:
+        found = f"missing 0-{need}" if need > 0 else "missing 0"
+    else:
+        found = history_holes(steps, need) if state in FINISHED else \
+            history_holes([s for s in steps if s <= need], need)
+    bad = [line for line, _ in hist.unparseable]
+    if bad:
+        found = "; ".join(filter(None, [found, f"unparseable row at line {describe_ranges(bad[:20])}"]))
+    good = whole_until(steps)
+    if bad:
+        first_bad = min(int(s) for _, s in hist.unparseable if s.isdigit()) if any(
+            s.isdigit() for _, s in hist.unparseable) else -1
+        good = min(good, first_bad - 1) if first_bad >= 0 else -1
+    parts = list(dict.fromkeys(p for p in (flagged, found) if p))
+    return "; ".join(parts), good
+
+
+def check(run: RunDir) -> Health:
+    """The one rule (see the module doc), applied to `run`'s files as they are now."""
+    st = run.status()
+    damaged = [st.pop("unreadable")] if "unreadable" in st else []
+    config, why = read_config_file(run.config)
+    hist = read_history(run.metrics)
+    if st or config is not None or why or hist.rows or not hist.missing_file:
+        ident = identity_problem(run, config, why)
+        if ident:
+            damaged.append(ident)
+    holes, good = history_problem(st, hist)
+    return Health(st, hist, config, damaged, holes, good)
+
+
+def decide(health: Health, retry: bool, live: str | None = None) -> Decision:
+    """What to do with a run, given what `check` found, `retry`, and a description of its live
+    owner or job (None when there is none). The one rule: train.py and the sweep planner both
+    call it.
+
+    live -> skip; damaged (status.json or config.yaml) -> skip unless retry, which restarts it
+    from step 0 under the config of this sweep (never resumed under another config); completed
+    and whole -> skip; diverged, failed or with problems in its history -> skip unless retry
+    (diverged and problems restart from step 0, failed resumes from its last loadable
+    checkpoint); new -> start; pending or running (interrupted) -> resume (a history with holes
+    stays flagged)."""
+    state, holes = health.state, health.holes
+    if live:
+        return Decision("skip", f"live: {live}")
+    if health.damaged:
+        what = "damaged (" + "; ".join(health.damaged) + ")"
+        if not retry:
+            return Decision("skip", f"{what}; retry recomputes it from step 0")
+        return Decision("restart", f"{what}: retry")
+    if state == "completed" and not holes:
+        return Decision("skip", "completed")
+    if state in FINISHED or state == "failed":
+        what = f"{state} with holes (metrics.csv: {holes})" if holes and state != "failed" else state
+        if not retry:
+            return Decision("skip", f"{what}; retry reruns it")
+        return Decision("restart" if state != "failed" or holes else "resume", f"{what}: retry")
+    if state is None:
+        return Decision("start", "new")
+    if holes and retry:
+        return Decision("restart", f"{state} with holes (metrics.csv: {holes}): retry")
+    return Decision("resume", state)
