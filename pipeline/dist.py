@@ -118,7 +118,14 @@ def group(device: torch.device):
         torch.cuda.set_device(device)
     td.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     ranks = Ranks(rank, world, local, device)
+    done = False
     try:
         yield ranks, device
+        done = True
     finally:
+        # A clean shutdown: every rank has left every collective before any closes its connections
+        # (a rank that tore down while a peer still used the group could abort that peer at exit);
+        # then each destroys its group, so no gloo thread outlives the interpreter.
+        if done:
+            td.barrier()
         td.destroy_process_group()

@@ -9,7 +9,9 @@ will do, registers the runs in the sweep folder `<paths.sweeps>/<name>/`, then l
   slurm  one job array through submitit's SlurmExecutor with the site profile's settings
          (slurm/profiles/<profile>.yaml), named after the sweep; returns once Slurm has accepted
          it, printing the array id. Nothing keeps running on the login node.
-  local  submitit's LocalExecutor, JOBS runs at a time; waits, with a progress bar of runs done.
+  local  submitit's LocalExecutor, JOBS runs at a time (each job's controller in a session of its
+         own, so Ctrl-C reaches only this process, which stops the runs and leaves them pending);
+         waits, printing a line per run as it starts and ends (its state or its one-line reason).
   basic  in this process, one run after another (for debugging).
 Each run's job handle goes into its run directory (job.json). `--dry` prints the plan and
 creates nothing. `status` prints every run of the sweep: its state as the run store, its lease
