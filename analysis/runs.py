@@ -107,11 +107,7 @@ def read_run(path: Path) -> dict:
     path = Path(path)
     run = RunDir(path.parent, path.name)
     health = check(run)
-    seen, rows = set(), []
-    for r in sorted(health.history.rows, key=lambda r: int(r[0])):  # stable: the first of a repeated step
-        if r[0] not in seen:
-            seen.add(r[0])
-            rows.append(r)
+    rows = health.history.in_step_order()
     return dict(run_id=run.id, path=path, config=health.config if not health.damaged else {},
                 status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
                 damaged="; ".join(health.damaged), whole_until=health.whole_until)

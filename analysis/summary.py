@@ -104,12 +104,6 @@ def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
     return "stable"
 
 
-def _first_missing(steps: pd.Series) -> float:
-    """The first step absent from 0, 1, 2, ... (inf when none is)."""
-    have = set(int(s) for s in steps)
-    return next((i for i in range(len(have) + 1) if i not in have), float("inf")) if have else 0
-
-
 def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 1,
                   spike_factor: float = 10.0) -> dict:
     """One summary row. A run whose history has holes (`run['holes']`) gets only the values
@@ -127,7 +121,7 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
     ends_at_last = has_loss and (state not in ("completed", "diverged") or int(m["step"].iloc[-1]) == st.get("step"))
     row["last_loss"] = float(m["loss"].iloc[-1]) if has_loss else NAN
     row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") and ends_at_last else NAN
-    known_until = run.get("whole_until", _first_missing(m["step"]) - 1) if has_loss and holes else float("inf")
+    known_until = run.get("whole_until", -1) if has_loss and holes else float("inf")  # read_run: the one rule
     for t in thresholds:
         row.update(first_crossing(m, t, known_until))
     for s in steps_at:

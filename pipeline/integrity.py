@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from .store import FINISHED, Decision, History, RunDir, describe_ranges, history_holes, read_config_file, \
-    read_history, run_id, whole_until
+from .store import FINISHED, Decision, History, RunDir, judge_history, read_config_file, read_history, run_id
 
 
 @dataclass
@@ -83,19 +82,7 @@ def history_problem(status: dict, hist: History) -> tuple[str, int]:
     else:  # unfinished: at least the rows before its checkpoint
         ckpt = last if isinstance(last, int) else 0
         need = max(ckpt - 1, max(steps, default=-1))
-    if hist.missing_file and need >= 0:
-        found = f"missing 0-{need}" if need > 0 else "missing 0"
-    else:
-        found = history_holes(steps, need) if state in FINISHED else \
-            history_holes([s for s in steps if s <= need], need)
-    bad = [line for line, _ in hist.unparseable]
-    if bad:
-        found = "; ".join(filter(None, [found, f"unparseable row at line {describe_ranges(bad[:20])}"]))
-    good = whole_until(steps)
-    if bad:
-        first_bad = min(int(s) for _, s in hist.unparseable if s.isdigit()) if any(
-            s.isdigit() for _, s in hist.unparseable) else -1
-        good = min(good, first_bad - 1) if first_bad >= 0 else -1
+    found, good = judge_history(hist, need)
     parts = list(dict.fromkeys(p for p in (flagged, found) if p))
     return "; ".join(parts), good
 

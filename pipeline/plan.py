@@ -48,6 +48,7 @@ class Plan:
     slurm_error: str | None = None
     duplicates: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # damaged files that were read around
+    earlier: list[dict] = field(default_factory=list)  # the points of the sweep's plan.json before this plan
 
     @property
     def todo(self) -> list[Point]:
@@ -82,7 +83,8 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     check_dir_writable("paths.sweeps", first.paths.sweeps)
     name = first.sweep.name or preset or "adhoc"
     plan = Plan(name, Path(first.paths.sweeps) / name, [])
-    _, why = read_plan(plan.folder)
+    earlier, why = read_plan(plan.folder)
+    plan.earlier = (earlier or {}).get("points", [])
     if why:
         plan.warnings.append(f"{plan.folder}/{why}; it is written anew from this plan (the runs it named "
                              "keep their directories)")
@@ -117,8 +119,7 @@ def register(plan: Plan) -> None:
     link `<sweep folder>/<run_id> -> <run directory>` for every run of the sweep, and
     `plan.json`: the points with their overrides and what was decided."""
     plan.folder.mkdir(parents=True, exist_ok=True)
-    earlier, _ = read_plan(plan.folder)  # an earlier plan of this sweep keeps its points
-    points = {p["run_id"]: p for p in (earlier or {}).get("points", [])}
+    points = {p["run_id"]: p for p in plan.earlier}  # an earlier plan of this sweep keeps its points
     points.update({p.run.id: dict(run_id=p.run.id, overrides=p.overrides, action=p.decision.action,
                                   reason=p.decision.reason) for p in plan.points})
     root = str(Path(plan.points[0].cfg.paths.runs).resolve())

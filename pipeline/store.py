@@ -216,6 +216,14 @@ class History:
     def steps(self) -> list[int]:
         return [int(r[0]) for r in self.rows]
 
+    def in_step_order(self, upto: int | None = None) -> list[list[str]]:
+        """The rows sorted by step, the first of a repeated step only (steps <= `upto` when given)."""
+        first = {}
+        for r in self.rows:
+            if upto is None or int(r[0]) <= upto:
+                first.setdefault(int(r[0]), r)
+        return [first[s] for s in sorted(first)]
+
 
 def read_history(path) -> History:
     """metrics.csv, which may be torn or damaged. A row is kept when it has the header's number
@@ -303,6 +311,20 @@ def whole_until(steps: list[int]) -> int:
     return k
 
 
+def judge_history(hist: History, last: int, upto: int | None = None) -> tuple[str, int]:
+    """(what is wrong with the rows of `hist` as the history of steps 0..last, '' when whole;
+    the last step of its whole prefix). `upto`: judge only the rows of steps <= upto (a resume
+    keeps those). The rule of pipeline/integrity.py and of `RunDir.open_metrics`."""
+    steps = [s for s in hist.steps if upto is None or s <= upto]
+    bad = [(line, int(step)) for line, step in hist.unparseable if upto is None or int(step) <= upto]
+    found = history_holes(steps, last)
+    good = whole_until(steps)
+    if bad:
+        found = "; ".join(filter(None, [found, f"unparseable row at line {describe_ranges([b[0] for b in bad][:20])}"]))
+        good = min(good, min(b[1] for b in bad) - 1)
+    return found, good
+
+
 # -- the skip/launch decision (made by pipeline.integrity.decide) ------------------------------
 @dataclass(frozen=True)
 class Decision:
@@ -333,9 +355,9 @@ def _type_names(types) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
-def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
-    """(object, '') for a JSON file holding an object whose `fields` have their types; (None, '')
-    when the file is missing; (None, why) when it is damaged (`why` names the file)."""
+def read_text(path: Path) -> tuple[str | None, str]:
+    """(the file's text, '') ; (None, '') when it is missing; (None, why) when it cannot be read or
+    is not UTF-8 (`why` names the file)."""
     name = Path(path).name
     try:
         raw = Path(path).read_bytes()
@@ -343,12 +365,23 @@ def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
         return None, ""
     except OSError as e:
         return None, f"{name}: cannot be read ({e.strerror or e})"
-    if not raw.strip():
-        return None, f"{name}: empty ({len(raw)} bytes)"
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        return raw.decode("utf-8"), ""
     except UnicodeDecodeError as e:
         return None, f"{name}: not UTF-8 text (byte {e.start})"
+
+
+def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
+    """(object, '') for a JSON file holding an object whose `fields` have their types; (None, '')
+    when the file is missing; (None, why) when it is damaged (`why` names the file)."""
+    name = Path(path).name
+    text, why = read_text(path)
+    if text is None:
+        return None, why
+    if not text.strip():
+        return None, f"{name}: empty ({len(text.encode())} bytes)"
+    try:
+        obj = json.loads(text)
     except ValueError as e:
         return None, f"{name}: not valid JSON ({str(e).splitlines()[0][:80]})"
     if not isinstance(obj, dict):
@@ -377,16 +410,11 @@ def read_config_file(path: Path) -> tuple[dict | None, str]:
     """(config.yaml as a dict, '') or (None, why); why is '' only when the file is missing."""
     import yaml
 
+    text, why = read_text(path)
+    if text is None:
+        return None, why
     try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None, ""
-    except OSError as e:
-        return None, f"config.yaml: cannot be read ({e.strerror or e})"
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return None, f"config.yaml: not UTF-8 text (byte {e.start})"
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         return None, f"config.yaml: not valid YAML ({str(e).splitlines()[0][:80]})"
     if not isinstance(data, dict):
@@ -456,7 +484,7 @@ class RunDir:
         atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True), self.fence, self._tag)
 
     def job(self) -> dict | None:
-        """job.json, None when missing or damaged (`job_problem` says why)."""
+        """job.json, None when missing or damaged (`read_job` says why)."""
         return self.read_job()[0]
 
     def read_job(self) -> tuple[dict | None, str]:
@@ -553,23 +581,14 @@ class RunDir:
         must not send those rows twice)."""
         hist = read_history(self.metrics)
         last_written = max(hist.steps, default=-1)
-        kept = {}
-        if hist.header == columns:
-            for r in hist.rows:
-                s = int(r[0])
-                if s < resume_step:
-                    kept.setdefault(s, r)
-        found = hist.steps if hist.header == columns else []
-        holes = history_holes([s for s in found if s < resume_step], resume_step - 1)
+        ours = hist if hist.header == columns else History([], [])
+        holes, _ = judge_history(ours, resume_step - 1, upto=resume_step - 1)
         if resume_step > 0 and hist.header and hist.header != columns:
             holes = "; ".join(filter(None, ["columns differ from this run's", holes]))
-        bad = [line for line, step in hist.unparseable if step.isdigit() and int(step) < resume_step]
-        if bad:
-            holes = "; ".join(filter(None, [holes, f"unparseable row at line {describe_ranges(bad)}"]))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
-        w.writerows(kept[s] for s in sorted(kept))
+        w.writerows(ours.in_step_order(upto=resume_step - 1))
         atomic_write_text(self.metrics, buf.getvalue(), self.fence, self._tag)
         writer = MetricsWriter(self.metrics, columns, self.fence)
         writer.holes, writer.last_written = holes, last_written

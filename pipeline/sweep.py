@@ -128,26 +128,32 @@ def private_folder(path: Path) -> Path:
     return path
 
 
-def _outcome(run: RunDir, path: Path | None, started: float = 0.0) -> str:
-    """What became of a run that a job of this sweep ran: its state (status.json), with the one-line
-    reason when it did not end by itself (the job's outcome.json, written by TrainJob)."""
+def _outcome(run: RunDir, path: Path | None, started: float = 0.0) -> tuple[str, float | None]:
+    """What became of a run that a job of this sweep ran: its state (the integrity rule on its
+    run directory), with the one-line reason when it did not end by itself (the job's
+    outcome.json, written by TrainJob); and its last loss."""
     out, _ = read_json_object(path, {"result": (str,), "error": (str,)}) if path else (None, "")
     if out is not None and out.get("written_at", 0) < started:
         out = None  # an earlier job's
     if out and out.get("result") == "live":
-        return "live (run by another process)"
+        return "live (run by another process)", None
     health = check(run)
+    h = health.history
+    cell = h.rows[-1][h.header.index("loss")] if h.rows and "loss" in h.header else ""
+    last = float(cell) if cell else None
     state = health.state or "pending"
-    if health.damaged:
-        return f"damaged ({health.summary()})"
     err = (out or {}).get("error")
-    if state in ("completed", "diverged") and not err:
-        return f"{state} (metrics.csv: {health.holes})" if health.holes else state
-    if err:
-        return f"{state} ({err})"
-    if out is None:
-        return f"{state} (the job ended without a word: killed? see {run.log_file})"
-    return state
+    if health.damaged:
+        text = f"damaged ({health.summary()})"
+    elif state in ("completed", "diverged") and not err:
+        text = f"{state} (metrics.csv: {health.holes})" if health.holes else state
+    elif err:
+        text = f"{state} ({err})"
+    elif out is None:
+        text = f"{state} (the job ended without a word: killed? see {run.log_file})"
+    else:
+        text = state
+    return text, last
 
 
 def _params(p) -> str:
@@ -238,10 +244,9 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
             for item in [r for r in running if r[1].done()]:
                 running.remove(item)
                 p, job, t0 = item
-                result = _outcome(p.run, outcome_path(plan, p.run), t0)
+                result, last = _outcome(p.run, outcome_path(plan, p.run), t0)
                 outcomes[result.split(" (")[0]] += 1
                 bar.update(1)
-                last = read_last_loss(p.run)
                 say(f"  end   {p.run.id} {_params(p)}: {result}"
                     f"{f', loss {last:.4g}' if last is not None else ''}, {time.time() - t0:.0f} s")
     except KeyboardInterrupt:
@@ -258,14 +263,6 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
     return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
 
 
-def read_last_loss(run: RunDir) -> float | None:
-    h = check(run).history
-    try:
-        return float(h.rows[-1][h.header.index("loss")]) if h.rows else None
-    except ValueError:
-        return None
-
-
 def run_basic(plan: Plan) -> int:
     outcomes = Counter()
     for p in plan.todo:
@@ -276,7 +273,7 @@ def run_basic(plan: Plan) -> int:
             TrainJob(str(out))(p.cfg)
         except Exception:  # one run's failure does not stop the sweep; its reason is in its outcome
             pass
-        result = _outcome(p.run, out, t0)
+        result, _ = _outcome(p.run, out, t0)
         print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
         outcomes[result.split(" (")[0]] += 1
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
