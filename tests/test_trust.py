@@ -104,6 +104,44 @@ def test_a_lease_check_raises_once_the_record_is_another_holders(tmp_path):
     assert not (tmp_path / "run" / "status.json").exists()
 
 
+WRITES = {
+    "status": lambda run: run.write_status(state="failed", error="must not be written"),
+    "config": lambda run: run.write_config(make_cfg([])),
+    "checkpoint": lambda run: run.save_checkpoint(dict(step=3, model={}, optimizer={})),
+    "stale temps": lambda run: run.remove_stale_temps(),
+    "remove checkpoints": lambda run: run.remove_checkpoints(),
+    "open metrics": lambda run: run.open_metrics(["step", "loss"], 2),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES) + ["metrics row", "metrics sync"])
+def test_every_write_path_of_a_run_is_fenced(tmp_path, write):
+    """Once the lease record is another holder's, each way a run directory is written raises
+    LeaseLost before it touches anything: no file appears, changes or disappears."""
+    from pipeline.lease import Lease, LeaseLost
+
+    path = tmp_path / "run"
+    with Lease(path, heartbeat_s=30) as mine:
+        run = RunDir(tmp_path, "run")
+        run.owner = mine
+        run.status_file.write_text('{"state": "running", "step": 2}')
+        run.metrics.write_text("step,loss\n0,1.0\n1,0.5\n")
+        for name in ("checkpoint.pt", "checkpoint.prev.pt", ".checkpoint.pt.node-c-9-g1.ab.tmp"):
+            (path / name).write_bytes(b"x")
+        writer = run.open_metrics(["step", "loss"], 2) if write.startswith("metrics") else None
+        rec = json.loads((path / "lease.json").read_text())
+        (path / "lease.json").write_text(json.dumps(dict(rec, token="f" * 16, host="node-b", pid=1)))
+        before = files_of(path)
+        with pytest.raises(LeaseLost, match="taken over by node-b"):
+            if write == "metrics row":
+                writer.write(dict(step=2, loss=0.25))
+            elif write == "metrics sync":
+                writer.sync()
+            else:
+                WRITES[write](run)
+        assert files_of(path) == before
+
+
 # -- 2. one integrity rule: retry repairs what the tools flag ------------------------------------
 @pytest.fixture(scope="module")
 def done_sweep(tmp_path_factory):
@@ -320,13 +358,18 @@ def test_a_damaged_file_gives_one_line_naming_it(done_sweep, tmp_path, name, dam
         assert name in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("damage", ["zero bytes", "garbage", "a JSON list"])
+@pytest.mark.parametrize("damage", ["zero bytes", "garbage", "a JSON list", "wrong field types"])
 def test_a_damaged_checkpoint_of_an_interrupted_run_falls_back_with_one_line(done_sweep, tmp_path, damage):
+    import torch
+
     run = copy_sweep(done_sweep, tmp_path)
     original = without_time(run.metrics)
     run.write_status(state="running")
     for ck in (run.checkpoint, run.prev_checkpoint):
-        ck.write_bytes(DAMAGES[damage])
+        if damage == "wrong field types":  # a checkpoint dict whose step is text and model a list
+            torch.save(dict(model=[1], optimizer={}, step="fifty", crossed=[], rng_cpu=torch.get_rng_state()), ck)
+        else:
+            ck.write_bytes(DAMAGES[damage])
     r = run_cli(["pipeline.train", "sweep=synthetic", *FAST, f"paths.runs={tmp_path}/runs"], cwd=tmp_path, env=ENV1)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "checkpoint.pt cannot be loaded" in r.stderr and "falling back to step 0" in r.stderr
