@@ -148,6 +148,7 @@ class Lease:
         self.timeout_s, self.heartbeat_s = float(timeout_s), float(heartbeat_s)
         self.host = host or socket.gethostname()  # `lease.host`: tests play another node
         self.fd = None
+        self.record_fd = None  # our record's inode, which the heartbeat touches (never another holder's)
         self.lost = False
         self._stop = threading.Event()
         self._thread = None
@@ -174,14 +175,22 @@ class Lease:
     def _create_record(self) -> bool:
         """Create lease.json with our record, atomically and only if absent (link(2))."""
         tmp = self.path / f".{RECORD}.{self.host}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.record))
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
+            os.write(fd, json.dumps(self.record).encode())
             os.link(tmp, self.path / RECORD)
-            return True
         except FileExistsError:
+            os.close(fd)
             return False
+        except BaseException:
+            os.close(fd)
+            raise
         finally:
             tmp.unlink(missing_ok=True)
+        if self.record_fd is not None:
+            os.close(self.record_fd)
+        self.record_fd = fd
+        return True
 
     def acquire(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -269,11 +278,16 @@ class Lease:
                 if not self._still_mine():
                     self._lose()
                     return
-                os.utime(self.path / RECORD)
+                # through our own record's descriptor: if another process replaced the record
+                # since the check above (this thread may be paused anywhere), its file is untouched
+                os.utime(self.record_fd)
             except OSError as e:  # a full disk or a file server hiccup: try again next beat
                 log.warning("run %s: lease heartbeat failed (%s)", self.path.name, e)
 
     def _unlock(self) -> None:
+        if self.record_fd is not None:
+            os.close(self.record_fd)
+            self.record_fd = None
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
