@@ -20,6 +20,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A Hydra app run in this process (the CLI tests) configures the root logger with a handler on
+    the stderr of that moment, which pytest closes after the test: put the root logger back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    root.setLevel(level)
+
+
 def make_cfg(overrides=(), runs=None):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))

@@ -24,6 +24,7 @@ from .test_integrity import args_in, files_of, same_as_reference
 
 FAST = ["train.max_steps=50", "data.n_train=64", "data.n_test=32", "optim.beta=0.9", "optim.rho=0.99"]
 ENV1 = dict(OMP_NUM_THREADS="1", WANDB_MODE="offline")
+SAME_THREADS = dict(WANDB_MODE="offline")  # children compared with a run in this process: its thread count
 
 
 def sweep_cli(tmp_path, *args, extra=(), timeout=600, env=None):
@@ -50,16 +51,16 @@ def test_a_fenced_off_writer_writes_nothing_and_the_new_owner_ends_whole(tmp_pat
     runs = tmp_path / "runs"
     a_args = args_in(runs, ["lease.timeout_s=1", "lease.heartbeat_s=0.2"])
     run = RunDir(runs, run_id(make_cfg(a_args)))
-    a = start_stopped_at(tmp_path, a_args, 6, faults=f"{point}@6:stop", env=ENV1)
+    a = start_stopped_at(tmp_path, a_args, 6, faults=f"{point}@6:stop", env=SAME_THREADS)
     b = None
     try:
         time.sleep(1.5)  # A's heartbeat is older than its timeout: stale for another host
         b_args = args_in(runs, ["lease.host=node-b"])
         if b_done_first:
-            r = run_cli(["pipeline.train", *b_args], cwd=tmp_path, env=ENV1)
+            r = run_cli(["pipeline.train", *b_args], cwd=tmp_path, env=SAME_THREADS)
             assert r.returncode == 0, r.stderr[-3000:]
         else:
-            b = start_stopped_at(tmp_path, b_args, 15, env=ENV1)  # B stopped mid-run, owning the run
+            b = start_stopped_at(tmp_path, b_args, 15, env=SAME_THREADS)  # B stopped mid-run, owning the run
         log = run.log_file.read_text()
         assert "taking over the lease of" in log, log
         assert ("removed 1 temporary files" in log) == point.startswith("ckpt"), log  # A's, mid-write
