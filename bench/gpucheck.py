@@ -9,7 +9,9 @@ modern GPU) and pastes the table it prints. It needs nothing but the repository.
    and peak memory; configurations that would overrun the time budget are listed as skipped;
 3. `train.micro_batch=auto`: the micro-batch the probe picks for each model;
 4. the pipeline/bare and pipeline/authors ratios (bench/step_bench.py's contest);
-5. a 2-GPU data-parallel step (bench/dist_bench.py) when two GPUs are present.
+5. a 2-GPU data-parallel step (bench/dist_bench.py) when two GPUs are present;
+6. precision fidelity (analysis.fidelity): fp32, tf32 and bf16 against fp64 beside the spread of an
+   fp32 ensemble perturbed by one ulp, the digits CNN with ghost BatchNorm (figure in <out>/fidelity/).
 
 Writes `<out>/gpucheck.md` (Markdown tables) and `<out>/gpucheck.json` (the same numbers).
 `--dry` runs every section on the CPU with tiny sizes: the format, not the figures.
@@ -153,6 +155,29 @@ def data_parallel(dry) -> dict:
                 returncode=r.returncode)
 
 
+def fidelity(dry: bool, out: Path) -> dict:
+    """analysis.fidelity on the GPU: the digits CNN with ghost BatchNorm in the oscillation
+    regime, fp32 / tf32 / bf16 against fp64, beside an fp32 ensemble perturbed by one ulp
+    (dry: a tiny MLP on the CPU, fp32 / bf16). A failure is recorded, not fatal."""
+    from analysis import fidelity as fid
+
+    if dry:
+        args, overrides = ["--name", "tiny-mlp", "--ensemble", "2", "--precisions", "fp32,bf16", "--device", "cpu"], [
+            "model=mlp", "model.width=16", "model.depth=1", "data=digits", "train.micro_batch=1437",
+            "train.max_steps=20", "optim.h=1e-2"]
+    else:
+        args, overrides = ["cnn-bn-oscillation", "--precisions", "fp32,tf32,bf16", "--device", "cuda"], []
+    with tempfile.TemporaryDirectory() as runs:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                code = fid.main([*args, "--runs", runs, "--out", str(out / "fidelity"), "--", *overrides])
+        except Exception as e:  # noqa: BLE001 -- recorded in the report
+            return dict(error=f"{type(e).__name__}: {e}")
+    if code:
+        return dict(error=f"analysis.fidelity exited with status {code}")
+    return dict(markdown=(out / "fidelity" / "fidelity.md").read_text())
+
+
 def markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"# gpucheck — {env['device']}", "",
@@ -187,6 +212,9 @@ def markdown(res: dict) -> str:
                      f"{ra['authors aug off']:.3f} | {ra['authors aug on']:.3f} |")
     dp = res["data_parallel"]
     lines += ["", "## 5. Data-parallel step, 2 GPUs", "", dp.get("skipped") or f"`{dp['output']}`", ""]
+    fid = res.get("fidelity") or {}
+    lines += ["## 6. Precision fidelity (analysis.fidelity: deviation from fp64 beside an fp32 ensemble "
+              "perturbed by one ulp)", "", fid.get("markdown") or f"failed: {fid.get('error')}", ""]
     return "\n".join(lines)
 
 
@@ -220,6 +248,8 @@ def main(argv=None):
                                   2 if a.dry else 8, 50) for m in (models[:1])]
     print("5. data parallel", flush=True)
     res["data_parallel"] = data_parallel(a.dry)
+    print("6. precision fidelity", flush=True)
+    res["fidelity"] = fidelity(a.dry, Path(a.out))
     res["seconds"] = time.perf_counter() - start
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

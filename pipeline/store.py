@@ -54,7 +54,8 @@ NON_SEMANTIC = (
 # Semantic keys added after runs existed, left out of the hash at their default so that existing
 # run ids never change. The divergence rule's default only stops earlier a run that the analysis
 # (the same rule, pipeline.thresholds) classifies as diverged anyway, whenever it was made.
-ADDED_KEYS: dict[str, object] = {"train.diverge_factor": 10, "train.diverge_patience": 50}
+ADDED_KEYS: dict[str, object] = {"train.diverge_factor": 10, "train.diverge_patience": 50,
+                                  "train.perturb_theta0": None}
 
 
 def semantic_config(cfg: DictConfig) -> dict:

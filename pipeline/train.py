@@ -87,6 +87,8 @@ def build(cfg, data, device):
         data.x_train, data.x_test = data.x_train.double(), data.x_test.double()
         if data.task == "regression":
             data.y_train, data.y_test = data.y_train.double(), data.y_test.double()
+    if cfg.train.get("perturb_theta0") is not None:
+        perturb_one_ulp(model.parameters(), cfg.train.perturb_theta0)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data.x_train = data.x_train.contiguous(memory_format=torch.channels_last)
@@ -94,6 +96,19 @@ def build(cfg, data, device):
     opt = build_optimizer(model.parameters(), cfg.optim)
     fwd = torch.compile(model) if cfg.compile else model
     return model, fwd, opt
+
+
+@torch.no_grad()
+def perturb_one_ulp(params, seed: int) -> None:
+    """Move every coordinate of theta_0 to its neighbour in its own dtype (`torch.nextafter`):
+    up or down with probability 1/2, the signs drawn on the CPU with `seed`, so the same on
+    every device. A perturbation at the level of rounding (one ulp: 6e-8 relative in fp32) that
+    is defined for any model and any number of ranks, unlike a change of summation order."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        up = torch.rand(p.shape, generator=gen, dtype=torch.float64) < 0.5
+        toward = torch.where(up, math.inf, -math.inf).to(device=p.device, dtype=p.dtype)
+        p.copy_(torch.nextafter(p, toward))
 
 
 @contextlib.contextmanager

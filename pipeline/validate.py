@@ -201,6 +201,7 @@ def validate(cfg: DictConfig) -> None:
     integer(cfg, "train.record_params", 0)
     boolean(cfg, "train.reshuffle")
     boolean(cfg, "train.bias_term")
+    integer(cfg, "train.perturb_theta0", 0, null=True)
     choice(cfg, "train.progress", ("auto", "bar", "log", "none"))
     ts = _get(cfg, "train.loss_thresholds")
     if not (isinstance(ts, (list, ListConfig)) and all(_is_num(t) and t > 0 for t in ts)):

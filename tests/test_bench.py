@@ -60,13 +60,16 @@ def test_gpucheck_dry_run_writes_its_report(tmp_path):
 
     main(["--dry", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpucheck.json").read_text())
-    assert set(res) >= {"exactness", "speed", "auto_micro_batch", "contest", "data_parallel", "environment"}
+    assert set(res) >= {"exactness", "speed", "auto_micro_batch", "contest", "data_parallel", "environment",
+                        "fidelity"}
     assert max(res["exactness"]["max_rel_diff"].values()) < 1e-5  # fp32 against fp64
     assert all("ms" in r for r in res["speed"]) and res["auto_micro_batch"][0]["chosen"] % 100 == 0
     c = res["contest"][0]
     assert set(c["ratio"]) == {"bare", "authors aug off", "authors aug on"}
     md = (tmp_path / "gpucheck.md").read_text()
     for head in ("## 1. Exactness", "## 2. Step time", "## 3. train.micro_batch=auto", "## 4. Pipeline against",
-                 "## 5. Data-parallel"):
+                 "## 5. Data-parallel", "## 6. Precision fidelity"):
         assert head in md
+    assert "error" not in res["fidelity"] and "| `hill_height` |" in md  # the fidelity table itself
+    assert (tmp_path / "fidelity" / "tiny-mlp" / "deviation.png").exists()
     assert md.count("| cnn (N=64) |") == len(res["speed"])
