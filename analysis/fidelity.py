@@ -10,7 +10,9 @@ the finished runs):
   device and number of ranks, its size is exactly the rounding of storing theta_0 in fp32, and
   it is in the run id (the micro-batch, which orders the sums, is not: two orders would be one
   run);
-- each precision under test, unperturbed: fp32, bf16 (autocast) and, on a GPU, tf32.
+- each precision under test, unperturbed: fp32, bf16 (autocast) and, on a GPU, tf32 and
+  torch_default (PyTorch's defaults, TF32 convolutions: what the authors' runs used). On a CPU
+  those two are fp32 itself, so they are left out there.
 
 Then, for each summary metric the paper uses (analysis.summary: the step, perturbed one-norm
 and test accuracy at the first step below each loss threshold, the hill's height, trough and
@@ -334,7 +336,7 @@ def default_precisions(device: str) -> list[str]:
     import torch
 
     gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return ["fp32", "bf16"] + (["tf32"] if gpu else [])
+    return ["fp32", "bf16"] + (["tf32", "torch_default"] if gpu else [])
 
 
 def main(argv=None) -> int:
@@ -346,7 +348,8 @@ def main(argv=None) -> int:
                                              "--: one case of those overrides (--name); none at all: every case")
     ap.add_argument("--name", default="custom", help="the name of the case given by overrides after --")
     ap.add_argument("--ensemble", type=int, default=ENSEMBLE, help="fp32 runs perturbed by one ulp (K)")
-    ap.add_argument("--precisions", default=None, help="comma-separated, default fp32,bf16 (+tf32 on a GPU)")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated, default fp32,bf16 (and tf32,torch_default on a GPU)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--runs", default="fidelity/runs", help="the run store of the variants (reused when run again)")
     ap.add_argument("--out", default="fidelity", help="where the tables and figures go")
@@ -363,7 +366,7 @@ def main(argv=None) -> int:
     if args.ensemble < 1:
         print(f"error: --ensemble={args.ensemble}: allowed values are integers >= 1", file=sys.stderr)
         return 2
-    allowed = ("fp32", "bf16", "tf32")
+    allowed = ("fp32", "bf16", "tf32", "torch_default")
     precisions = args.precisions.split(",") if args.precisions else default_precisions(args.device)
     if not precisions or any(p not in allowed for p in precisions):
         print(f"error: --precisions={args.precisions}: allowed values are comma-separated {', '.join(allowed)}",

@@ -10,7 +10,7 @@ modern GPU) and pastes the table it prints. It needs nothing but the repository.
 3. `train.micro_batch=auto`: the micro-batch the probe picks for each model;
 4. the pipeline/bare and pipeline/authors ratios (bench/step_bench.py's contest);
 5. a 2-GPU data-parallel step (bench/dist_bench.py) when two GPUs are present;
-6. precision fidelity (analysis.fidelity): fp32, tf32 and bf16 against fp64 beside the spread of an
+6. precision fidelity (analysis.fidelity): fp32, tf32, torch_default and bf16 against fp64 beside the spread of an
    fp32 ensemble perturbed by one ulp, the digits CNN with ghost BatchNorm (figure in <out>/fidelity/).
 
 Writes `<out>/gpucheck.md` (Markdown tables) and `<out>/gpucheck.json` (the same numbers).
@@ -157,7 +157,7 @@ def data_parallel(dry) -> dict:
 
 def fidelity(dry: bool, out: Path) -> dict:
     """analysis.fidelity on the GPU: the digits CNN with ghost BatchNorm in the oscillation
-    regime, fp32 / tf32 / bf16 against fp64, beside an fp32 ensemble perturbed by one ulp
+    regime, fp32 / tf32 / torch_default / bf16 against fp64, beside an fp32 ensemble perturbed by one ulp
     (dry: a tiny MLP on the CPU, fp32 / bf16). A failure is recorded, not fatal."""
     from analysis import fidelity as fid
 
@@ -166,7 +166,8 @@ def fidelity(dry: bool, out: Path) -> dict:
             "model=mlp", "model.width=16", "model.depth=1", "data=digits", "train.micro_batch=1437",
             "train.max_steps=20", "optim.h=1e-2"]
     else:
-        args, overrides = ["cnn-bn-oscillation", "--precisions", "fp32,tf32,bf16", "--device", "cuda"], []
+        args, overrides = ["cnn-bn-oscillation", "--precisions", "fp32,tf32,torch_default,bf16",
+                          "--device", "cuda"], []
     with tempfile.TemporaryDirectory() as runs:
         try:
             with contextlib.redirect_stdout(sys.stderr):

@@ -10,7 +10,7 @@ The pipeline's step includes its test evaluation amortised over `--eval-every` s
 presets evaluate every 50). Prints per model the median time per step of each, the median
 ratios pipeline/bare and pipeline/authors, images/s, on CUDA the MFU, and the relative cost of
 the opt-in bias-term metric. `--all-precisions` instead times the pipeline's step under every
-numerics switch (fp32, tf32, bf16, fp64, channels_last, compile, deterministic).
+numerics switch (fp32, tf32, bf16, fp64, torch_default, channels_last, compile, deterministic).
 
     python -m bench.step_bench [--models cnn resnet18] [--n 2000] [--reps 5] [--all-precisions]
 """
@@ -34,8 +34,10 @@ from pipeline.step import bn_layers, evaluate, full_batch_step, partition
 from pipeline.theory_metrics import bias_term_norm
 from pipeline.train import build, numerics
 
-PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0, "fp64": 67.0}  # H100/H200 SXM dense, per GPU
+# H100/H200 SXM dense, per GPU (torch_default: TF32 convolutions, where a CNN spends its FLOPs)
+PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0, "fp64": 67.0, "torch_default": 495.0}
 SWITCHES = {"fp32": [], "tf32": ["precision=tf32"], "bf16": ["precision=bf16"], "fp64": ["precision=fp64"],
+            "torch_default": ["precision=torch_default"],
             "channels_last": ["channels_last=true"], "compile": ["compile=true"],
             "deterministic": ["deterministic=true"]}
 

@@ -57,9 +57,12 @@ def numerics(cfg):
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    tf32 = cfg.precision == "tf32"
+    # tf32: TF32 in matmuls and convolutions; torch_default: PyTorch's defaults, what the
+    # authors' runs used (TF32 convolutions, fp32 matmuls, cuDNN's autotuner); fp32: no TF32
+    tf32, torch_default = cfg.precision == "tf32", cfg.precision == "torch_default"
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32 or torch_default
+    torch.backends.cudnn.benchmark = torch_default and not cfg.deterministic
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)

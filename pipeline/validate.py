@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
     # -- top level -------------------------------------------------------------------------
     integer(cfg, "seed", 0)
     choice(cfg, "device", ("auto", "cpu", "cuda"))
-    precision = choice(cfg, "precision", ("fp32", "tf32", "bf16", "fp64"))
+    precision = choice(cfg, "precision", ("fp32", "tf32", "bf16", "fp64", "torch_default"))
     for key in ("channels_last", "compile", "deterministic", "retry"):
         boolean(cfg, key)
     text(cfg, "paths.runs")

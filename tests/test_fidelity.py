@@ -151,4 +151,4 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, capsys):
     assert code == 2 and err == ["error: optim.beta=1.5: allowed range [0, 1)"]
     assert not (tmp_path / "runs").exists()
     assert fidelity.main(["--precisions", "fp16"]) == 2
-    assert "allowed values are comma-separated fp32, bf16, tf32" in capsys.readouterr().err
+    assert "allowed values are comma-separated fp32, bf16, tf32, torch_default" in capsys.readouterr().err

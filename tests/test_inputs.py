@@ -70,7 +70,7 @@ CATALOGUE = [
     (["train.loss_thresholds=[0.1,-1]"], "train.loss_thresholds=[0.1, -1]: ", "positive numbers"),
     (["train.max_step=3"], "train.max_step=3: ", "did you mean train.max_steps?"),
     (["seed=abc"], "seed=abc: ", "integers >= 0"),
-    (["precision=fp16"], "precision=fp16: ", "allowed values are fp32, tf32, bf16, fp64"),
+    (["precision=fp16"], "precision=fp16: ", "allowed values are fp32, tf32, bf16, fp64, torch_default"),
     (["device=tpu"], "device=tpu: ", "allowed values are auto, cpu, cuda"),
     (["compile=maybe"], "compile=maybe: ", "allowed values are true, false"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode=sometimes: ", "auto, online, offline, disabled"),

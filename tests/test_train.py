@@ -201,7 +201,7 @@ def test_progress_log_lines_when_not_on_a_terminal(tmp_path):
 
 
 SWITCHES = {  # switch -> largest relative difference of the loss from fp32 after 3 steps
-    "precision=fp64": 1e-5, "precision=bf16": 5e-2, "precision=tf32": 1e-6,
+    "precision=fp64": 1e-5, "precision=bf16": 5e-2, "precision=tf32": 1e-6, "precision=torch_default": 1e-6,
     "channels_last=true": 1e-5, "deterministic=true": 1e-6}
 
 
@@ -231,7 +231,9 @@ def test_numerics_switch_is_in_effect(cfg_factory, switch):
         assert conv.weight.is_contiguous(memory_format=cl) == data.x_train.is_contiguous(memory_format=cl) \
             == (switch == "channels_last=true")
         assert torch.are_deterministic_algorithms_enabled() == (switch == "deterministic=true")
-        assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == (switch == "precision=tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 == (switch == "precision=tf32")
+        assert torch.backends.cudnn.allow_tf32 == (switch in ("precision=tf32", "precision=torch_default"))
+        assert torch.backends.cudnn.benchmark == (switch == "precision=torch_default")
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cuda.matmul.allow_tf32
 
 
@@ -239,6 +241,7 @@ CLOSE = {  # switch -> largest relative difference of the loss from fp32 over 6 
     "precision=fp64": 1e-5,      # fp32 rounds at 6e-8 per operation; a few thousand operations
     "precision=bf16": 5e-2,      # bf16 keeps 8 bits of mantissa: 4e-3 per rounding
     "precision=tf32": 1e-6,      # no TF32 on a CPU: the fp32 kernels themselves
+    "precision=torch_default": 1e-6,  # the same on a CPU
     "channels_last=true": 1e-5,  # other kernels, other summation order: fp32 rounding
     "deterministic=true": 1e-6,  # the CPU kernels are deterministic already
     "compile=true": 1e-5,        # fused kernels, other summation order: fp32 rounding
