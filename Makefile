@@ -14,12 +14,13 @@ TASKS ?=
 PROFILE ?=
 DATA_ROOT ?= data
 RUNS ?=
+CASES ?=
 SWEEPS ?=
 ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze figures theory sync report data migrate bench gpucheck test lint clean-venv
+.PHONY: help install sweep status analyze figures theory sync report data migrate bench fidelity gpucheck test lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -69,6 +70,9 @@ bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-en
 	$(PY) -m bench.step_bench $(ARGS)
 	$(if $(ARGS),,$(PY) -m bench.run_bench)
 	$(if $(ARGS),,$(PY) -m bench.dist_bench)
+
+fidelity: $(VENV)/.installed ## each precision against fp64 beside an fp32 ensemble perturbed by one ulp (CASES=mlp-spike ...; ARGS="--ensemble 4") -> fidelity/
+	$(PY) -m analysis.fidelity $(CASES) $(ARGS)
 
 gpucheck: $(VENV)/.installed ## one-shot GPU check (< 8 min): exactness, speed grid, auto micro-batch, ratios -> gpucheck/gpucheck.md
 	$(PY) -m bench.gpucheck --out gpucheck $(ARGS)

@@ -27,7 +27,7 @@ Writes into `<out>/<case>/`: `fidelity.csv` and `fidelity.md` (the table), `devi
 `deviation.png`/`.pdf` (per step: each run's deviation from fp64; the ensemble as a band); and
 `<out>/fidelity.md`, the tables of every case of the call.
 
-    python -m analysis.fidelity mlp-oscillation mlp-spike --ensemble 4
+    python -m analysis.fidelity mlp-oscillation mlp-spike --ensemble 4   # default: every case, K = 8
     python -m analysis.fidelity --name mine --precisions fp32,bf16 -- model=cnn data=digits optim.beta=0.9
 """
 
@@ -37,6 +37,7 @@ import argparse
 import logging
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
                      DIGITS_CNN_BN + ["optim.h=3e-3", "optim.beta=0.0", "optim.rho=0.999", "train.max_steps=400"]),
 }
 COMMON = ["train.eval_every=10", "train.progress=none", "logger=none", "sweep.name=null"]
-ENSEMBLE = 4
+ENSEMBLE = 8
 REFERENCE = "fp64"
 BAND = "fp32 + 1 ulp"  # the ensemble's label in tables and figures
 COLOURS = {"fp32": "#0072B2", "bf16": "#D55E00", "tf32": "#009E73", "torch_default": "#CC79A7"}  # Okabe-Ito
@@ -110,19 +111,19 @@ def judge(reference, members, value) -> Verdict:
     members = list(members)
     if isinstance(reference, str) or isinstance(value, str):
         ok = value == reference or value in members
-        return Verdict(math.nan, math.nan, ok, "within" if ok else f"outside ({value} vs {reference})")
+        return Verdict(math.nan, math.nan, ok, "within" if ok else f"outside: {value} vs {reference}")
     finite = [float(m) for m in members if not _missing(m)]
     spread = max((abs(m - float(reference)) for m in finite), default=0.0) if not _missing(reference) else math.nan
     if _missing(value) or _missing(reference):
         ok = _missing(value) == _missing(reference) or any(_missing(m) == _missing(value) for m in members)
-        return Verdict(math.nan, spread, ok, "within (empty as well)" if ok else
-                       ("outside (empty; the reference has a value)" if _missing(value) else
-                        "outside (a value; the reference is empty)"))
+        return Verdict(math.nan, spread, ok, "within, empty as well" if ok else
+                       ("outside, empty; the reference has a value" if _missing(value) else
+                        "outside, a value; the reference is empty"))
     dev = abs(float(value) - float(reference))
     if spread == 0:
-        return Verdict(dev, spread, dev == 0, "within (equal)" if dev == 0 else "outside (spread 0)")
+        return Verdict(dev, spread, dev == 0, "within, equal" if dev == 0 else "outside, spread 0")
     ok = dev <= TOLERANCE * spread
-    return Verdict(dev, spread, ok, f"{'within' if ok else 'outside'} ({dev / spread:.2g}x)")
+    return Verdict(dev, spread, ok, f"{'within' if ok else 'outside'}, {dev / spread:.2g}×")
 
 
 # -- the metrics the paper uses -----------------------------------------------------------------
@@ -171,10 +172,10 @@ def compare(reference: dict, members: list[dict], tested: dict[str, dict], metri
 
 
 # -- per-step deviations from the reference -------------------------------------------------------
-DEVIATIONS = {  # column -> (how the deviation is measured, panel label)
-    "loss": ("relative", "training loss: |x - x_fp64| / x_fp64"),
-    "pert_norm": ("relative", r"$\|\nabla E\|_{1,\varepsilon}$: |x - x_fp64| / x_fp64"),
-    "test_acc": ("absolute", "test accuracy: |x - x_fp64|"),
+DEVIATIONS = {  # column -> (how the deviation is measured, panel label, log axis)
+    "loss": ("relative", "training loss\n|x − x_fp64| / x_fp64", True),
+    "pert_norm": ("relative", "$\\|\\nabla E\\|_{1,\\varepsilon}$\n|x − x_fp64| / x_fp64", True),
+    "test_acc": ("absolute", "test accuracy\n|x − x_fp64| (points)", False),
 }
 
 
@@ -187,7 +188,7 @@ def deviation_frame(reference: pd.DataFrame, runs: dict[str, tuple[str, pd.DataF
         if m.empty:
             continue
         joined = m.set_index("step").join(ref.add_suffix("_ref"), how="inner")
-        for col, (how, _) in DEVIATIONS.items():
+        for col, (how, _, _) in DEVIATIONS.items():
             if col not in joined or f"{col}_ref" not in joined:
                 continue
             d = (joined[col] - joined[f"{col}_ref"]).abs()
@@ -201,40 +202,50 @@ def deviation_frame(reference: pd.DataFrame, runs: dict[str, tuple[str, pd.DataF
 
 
 def deviation_figure(dev: pd.DataFrame, title: str, marks: dict[str, float], out: Path) -> list[Path]:
-    """A panel per metric (shared step axis, log deviation clipped at FLOOR): the ensemble as a
-    grey band (min to max over its members), each precision as a coloured line; dotted lines at
-    the reference's threshold crossings and hill peak."""
+    """A panel per metric on a shared step axis: in grey, the region up to the largest deviation
+    of the ensemble's members (inside it a precision is as good as fp32 rounding), each precision
+    as a coloured line; the relative deviations on a log axis (clipped at FLOOR), the test
+    accuracy's in percentage points; dotted lines at the reference's crossings and hill peak."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = [m for m in DEVIATIONS if m in set(dev["metric"])]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(6.4, 1.9 * len(metrics) + 0.6), sharex=True,
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(6.4, 1.8 * len(metrics) + 0.9), sharex=True,
                              squeeze=False, layout="constrained")
     for ax, metric in zip(axes[:, 0], metrics):
+        _, label, logy = DEVIATIONS[metric]
         d = dev[dev["metric"] == metric]
-        ens = d[d["kind"] == "ensemble"].pivot_table(index="step", columns="variant", values="value")
+        scale = 1.0 if logy else 100.0  # accuracy in percentage points
+        floor = FLOOR if logy else 0.0
+        values = (d["value"] * scale).clip(lower=floor)
+        bottom = max(FLOOR, values[values > 0].min() / 3) if logy and (values > 0).any() else floor
+        ens = d[d["kind"] == "ensemble"].pivot_table(index="step", columns="variant", values="value") * scale
         if not ens.empty:
-            ax.fill_between(ens.index, ens.min(axis=1).clip(lower=FLOOR), ens.max(axis=1).clip(lower=FLOOR),
-                            color="0.75", lw=0, label=f"{BAND} ensemble (min–max)", step="mid")
+            ax.fill_between(ens.index, bottom, ens.max(axis=1).clip(lower=bottom), color="0.82", lw=0,
+                            step="mid", label=f"up to the largest deviation of {BAND} (K={ens.shape[1]})")
         for variant, g in d[d["kind"] == "precision"].groupby("variant", sort=False):
             g = g.sort_values("step")
-            ax.plot(g["step"], g["value"].clip(lower=FLOOR), color=COLOURS.get(variant, "k"), lw=1.0,
+            ax.plot(g["step"], (g["value"] * scale).clip(lower=bottom), color=COLOURS.get(variant, "k"), lw=1.0,
                     label=variant, marker="." if metric == "test_acc" else None, ms=3)
         for name, step in marks.items():
             if not math.isnan(step):
                 ax.axvline(step, color="0.3", ls=":", lw=0.8)
                 ax.annotate(name, (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
                             textcoords="offset points", va="top", fontsize=7, color="0.3")
-        ax.set_yscale("log")
-        ax.set_ylabel(DEVIATIONS[metric][1], fontsize=8)
+        if logy:
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=bottom)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(True, which="major", color="0.92", lw=0.6)
     axes[-1, 0].set_xlabel("step", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"{title}\ndeviation from fp64 (values below {FLOOR:g} drawn at it)", fontsize=9)
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(f"{title}: deviation from fp64", 95)), fontsize=9)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "deviation.png", out / "deviation.pdf"]
     for p in paths:
@@ -244,14 +255,16 @@ def deviation_figure(dev: pd.DataFrame, title: str, marks: dict[str, float], out
 
 
 # -- the table as Markdown ------------------------------------------------------------------------
-def _fmt(v) -> str:
+def _fmt(v, digits: int = 6) -> str:
     if isinstance(v, str):
         return v
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if float(v).is_integer() and abs(v) < 1e6:
         return f"{int(v)}"
-    return f"{v:.6g}" if abs(v) >= 1e-3 else f"{v:.2g}"
+    if abs(v) >= 10 ** digits:
+        return f"{v:.0f}"
+    return f"{v:.{digits}g}" if abs(v) >= 1e-3 else f"{v:.2g}"
 
 
 def markdown(table: pd.DataFrame, precisions: list[str], title: str, ensemble: int) -> str:
@@ -261,10 +274,10 @@ def markdown(table: pd.DataFrame, precisions: list[str], title: str, ensemble: i
     head += [f"{p}: deviation (verdict)" for p in precisions]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for _, r in table.iterrows():
-        spread = r["ensemble_values"] if isinstance(r["ensemble_values"], str) else _fmt(r["spread"])
+        spread = r["ensemble_values"] if isinstance(r["ensemble_values"], str) else _fmt(r["spread"], 2)
         cells = [f"`{r['metric']}`", _fmt(r["fp64"]), spread]
         for p in precisions:
-            dev = r[p] if isinstance(r[p], str) else _fmt(r[f"{p}_deviation"])
+            dev = r[p] if isinstance(r[p], str) else _fmt(r[f"{p}_deviation"], 2)
             cells.append(f"{dev} ({r[f'{p}_verdict']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -351,6 +364,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default=None,
                     help="comma-separated, default fp32,bf16 (and tf32,torch_default on a GPU)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch's CPU threads: the order of the CPU's sums depends on it (default 1: the "
+                         "same numbers on every machine)")
     ap.add_argument("--runs", default="fidelity/runs", help="the run store of the variants (reused when run again)")
     ap.add_argument("--out", default="fidelity", help="where the tables and figures go")
     args = ap.parse_args(argv)
@@ -363,6 +379,9 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown case {unknown[0]}; allowed: {', '.join(CASES)} (or overrides after --)", file=sys.stderr)
         return 2
+    if args.threads < 1:
+        print(f"error: --threads={args.threads}: allowed values are integers >= 1", file=sys.stderr)
+        return 2
     if args.ensemble < 1:
         print(f"error: --ensemble={args.ensemble}: allowed values are integers >= 1", file=sys.stderr)
         return 2
@@ -374,18 +393,24 @@ def main(argv=None) -> int:
         return 2
     todo = [(c, *CASES[c]) for c in args.cases] or ([(args.name, "custom configuration", [])] if overrides
                                                     else [(c, *CASES[c]) for c in CASES])
+    import torch
+
     from pipeline.validate import ConfigError
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the CPU's summation order, hence the chaotic runs' numbers
     out, texts = Path(args.out), []
-    for name, title, case_overrides in todo:
-        try:
+    try:
+        for name, title, case_overrides in todo:
             _, text = run_case(name, title, [*case_overrides, f"device={args.device}", *overrides], out,
                                Path(args.runs), args.ensemble, precisions)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        texts.append(text)
-        print(text)
+            texts.append(text)
+            print(text)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)  # a caller in this process (a test, gpucheck) keeps its own
     (out / "fidelity.md").write_text("\n".join(texts))
     log.info("wrote %s and %s/<case>/ (fidelity.csv, deviation.csv, deviation.png)", out / "fidelity.md", out)
     return 0

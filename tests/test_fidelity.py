@@ -22,19 +22,19 @@ TINY = ["model=mlp", "model.width=16", "model.depth=1", "data=digits", "train.mi
 def test_a_deviation_inside_the_spread_is_within_and_one_outside_is_not():
     members = [1.0 + 1e-6, 1.0 - 3e-6, 1.0 + 2e-6]  # spread around the reference 1.0: 3e-6
     inside = judge(1.0, members, 1.0 + 2.5e-6)
-    assert inside.within and inside.why == "within (0.83x)"
+    assert inside.within and inside.why == "within, 0.83×"
     assert inside.spread == pytest.approx(3e-6, rel=1e-9) and inside.deviation == pytest.approx(2.5e-6, rel=1e-6)
     outside = judge(1.0, members, 1.0 - 3e-5)
     assert not outside.within and outside.ratio == pytest.approx(10.0, rel=1e-6)
-    assert outside.why == "outside (10x)"
+    assert outside.why == "outside, 10×"
     assert judge(1.0, members, 1.0 + 6e-6).within          # twice the spread: one more draw may land there
     assert not judge(1.0, members, 1.0 + 6.1e-6).within
 
 
 def test_with_no_spread_only_the_exact_value_is_within():
-    assert judge(412.0, [412.0, 412.0], 412.0).why == "within (equal)"
+    assert judge(412.0, [412.0, 412.0], 412.0).why == "within, equal"
     v = judge(412.0, [412.0, 412.0], 413.0)
-    assert not v.within and v.why == "outside (spread 0)" and v.ratio == math.inf
+    assert not v.within and v.why == "outside, spread 0" and v.ratio == math.inf
 
 
 def test_empty_values_are_an_outcome_of_their_own():
@@ -59,10 +59,10 @@ def test_compare_builds_one_row_per_metric_with_the_verdict_of_each_precision():
     tested = {"fp32": {"hill_height": 2.0 + 5e-5, "at_loss_0.01_step": 121, "regime": "stable"},
               "bf16": {"hill_height": 2.01, "at_loss_0.01_step": 125, "regime": "spiky"}}
     t = compare(ref, members, tested, ["hill_height", "at_loss_0.01_step", "regime"]).set_index("metric")
-    assert list(t["fp32_verdict"]) == ["within (0.25x)", "within (1x)", "within"]
-    assert t.loc["hill_height", "bf16_verdict"] == "outside (50x)"
-    assert t.loc["at_loss_0.01_step", "bf16_verdict"] == "outside (5x)"
-    assert t.loc["regime", "bf16_verdict"] == "outside (spiky vs stable)"
+    assert list(t["fp32_verdict"]) == ["within, 0.25×", "within, 1×", "within"]
+    assert t.loc["hill_height", "bf16_verdict"] == "outside, 50×"
+    assert t.loc["at_loss_0.01_step", "bf16_verdict"] == "outside, 5×"
+    assert t.loc["regime", "bf16_verdict"] == "outside: spiky vs stable"
     assert t.loc["hill_height", "spread"] == pytest.approx(2e-4, rel=1e-6)
     assert t.loc["hill_height", "ensemble_min"] == pytest.approx(2.0 - 2e-4)
 
@@ -152,3 +152,14 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     assert fidelity.main(["--precisions", "fp16"]) == 2
     assert "allowed values are comma-separated fp32, bf16, tf32, torch_default" in capsys.readouterr().err
+
+
+def test_the_report_leaves_the_callers_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fidelity.main(["--threads", "1", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--",
+                              *TINY, "optim.beta=1.5"]) == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
