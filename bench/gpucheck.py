@@ -16,7 +16,7 @@ modern GPU) and pastes the table it prints. It needs nothing but the repository.
 Writes `<out>/gpucheck.md` (Markdown tables) and `<out>/gpucheck.json` (the same numbers).
 `--dry` runs every section on the CPU with tiny sizes: the format, not the figures.
 
-    python -m bench.gpucheck [--out gpucheck] [--budget-s 420] [--dry]
+    python -m bench.gpucheck [--out gpucheck] [--budget-s 360] [--dry]
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def data_parallel(dry) -> dict:
 
 def fidelity(dry: bool, out: Path) -> dict:
     """analysis.fidelity on the GPU: the digits CNN with ghost BatchNorm in the oscillation
-    regime, fp32 / tf32 / torch_default / bf16 against fp64, beside an fp32 ensemble perturbed by one ulp
+    regime, fp32 / tf32 / torch_default / bf16 against fp64, beside four fp32 runs perturbed by one ulp
     (dry: a tiny MLP on the CPU, fp32 / bf16). A failure is recorded, not fatal."""
     from analysis import fidelity as fid
 
@@ -166,8 +166,8 @@ def fidelity(dry: bool, out: Path) -> dict:
             "model=mlp", "model.width=16", "model.depth=1", "data=digits", "train.micro_batch=1437",
             "train.max_steps=20", "optim.h=1e-2"]
     else:
-        args, overrides = ["cnn-bn-oscillation", "--precisions", "fp32,tf32,torch_default,bf16",
-                          "--device", "cuda"], []
+        args, overrides = ["cnn-bn-oscillation", "--ensemble", "4", "--precisions",
+                          "fp32,tf32,torch_default,bf16", "--device", "cuda"], []
     with tempfile.TemporaryDirectory() as runs:
         try:
             with contextlib.redirect_stdout(sys.stderr):
@@ -222,7 +222,7 @@ def markdown(res: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpucheck")
-    ap.add_argument("--budget-s", type=float, default=420, help="stop starting new speed configurations after this")
+    ap.add_argument("--budget-s", type=float, default=360, help="stop starting new speed configurations after this")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak (when not in the table)")
     ap.add_argument("--dry", action="store_true", help="every section on the CPU with tiny sizes (format only)")
     a = ap.parse_args(argv)

@@ -29,6 +29,8 @@ def test_a_deviation_inside_the_spread_is_within_and_one_outside_is_not():
     assert outside.why == "outside, 10×"
     assert judge(1.0, members, 1.0 + 6e-6).within          # twice the spread: one more draw may land there
     assert not judge(1.0, members, 1.0 + 6.1e-6).within
+    n = 360  # two test images against one: twice the spread, whatever the rounding of 2/360 - 0
+    assert judge(0.975, [0.975 + 1 / n, 0.975], 0.975 - 2 / n).within
 
 
 def test_with_no_spread_only_the_exact_value_is_within():
