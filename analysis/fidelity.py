@@ -354,10 +354,10 @@ def default_precisions(device: str) -> list[str]:
     return ["fp32", "bf16"] + (["tf32", "torch_default"] if gpu else [])
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+PRECISIONS = ("fp32", "bf16", "tf32", "torch_default")
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m analysis.fidelity", description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="*", help=f"cases to run ({', '.join(CASES)}); none with overrides after "
                                              "--: one case of those overrides (--name); none at all: every case")
@@ -371,27 +371,36 @@ def main(argv=None) -> int:
                          "same numbers on every machine)")
     ap.add_argument("--runs", default="fidelity/runs", help="the run store of the variants (reused when run again)")
     ap.add_argument("--out", default="fidelity", help="where the tables and figures go")
-    args = ap.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)  # this module's lines; the runs' own go to their train.log
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    return ap
+
+
+def _bad_args(args, precisions: list[str]) -> str | None:
+    """The one-line error for bad arguments, or None."""
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
-        print(f"error: unknown case {unknown[0]}; allowed: {', '.join(CASES)} (or overrides after --)", file=sys.stderr)
-        return 2
-    if args.threads < 1:
-        print(f"error: --threads={args.threads}: allowed values are integers >= 1", file=sys.stderr)
-        return 2
-    if args.ensemble < 1:
-        print(f"error: --ensemble={args.ensemble}: allowed values are integers >= 1", file=sys.stderr)
-        return 2
-    allowed = ("fp32", "bf16", "tf32", "torch_default")
+        return f"unknown case {unknown[0]}; allowed: {', '.join(CASES)} (or overrides after --)"
+    for key in ("threads", "ensemble"):
+        if getattr(args, key) < 1:
+            return f"--{key}={getattr(args, key)}: allowed values are integers >= 1"
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        return f"--precisions={args.precisions}: allowed values are comma-separated {', '.join(PRECISIONS)}"
+    return None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if not log.handlers:  # this module's lines on stderr; the runs' own go to their train.log
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     precisions = args.precisions.split(",") if args.precisions else default_precisions(args.device)
-    if not precisions or any(p not in allowed for p in precisions):
-        print(f"error: --precisions={args.precisions}: allowed values are comma-separated {', '.join(allowed)}",
-              file=sys.stderr)
+    error = _bad_args(args, precisions)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     todo = [(c, *CASES[c]) for c in args.cases] or ([(args.name, "custom configuration", [])] if overrides
                                                     else [(c, *CASES[c]) for c in CASES])

@@ -165,3 +165,15 @@ def test_the_report_leaves_the_callers_thread_count(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ensemble", "0"], "--ensemble=0: allowed values are integers >= 1"),
+    (["--threads", "0"], "--threads=0: allowed values are integers >= 1"),
+    (["--precisions", "fp32,fp64"], "--precisions=fp32,fp64: allowed values are comma-separated"),
+])
+def test_bad_arguments_are_one_line(args, message, capsys, tmp_path):
+    assert fidelity.main([*args, "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}")
+    assert not (tmp_path / "runs").exists()
