@@ -47,9 +47,26 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
         curves.to_parquet(out / "curves.parquet", index=False)
     shown = summary[summary["damaged"].isna()] if "damaged" in summary else summary  # damaged runs: no values
     if figures and len(shown):
+        warn_mixed_code(shown)
+    if figures and len(shown):
         params = varying(shown) or [p for p in ("beta", "rho", "h") if p in shown and shown[p].notna().any()][:1]
         paths["figures"] = all_figures(shown, curves, out, thresholds, params)
     return paths
+
+
+def warn_mixed_code(summary) -> str | None:
+    """One warning when the runs of the figures come from different commits or from a dirty tree
+    (summary.csv's code_version says which run is which); the line, or None."""
+    counts = summary["code_version"].fillna("unknown").value_counts()
+    mixed = len(counts) > 1 or any("dirty" in v for v in counts.index)
+    if not mixed:
+        return None
+    parts = ", ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts.items())
+    line = (f"the figures' runs come from {'different code versions' if len(counts) > 1 else 'a dirty tree'}: "
+            f"{parts}; summary.csv's code_version says which run is which (a dirty tree's diff is in the run's "
+            "folder, code-<attempt>.diff)")
+    logging.getLogger("analysis").warning("%s", line)
+    return line
 
 
 def main(argv=None):

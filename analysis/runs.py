@@ -99,7 +99,8 @@ def read_metrics(path: Path) -> pd.DataFrame:
 
 
 def read_run(path: Path) -> dict:
-    """{'run_id', 'path', 'config', 'status', 'metrics', 'holes', 'damaged', 'whole_until'} of one
+    """{'run_id', 'path', 'config', 'status', 'metrics', 'holes', 'damaged', 'whole_until',
+    'provenance'} of one
     run directory, judged by the one integrity rule (pipeline.integrity.check). The metrics are
     the parseable rows in step order, each step once; `whole_until` is the last step up to which
     they are known to be the run's whole history. A damaged run (status.json or config.yaml) has
@@ -110,7 +111,7 @@ def read_run(path: Path) -> dict:
     rows = health.history.in_step_order()
     return dict(run_id=run.id, path=path, config=health.config if not health.damaged else {},
                 status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
-                damaged="; ".join(health.damaged), whole_until=health.whole_until)
+                damaged="; ".join(health.damaged), whole_until=health.whole_until, provenance=run.provenance())
 
 
 def hyperparameters(config: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.provenance import code_versions
 from pipeline.thresholds import divergence_step
 from pipeline.thresholds import first_crossing as first_crossing_index
 
@@ -145,6 +146,7 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
         row["limit_one_norm"] = float(last.abs().sum())
         if "l1_norm" in m:
             row["limit_grad_one_norm"] = float(m["l1_norm"].iloc[-1])
+    row["code_version"] = code_versions(run.get("provenance") or [])  # commit[+dirty] of each attempt
     return row
 
 

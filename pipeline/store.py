@@ -440,6 +440,7 @@ class RunDir:
     prev_checkpoint = property(lambda self: self.path / "checkpoint.prev.pt")
     job_file = property(lambda self: self.path / "job.json")
     log_file = property(lambda self: self.path / "train.log")
+    provenance_file = property(lambda self: self.path / "provenance.json")
 
     def fence(self) -> None:
         """Raise LeaseLost when this process held the run's lease and no longer does."""
@@ -500,6 +501,30 @@ class RunDir:
     def write_job(self, handle: dict) -> None:
         """The sweep's handle of the job it submitted (the sweep process writes it, not the run's owner)."""
         atomic_write_text(self.job_file, json.dumps(handle, indent=1, sort_keys=True) + "\n")
+
+    # -- provenance (pipeline/provenance.py) ------------------------------------------------------
+    def provenance(self) -> list[dict]:
+        """The attempts' records of provenance.json, oldest first; [] when missing or damaged (it
+        describes the run, it is not the run: a damaged one costs the record, not the results)."""
+        text, _ = read_text(self.provenance_file)
+        try:
+            attempts = json.loads(text).get("attempts") if text else []
+        except (ValueError, AttributeError):
+            return []
+        return [a for a in attempts if isinstance(a, dict)] if isinstance(attempts, list) else []
+
+    def record_provenance(self, attempt: int, record: dict, diff: str | None) -> None:
+        """Add this attempt's record (fenced, like every write of the owner); a dirty tree's diff
+        goes beside it as code-<attempt>.diff, written first so that the record never names a
+        file that is not there."""
+        entry = dict(attempt=attempt, **record)
+        if diff:
+            name = f"code-{attempt}.diff"
+            atomic_write_text(self.path / name, diff, self.fence, self._tag)
+            entry["diff_file"] = name
+        attempts = [a for a in self.provenance() if a.get("attempt") != attempt] + [entry]
+        atomic_write_text(self.provenance_file, json.dumps(dict(attempts=json_safe(attempts)), indent=1,
+                                                           sort_keys=True) + "\n", self.fence, self._tag)
 
     def remove_stale_temps(self) -> list[Path]:
         """Temporary files of other writers (interrupted, or fenced off); the lease's own excepted."""

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from models import build_model
 
-from . import dist, faults, preempt
+from . import dist, faults, preempt, provenance
 from .compose import CONF_DIR, Composer
 from .data import DataError, load_dataset
 from .integrity import check, decide
@@ -233,6 +233,7 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | 
     if decision.action == "restart":
         run.remove_checkpoints()
     run.write_config(cfg)
+    run.record_provenance(st.get("attempts", 0) + 1, *provenance.collect())
     run.write_status(state="running", attempts=st.get("attempts", 0) + 1, slurm_job=slurm_job_id(),
                      started_at=time.time(), error=None,
                      **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
