@@ -22,6 +22,7 @@ POINTS = {
     "ckpt.tmp": "checkpoint of step n fully in its temporary file, not yet renamed",
     "ckpt.prev": "old checkpoint renamed to checkpoint.prev.pt, new one not yet in place",
     "ckpt.done": "checkpoint of step n in place",
+    "sbatch.done": "a sweep's jobs submitted to Slurm, their job ids not yet in the runs' job.json",
 }
 
 

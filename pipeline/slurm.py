@@ -8,6 +8,8 @@ be reached, the caller gets the reason instead of a silent blank.
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
 import shutil
 import subprocess
@@ -144,6 +146,28 @@ def _query(cmd: list[str]) -> tuple[dict, str | None]:
             for j in _expand(jid.strip()):
                 states[j] = (state.split() or [""])[0]
     return states, None
+
+
+def jobs_with_comment(marker: str) -> tuple[dict[str, str], str | None]:
+    """({job id: state} of this user's queued or running jobs whose Slurm comment holds
+    `marker`, None), or ({}, why) when squeue cannot be reached (pipeline/orphans.py)."""
+    if not shutil.which("squeue"):
+        return {}, "squeue not found on PATH"
+    user = os.environ.get("USER") or getpass.getuser()
+    try:
+        r = subprocess.run(["squeue", "-h", "-r", "-u", user, "-o", "%i|%T|%k"], capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}, "squeue did not answer within 60 s"
+    if r.returncode != 0:
+        return {}, f"squeue failed: {(r.stderr.strip().splitlines() or ['exit %d' % r.returncode])[0]}"
+    out = {}
+    for line in r.stdout.splitlines():
+        jid, _, rest = line.partition("|")
+        state, _, comment = rest.partition("|")
+        if marker in comment.split():
+            out.update({j: state.strip() for j in _expand(jid.strip())})
+    return out, None
 
 
 def job_states(job_ids) -> tuple[dict[str, str], str | None]:

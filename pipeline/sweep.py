@@ -35,7 +35,7 @@ from unittest import mock
 
 import submitit
 
-from . import lease, slurm
+from . import faults, lease, orphans, slurm
 from .compose import CONF_DIR, Composer
 from .integrity import check
 from .plan import Plan, make_plan, register, sweep_runs, table
@@ -97,17 +97,24 @@ def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
         extra["requeue"] = True  # where JobRequeue=0, a preempted or timed-out job could not come back
     ex = submitit.SlurmExecutor(folder=plan.folder / ".submitit" / "%j",
                                 max_num_timeout=prof.pop("max_num_timeout", 3))
-    ex.update_parameters(job_name=plan.name, additional_parameters=extra, **prof)
     todo = plan.todo
+    # -- no orphans: the intent (runs in order, a marker in the jobs' comment) is on disk before
+    # sbatch and resolved once every job.json is written; a crash in between is adopted later --
+    intent = orphans.write_intent(plan.folder, [p.run for p in todo], profile, plan.name)
+    comment = " ".join(filter(None, (str(prof.pop("comment", "") or ""), orphans.marker(intent["token"]))))
+    ex.update_parameters(job_name=plan.name, additional_parameters=extra, comment=comment, **prof)
     try:
         with ex.batch():
             jobs = [ex.submit(TrainJob(), p.cfg) for p in todo]
-    except Exception as e:  # sbatch refused: the runs stay "pending (no job)"
+    except Exception as e:  # sbatch refused (it said so): nothing submitted, the runs stay "pending (no job)"
+        orphans.resolve(plan.folder, intent)
         _fail(f"Slurm refused the submission ({type(e).__name__}: "
               f"{(str(e).strip().splitlines() or [''])[0][:300]}); nothing was submitted", 1)
+    faults.point("sbatch.done")
     for p, job in zip(todo, jobs):
         p.run.write_job(dict(backend="slurm", job_id=job.job_id, sweep=plan.name, profile=profile,
                              submitted_at=time.time(), log=str(job.paths.stderr)))
+    orphans.resolve(plan.folder, intent)
     array = jobs[0].job_id.split("_")[0]
     print(f"submitted {len(todo)} runs as Slurm {'array' if len(jobs) > 1 else 'job'} {array} "
           f"(job name {plan.name}); `make status SWEEP={plan.name}` to follow")
@@ -302,6 +309,14 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
             raise ConfigError("LAUNCHER=slurm: sbatch not found on PATH (run on a Slurm login "
                               "node, or use LAUNCHER=local)")
         plan = make_plan(preset, extra, retry)
+        if orphans.intents(plan.folder):  # an earlier sweep died between sbatch and recording its jobs
+            if dry:
+                print(f"warning: an interrupted Slurm submission of {plan.name} is not resolved yet; `make sweep` "
+                      "(without DRY) or `make status` adopts its jobs", file=sys.stderr)
+            else:
+                for line in orphans.adopt(plan.folder):
+                    print(line, file=sys.stderr)
+                plan = make_plan(preset, extra, retry)  # adopted runs are live now
     except ConfigError as e:
         _fail(e)
     if profile and launcher != "slurm":
@@ -380,6 +395,8 @@ def status(preset, extra=()) -> int:
         _fail(e)
     if not folder.is_dir():
         _fail(f"SWEEP={preset}: no sweep folder {folder} (run `make sweep SWEEP={preset}` first)")
+    for line in orphans.adopt(folder):  # jobs of a sweep that died between sbatch and recording them
+        print(line, file=sys.stderr)
     runs, warnings = sweep_runs(folder)
     handles = {r.id: r.read_job() for r in runs}
     warnings += [f"run {rid}: {why}; read as no job" for rid, (_, why) in handles.items() if why]

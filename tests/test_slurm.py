@@ -172,6 +172,40 @@ def test_sweep_typed_again_while_its_array_runs_submits_nothing(slurm, tmp_path)
         subprocess.run(["scancel", *jobs.values()])
 
 
+def test_a_sweep_killed_between_sbatch_and_recording_its_jobs_leaves_no_orphan(slurm, tmp_path):
+    """Failpoint sbatch.done: the sweep dies (SIGKILL) right after sbatch returned, before any
+    job.json is written. Its intent names the runs and the marker in the jobs' comment, so the
+    next `make status` adopts the array: every run's job.json names the task that trains it (as
+    the task itself records in status.json), and the sweep typed again submits nothing."""
+    extra = "train.max_steps=100000"  # queued or running for the whole test
+    before = submissions()
+    killed = make(tmp_path, extra=extra, env={"ADAM_FAULTS": "sbatch.done"})
+    assert killed.returncode != 0 and "submitted" not in killed.stdout
+    new = submissions() - before
+    try:
+        assert len(new) == 1, new  # the array went to Slurm ...
+        assert handles(tmp_path) == {}  # ... and no run knows it: without the intent, an orphan
+        intents = list((tmp_path / "sweeps" / "synthetic" / ".submitit" / "intents").glob("*.json"))
+        assert len(intents) == 1
+        _, st = status_rows(tmp_path)
+        assert f"adopted Slurm array {next(iter(new))} (4 queued or running)" in st.stderr, st.stderr
+        jobs = handles(tmp_path)
+        assert len(jobs) == 4 and {j.split("_")[0] for j in jobs.values()} == new
+        assert not intents[0].exists()
+        again = make(tmp_path, extra=extra)
+        assert again.returncode == 0 and "4 runs, 0 to launch, 4 skipped (4 live)" in again.stdout, again.stdout
+        assert submissions() - before == new
+        deadline = time.time() + SLOW  # the tasks that start say which job runs which run
+        started = {}
+        while not started and time.time() < deadline:
+            started = {rid: RunDir(tmp_path / "runs", rid).status().get("slurm_job") for rid in jobs}
+            started = {rid: j for rid, j in started.items() if j}
+            time.sleep(0.5)
+        assert started and all(jobs[rid] == j for rid, j in started.items()), (started, jobs)
+    finally:
+        subprocess.run(["scancel", *new])
+
+
 def _one_run(tmp_path, extra):
     r = make(tmp_path, extra=extra)
     assert r.returncode == 0, r.stderr + r.stdout
