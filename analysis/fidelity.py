@@ -306,7 +306,7 @@ def run_case(name: str, title: str, overrides: list[str], out: Path, runs_root: 
     """Train (or reuse) every variant of one case, then write its table, deviations and figure.
     Every variant's config is composed and validated before the first one trains."""
     from pipeline.compose import Composer
-    from pipeline.store import RunDir, run_id
+    from pipeline.store import FINISHED, RunDir, run_id
     from pipeline.train import train
     from pipeline.validate import validate
 
@@ -323,7 +323,7 @@ def run_case(name: str, title: str, overrides: list[str], out: Path, runs_root: 
         state = train(cfg)
         run = read_run(RunDir(cfg.paths.runs, run_id(cfg)).path)
         trouble = run["damaged"] or run["holes"]
-        if state not in ("completed", "diverged") or trouble:
+        if state not in FINISHED or trouble:
             raise RuntimeError(f"{name}: the {v.label} run {run['run_id']} ended {state}"
                                f"{f' ({trouble})' if trouble else ''}")
         summaries[v.label], histories[v.label] = summarize_run(run, thresholds=thresholds), (v.kind, run["metrics"])
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
                                                     else [(c, *CASES[c]) for c in CASES])
     import torch
 
-    from pipeline.validate import ConfigError
+    from pipeline.errors import ConfigError
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the CPU's summation order, hence the chaotic runs' numbers

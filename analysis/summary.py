@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.provenance import code_versions
-from pipeline.thresholds import divergence_step
+from pipeline.store import FINISHED
+from pipeline.thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE, divergence_step
 from pipeline.thresholds import first_crossing as first_crossing_index
 
 from .runs import hyperparameters
@@ -78,8 +79,6 @@ def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1) ->
     return out
 
 
-# the defaults of conf/train/default.yaml, for runs whose config predates the keys
-DIVERGE_FACTOR, DIVERGE_PATIENCE = 10.0, 50
 
 
 def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
@@ -119,9 +118,9 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
                holes=holes)
     has_loss = "loss" in m and len(m)
     whole = has_loss and not holes
-    ends_at_last = has_loss and (state not in ("completed", "diverged") or int(m["step"].iloc[-1]) == st.get("step"))
+    ends_at_last = has_loss and (state not in FINISHED or int(m["step"].iloc[-1]) == st.get("step"))
     row["last_loss"] = float(m["loss"].iloc[-1]) if has_loss else NAN
-    row["final_loss"] = row["last_loss"] if state in ("completed", "diverged") and ends_at_last else NAN
+    row["final_loss"] = row["last_loss"] if state in FINISHED and ends_at_last else NAN
     known_until = run.get("whole_until", -1) if has_loss and holes else float("inf")  # read_run: the one rule
     for t in thresholds:
         row.update(first_crossing(m, t, known_until))

@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, open_dict
 
-from .validate import ConfigError
+from .errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 CONFIG_NAME = "train"

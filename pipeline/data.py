@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "bilinear")
@@ -44,10 +46,6 @@ CIFAR = {
         test=[("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")],
         tv="CIFAR100"),
 }
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be found or read: one line `key=value: why`, saying what to do."""
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as td
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-# exit status that every rank uses for an error that rank 0 found (see `Ranks.share`)
-EXIT_CODES = {"ConfigError": 2, "DataError": 2, "LeaseHeld": 3}
+from .errors import exit_status
+
 
 
 class FollowerExit(SystemExit):
@@ -80,12 +80,12 @@ class Ranks:
             try:
                 box[0] = ("ok", fn())
             except BaseException as e:
-                box[0] = ("error", type(e).__name__)
+                box[0] = ("error", exit_status(e))  # every rank exits with rank 0's status
                 td.broadcast_object_list(box, src=0)
                 raise
         td.broadcast_object_list(box, src=0)
         if box[0][0] == "error":
-            raise FollowerExit(EXIT_CODES.get(box[0][1], 1))
+            raise FollowerExit(box[0][1])
         return box[0][1]
 
 

@@ -37,26 +37,14 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import LeaseHeld, LeaseLost
+
 log = logging.getLogger(__name__)
 RECORD = "lease.json"
 
 
 def lock_name(host: str) -> str:
     return f"lease.{host}.lock"
-
-
-class LeaseHeld(Exception):
-    """The run is live: another process holds its lease."""
-
-    def __init__(self, run_path, record: dict | None):
-        self.record = record or {}
-        super().__init__(f"run {Path(run_path).name} is live: {describe(self.record)}; "
-                         "nothing was changed")
-
-
-class LeaseLost(Exception):
-    """Another process took the lease over (this one was stopped for longer than the timeout):
-    this process must stop writing at once (exit status EXIT_FENCED, pipeline/train.py)."""
 
 
 def slurm_job_id() -> str | None:

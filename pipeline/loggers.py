@@ -13,6 +13,8 @@ import threading
 
 from omegaconf import OmegaConf
 
+from .store import FINISHED
+
 log = logging.getLogger(__name__)
 SUMMARY_AT_CROSSING = ("pert_norm", "test_acc", "acc", "loss")
 
@@ -126,7 +128,7 @@ class WandbLogger:
             try:
                 if kind == "finish":
                     run.summary["state"] = item
-                    run.finish(exit_code=0 if item in ("completed", "diverged") else 1)
+                    run.finish(exit_code=0 if item in FINISHED else 1)
                     return
                 step = int(item["step"])
                 data = {k: v for k, v in item.items() if v is not None and k != "step"}

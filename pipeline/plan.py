@@ -19,7 +19,8 @@ from . import lease, slurm
 from .compose import Composer
 from .integrity import Health, check, decide
 from .store import Decision, RunDir, atomic_write_text, read_json_object, run_id
-from .validate import ConfigError, check_dir_writable, validate
+from .errors import ConfigError
+from .validate import check_dir_writable, validate
 
 # overrides that every point carries: not shown as the point's own
 COMMON = ("sweep=", "paths.", "retry=", "hydra.")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .validate import ConfigError
+from .errors import ConfigError
 
 PROFILES = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING",

@@ -35,6 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import faults
+from .errors import DiskFull
+from .thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ NON_SEMANTIC = (
 # Semantic keys added after runs existed, left out of the hash at their default so that existing
 # run ids never change. The divergence rule's default only stops earlier a run that the analysis
 # (the same rule, pipeline.thresholds) classifies as diverged anyway, whenever it was made.
-ADDED_KEYS: dict[str, object] = {"train.diverge_factor": 10, "train.diverge_patience": 50,
+ADDED_KEYS: dict[str, object] = {"train.diverge_factor": DIVERGE_FACTOR, "train.diverge_patience": DIVERGE_PATIENCE,
                                   "train.perturb_theta0": None}
 
 
@@ -97,14 +99,6 @@ def run_id(cfg: DictConfig) -> str:
 
 
 # -- atomic files -----------------------------------------------------------------------------
-class DiskFull(Exception):
-    """A write failed for lack of space (ENOSPC, EDQUOT); `path` is the file being written."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        super().__init__(f"no space left on the device writing {self.path}")
-
-
 def _raise_disk_full(e: OSError, path) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise DiskFull(path) from e

@@ -39,9 +39,9 @@ from . import faults, lease, orphans, slurm
 from .compose import CONF_DIR, Composer
 from .integrity import check
 from .plan import Plan, make_plan, register, sweep_runs, table
-from .store import RunDir, read_json_object
+from .store import FINISHED, RunDir, read_json_object
 from .train import TrainJob
-from .validate import ConfigError
+from .errors import ConfigError
 
 LAUNCHERS = ("local", "basic", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
@@ -152,7 +152,7 @@ def _outcome(run: RunDir, path: Path | None, started: float = 0.0) -> tuple[str,
     err = (out or {}).get("error")
     if health.damaged:
         text = f"damaged ({health.summary()})"
-    elif state in ("completed", "diverged") and not err:
+    elif state in FINISHED and not err:
         text = f"{state} (metrics.csv: {health.holes})" if health.holes else state
     elif err:
         text = f"{state} ({err})"
@@ -267,7 +267,7 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
         return 130
     bar.close()
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
-    return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
+    return 1 if set(outcomes) - {*FINISHED, "live"} else 0
 
 
 def run_basic(plan: Plan) -> int:
@@ -284,7 +284,7 @@ def run_basic(plan: Plan) -> int:
         print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
         outcomes[result.split(" (")[0]] += 1
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
-    return 1 if set(outcomes) - {"completed", "diverged", "live"} else 0
+    return 1 if set(outcomes) - {*FINISHED, "live"} else 0
 
 
 def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, extra=(),
@@ -360,7 +360,7 @@ def view(health, job: dict | None, sstate: str | None, owner: dict | None, slurm
         return f"damaged ({health.summary()})"
     if owner:
         return "running"
-    if state in ("completed", "diverged", "failed"):
+    if state in (*FINISHED, "failed"):
         return f"{state} (metrics.csv: {holes})" if holes else state
     if job and job.get("backend") == "slurm":
         if sstate in slurm.QUEUED:

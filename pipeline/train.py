@@ -6,11 +6,11 @@ Rows are written for theta_0 .. theta_{max_steps}. The run directory is keyed by
 semantic config and written by one process at a time (its lease); a completed run is skipped,
 a checkpointed one resumed.
 
-Exit status: 0 done or skipped; 1 a crash, or a full disk (the run stays pending); 2 bad input
-(one line `error: key=value: why`, nothing created); 3 the run is live in another process
-(one line naming it, nothing changed); 4 fenced off: this process was stopped for longer than
-the lease timeout and another process took the run over (one line; this process wrote nothing
-more to the run).
+Exit status (the one table: pipeline/errors.py): 0 done or skipped; 1 a crash, or a full disk
+(the run stays pending); 2 bad input (one line `error: key=value: why`, nothing created); 3 the
+run is live in another process (one line naming it, nothing changed); 4 fenced off: this
+process was stopped for longer than the lease timeout and another process took the run over
+(one line; this process wrote nothing more to the run).
 """
 
 from __future__ import annotations
@@ -33,20 +33,21 @@ from models import build_model
 
 from . import dist, faults, preempt, provenance
 from .compose import CONF_DIR, Composer
-from .data import DataError, load_dataset
+from .data import load_dataset
+from .errors import (EXIT_BAD_INPUT, EXIT_CRASH, EXIT_FENCED, EXIT_LIVE, ConfigError, DataError, DiskFull, LeaseHeld,
+                     LeaseLost)
 from .integrity import check, decide
-from .lease import Lease, LeaseHeld, LeaseLost, holder, slurm_job_id
+from .lease import Lease, holder, slurm_job_id
 from .loggers import NullLogger, make_logger
 from .optim import build_optimizer
 from .progress import Progress
 from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
-from .store import METRIC_COLUMNS, DiskFull, RunDir, atomic_write_text, read_metrics_table, run_id
+from .store import METRIC_COLUMNS, RunDir, atomic_write_text, read_metrics_table, run_id
 from .theory_metrics import bias_term_norm
 from .thresholds import diverging, newly_crossed
-from .validate import ConfigError, check_dir_writable, validate
+from .validate import check_dir_writable, validate
 
 log = logging.getLogger("pipeline.train")
-EXIT_CRASH, EXIT_BAD_INPUT, EXIT_LIVE, EXIT_FENCED = 1, 2, 3, 4
 
 
 @contextlib.contextmanager

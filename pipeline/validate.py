@@ -18,11 +18,8 @@ from models.norm import NORMS, gn_groups_ok
 from models.small import ACTIVATIONS
 
 from .data import CIFAR, DATASETS, DIGITS_TEST
+from .errors import ConfigError  # noqa: F401 -- pipeline.validate.ConfigError: the same class
 from .optim import OPTIMIZERS
-
-
-class ConfigError(ValueError):
-    """One line: `key=value: why`."""
 
 
 def show(v) -> str:
