@@ -20,7 +20,7 @@ from .compose import Composer
 from .integrity import Health, check, decide
 from .store import Decision, RunDir, atomic_write_text, read_json_object, run_id
 from .errors import ConfigError
-from .validate import check_dir_writable, validate
+from .validate import check_dir_writable, validate_grid
 
 # overrides that every point carries: not shown as the point's own
 COMMON = ("sweep=", "paths.", "retry=", "hydra.")
@@ -67,16 +67,8 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     """Every point of `sweep=<preset>` x `extra` (Hydra overrides, grids included), decided.
     Raises ConfigError (one line naming the key and the grid point) before touching anything."""
     overrides = ([f"sweep={preset}"] if preset else []) + list(extra) + [f"retry={str(retry).lower()}"]
-    points = []
     with Composer() as c:
-        for ov in c.grid(overrides):
-            cfg = c.compose(ov)
-            point = Point(ov, cfg, RunDir(cfg.paths.runs, run_id(cfg)))
-            try:
-                validate(cfg)
-            except ConfigError as e:
-                raise ConfigError(f"{e} (grid point: {point.shown})") from None
-            points.append(point)
+        points = [Point(ov, cfg, RunDir(cfg.paths.runs, run_id(cfg))) for ov, cfg in validate_grid(c, overrides)]
     if not points:
         raise ConfigError(f"{' '.join(overrides)}: the grid is empty")
     first = points[0].cfg

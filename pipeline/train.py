@@ -45,7 +45,7 @@ from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
 from .store import METRIC_COLUMNS, RunDir, atomic_write_text, read_metrics_table, run_id
 from .theory_metrics import bias_term_norm
 from .thresholds import diverging, newly_crossed
-from .validate import check_dir_writable, validate
+from .validate import check_dir_writable, validate, validate_grid
 
 log = logging.getLogger("pipeline.train")
 
@@ -504,13 +504,10 @@ def cli(argv=None) -> None:
     if all(f in ("-m", "--multirun") for f in flags):  # --cfg, --info, ...: Hydra's own business
         try:
             with Composer() as c:
-                swept = {o.key_or_group for o in c.parse(overrides) if o.is_sweep_override()}
-                for point in (c.grid(overrides) if flags else [overrides]):
-                    try:
-                        validate(c.compose(point))
-                    except ConfigError as e:
-                        where = " ".join(o for o in point if o.split("=")[0] in swept)
-                        raise ConfigError(f"{e} (grid point: {where})" if where else str(e)) from None
+                if flags:
+                    validate_grid(c, overrides)  # the planner's check: every point, named when bad
+                else:
+                    validate(c.compose(overrides))
         except ConfigError as e:
             _exit(EXIT_BAD_INPUT, e)
     sys.argv = [sys.argv[0], *argv]

@@ -230,6 +230,30 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"logger.tags={show(tags)}: allowed values are lists of strings")
 
 
+def validate_grid(composer, overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
+    """Every point of the grid of `overrides` (pipeline.compose.Composer.grid), composed and
+    validated: the one grid check of `make sweep` and of `python -m pipeline.train -m`. A bad
+    point raises ConfigError naming the key and the point (its values of the keys that vary
+    over the grid)."""
+    points = composer.grid(overrides)
+    values: dict[str, set] = {}
+    for point in points:
+        for o in point:
+            key, _, v = o.partition("=")
+            values.setdefault(key, set()).add(v)
+    varying = {k for k, vs in values.items() if len(vs) > 1}
+    out = []
+    for point in points:
+        cfg = composer.compose(point)
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            where = " ".join(o for o in point if o.partition("=")[0] in varying)
+            raise ConfigError(f"{e} (grid point: {where})" if where else str(e)) from None
+        out.append((point, cfg))
+    return out
+
+
 def check_dir_writable(key: str, path) -> None:
     """`path` is (or can be created as) a directory this process can write into."""
     p = Path(path)
