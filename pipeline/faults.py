@@ -6,7 +6,7 @@ point of its writes, so a test can kill a run *during* a checkpoint write withou
 Actions: `kill` (SIGKILL itself, the default: nothing is flushed, no handler runs), `stop`
 (SIGSTOP itself: a test then kills it, or signals it and sends SIGCONT), `enospc` (raise
 OSError(ENOSPC) as a full disk would). Unset in normal runs, where `point()` is one test of an
-empty dict.
+empty dict. Armed explicitly by `arm()`, which the entry points call.
 """
 
 from __future__ import annotations
@@ -38,12 +38,20 @@ def _parse(spec: str) -> dict:
     return out
 
 
-_ARMED = _parse(os.environ.get("ADAM_FAULTS", ""))
+_armed: dict = {}  # set by arm() only
+
+
+def arm(spec: str | None = None) -> None:
+    """Arm the failpoints of `spec` (default: $ADAM_FAULTS; empty: none). The entry points call
+    it (pipeline.train.train, the sweep CLI): a failpoint is armed where a process starts its
+    work, never as a side effect of an import."""
+    global _armed
+    _armed = _parse(os.environ.get("ADAM_FAULTS", "") if spec is None else spec)
 
 
 def armed(name: str, step: int | None = None) -> str | None:
     """The action armed at this point, if any."""
-    return _ARMED and (_ARMED.get((name, step)) or _ARMED.get((name, None)))
+    return _armed and (_armed.get((name, step)) or _armed.get((name, None)))
 
 
 def point(name: str, step: int | None = None) -> None:

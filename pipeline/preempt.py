@@ -20,40 +20,45 @@ class Requeue(SystemExit):
     """Raised after the checkpoint is written; the process exits and the job is requeued."""
 
 
-_received: list = []  # (signum, frame) of the signals seen inside guard()
-_previous = None  # the handler guard() replaced: submitit's, under submitit
+class Guard:
+    """The preemption state of one training loop: the signals seen (signum, frame) and the
+    handler the guard replaced (submitit's, under submitit)."""
 
+    def __init__(self):
+        self.received: list = []
+        self.previous = None
 
-def _record(signum, frame):
-    log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
-    _received.append((signum, frame))
+    def _record(self, signum, frame):
+        log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
+        self.received.append((signum, frame))
+
+    def signalled(self) -> bool:
+        return bool(self.received)
+
+    def hand_over(self, step: int, main: bool = True) -> None:
+        """Call after the checkpoint of `step` is on disk. Never returns. Ranks other than 0 of
+        a distributed run only exit: rank 0 requeues the job."""
+        if not main:
+            raise Requeue(f"preempted at step {step}")
+        if callable(self.previous) and self.received:
+            self.previous(*self.received[-1])  # submitit: requeue, then sys.exit
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:
+            subprocess.run(["scontrol", "requeue", job], check=False)
+        raise Requeue(f"preempted at step {step}: checkpoint written, job requeued")
 
 
 @contextlib.contextmanager
 def guard():
-    """Inside the block SIGUSR2 only sets a flag; `signalled()` tells the loop to stop."""
-    _received.clear()
+    """Inside the block SIGUSR2 only sets a flag (`Guard.signalled()` tells the loop to stop);
+    the previous handler is restored on exit. Off the main thread signals are left alone."""
+    g = Guard()
     try:
-        previous = signal.signal(SIGNAL, _record)
+        g.previous = signal.signal(SIGNAL, g._record)
     except ValueError:  # not the main thread: leave signals alone
-        yield lambda: False
+        yield g
         return
-    global _previous
-    _previous = previous
     try:
-        yield lambda: bool(_received)
+        yield g
     finally:
-        signal.signal(SIGNAL, previous)
-
-
-def hand_over(step: int, main: bool = True) -> None:
-    """Call after the checkpoint of `step` is on disk. Never returns. Ranks other than 0 of a
-    distributed run only exit: rank 0 requeues the job."""
-    if not main:
-        raise Requeue(f"preempted at step {step}")
-    if callable(_previous) and _received:
-        _previous(*_received[-1])  # submitit: requeue, then sys.exit
-    job = os.environ.get("SLURM_JOB_ID")
-    if job:
-        subprocess.run(["scontrol", "requeue", job], check=False)
-    raise Requeue(f"preempted at step {step}: checkpoint written, job requeued")
+        signal.signal(SIGNAL, g.previous)

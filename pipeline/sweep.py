@@ -291,6 +291,7 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
         gpus=None, tasks=None) -> int:
     """`make sweep`: every input checked first (one line each, exit 2), then plan, register, launch.
     `profile` None: the default site profile for Slurm, none otherwise."""
+    faults.arm()  # the crash tests' failpoints (sbatch.done), from $ADAM_FAULTS
     if preset not in presets():
         _fail(f"SWEEP={preset}: unknown preset; available: {', '.join(presets())}")
     if launcher not in LAUNCHERS:

@@ -166,6 +166,7 @@ def train(cfg: DictConfig) -> str:
     DataError on bad input (nothing is created), LeaseHeld when another process owns the run
     (nothing is changed), DiskFull (the run is left pending, its last checkpoint intact).
     Under torchrun or a multi-task Slurm job every rank calls it (pipeline/dist.py)."""
+    faults.arm()  # the crash tests' failpoints, from $ADAM_FAULTS (none in normal runs)
     validate(cfg)
     check_dir_writable("paths.runs", cfg.paths.runs)
     run = RunDir(cfg.paths.runs, run_id(cfg))
@@ -348,10 +349,10 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
         saved.add(step)
 
     state, n = "completed", start
-    with preempt.guard() as signalled, _finish_on_error(logger, progress):
+    with preempt.guard() as preemption, _finish_on_error(logger, progress):
         for n in range(start, tc.max_steps + 1):
             # -- stop flags of every rank: the lease taken over, a preemption signal --
-            signal, lost = ranks.any(signalled(), owner is not None and owner.lost)
+            signal, lost = ranks.any(preemption.signalled(), owner is not None and owner.lost)
             if lost:
                 raise owner.lost_error() if owner is not None else LeaseLost(f"run {run.id}: lease lost on rank 0")
             if signal:
@@ -362,7 +363,7 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
                     run.write_status(state="pending", step=n)
                 progress.close()
                 logger.finish("pending")
-                preempt.hand_over(n, ranks.main)
+                preemption.hand_over(n, ranks.main)
             faults.point("step", n)
             # -- gradient of E at theta_n over ALL examples, and the metrics at theta_n --
             parts = partition(data.x_train.shape[0], mb, shuffle_gen, device)
