@@ -5,8 +5,9 @@ from torch import nn
 
 
 class Bilinear(nn.Module):
-    """Prediction theta_1 theta_2 x; with the `half_mse` loss and the single example
-    (x, y) = (2, 3/2) the full-batch loss is exactly the paper's E(theta)."""
+    """Prediction theta_1 theta_2 x; with the regression loss 1/2 (y - f)^2
+    (pipeline.step.loss_sum, data=bilinear) and the single example (x, y) = (2, 3/2) the
+    full-batch loss is exactly the paper's E(theta) = 1/2 (y - theta_1 theta_2 x)^2."""
 
     def __init__(self, theta0=(2.8, 3.5)):
         super().__init__()

@@ -51,7 +51,9 @@ def test_hill_of_known_height_and_position():
     trough = int(np.argmin(p[:45].to_numpy()))
     assert out["hill_trough_step"] == trough and out["hill_peak_step"] == 44
     assert out["hill_height"] == pytest.approx(p[44] - p[trough], rel=1e-12)
-    assert out["hill_height"] == pytest.approx(4 * 14 / 14, rel=0.01)
+    # by hand: the trough is step 30 (the hill starts there at 0), the peak step 44 (the hill at 4)
+    assert trough == 30 and out["hill_height"] == pytest.approx(4 + 10 * (np.exp(-44 / 5) - np.exp(-30 / 5)),
+                                                                 rel=1e-12)
     assert out["hill_height_rel_trough"] == pytest.approx(out["hill_height"] / p[trough])
     assert out["hill_height_rel_floor"] == pytest.approx(out["hill_height"] / 0.5)
 

@@ -44,14 +44,29 @@ def test_authors_loop_augmentation_changes_the_gradient():
     assert np.isclose(off[0], off[1], rtol=1e-5) and not np.isclose(off[0], off[2], rtol=1e-3)
 
 
-def test_pipeline_step_of_the_bench_is_the_training_loop_step():
-    cfg = compose("cnn", 64, 4, ["precision=bf16"], device="cpu", micro_batch=32)
+def test_pipeline_step_of_the_bench_is_the_training_loop_step(tmp_path):
+    """One step of the bench's contender gives theta_1 of a real training run of the same config
+    (its final checkpoint after max_steps=1), to the bit."""
+    from omegaconf import open_dict
+
+    from pipeline.store import RunDir, run_id
+    from pipeline.train import train
+
+    cfg = compose("cnn", 64, 4, ["precision=bf16", "train.max_steps=1", "train.progress=none"], device="cpu",
+                  micro_batch=32)
+    with open_dict(cfg):
+        cfg.paths.runs = str(tmp_path / "runs")
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
         step, test_pass, params, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
         before = [p.detach().clone() for p in params]
         step()
         test_pass()
-        assert len(parts) == 2 and any(not torch.equal(a, b) for a, b in zip(before, params))
+        bench_theta1 = {k: v.detach().clone() for k, v in model.named_parameters()}  # theta (not BN's running stats)
+    assert len(parts) == 2 and any(not torch.equal(a, b) for a, b in zip(before, params))
+    assert train(cfg) == "completed"
+    ckpt = torch.load(RunDir(cfg.paths.runs, run_id(cfg)).checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 1
+    assert bench_theta1 and all(torch.equal(v, ckpt["model"][k]) for k, v in bench_theta1.items())
 
 
 def test_gpucheck_dry_run_writes_its_report(tmp_path):
