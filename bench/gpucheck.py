@@ -58,9 +58,9 @@ def exactness(dry: bool) -> dict:
     """Max relative difference, over 50 steps, between the pipeline on CUDA in fp32 and on the
     CPU in float64 (dry: CPU fp32 against CPU fp64)."""
     from analysis.runs import read_metrics
+    from pipeline.compose import compose as compose_run
     from pipeline.store import RunDir, run_id
     from pipeline.train import train
-    from pipeline.compose import compose as compose_run
 
     steps = 10 if dry else 50
     base = ["model=cnn", "model.width=8", "model.norm=bn", "data=synthetic", "data.n_train=512",

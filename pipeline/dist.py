@@ -23,7 +23,6 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .errors import exit_status
 
 
-
 class FollowerExit(SystemExit):
     """A rank other than 0 stops because rank 0 stopped with an error (rank 0 says why)."""
 

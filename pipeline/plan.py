@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from . import lease, slurm
 from .compose import Composer
+from .errors import ConfigError
 from .integrity import Health, check, decide
 from .store import Decision, RunDir, atomic_write_text, read_json_object, run_id
-from .errors import ConfigError
 from .validate import check_dir_writable, validate_grid
 
 # overrides that every point carries: not shown as the point's own

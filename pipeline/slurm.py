@@ -42,7 +42,7 @@ def _kinds(annotation) -> tuple[set, type | None]:
         if origin in (list, tuple, typing.Iterable, typing.Sequence) or str(origin).endswith("Iterable'>"):
             kinds.add(list)
             elem = (typing.get_args(a) or (str,))[0]
-        elif origin in (dict, typing.Dict):
+        elif origin in (dict, dict):
             kinds.add(dict)
         elif a in (str, int, bool, float):
             kinds.add(a)
@@ -138,7 +138,7 @@ def _query(cmd: list[str]) -> tuple[dict, str | None]:
     except subprocess.TimeoutExpired:
         return {}, f"{cmd[0]} did not answer within 60 s"
     if r.returncode != 0:
-        return {}, f"{cmd[0]} failed: {(r.stderr.strip().splitlines() or ['exit %d' % r.returncode])[0]}"
+        return {}, f"{cmd[0]} failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[0]}"
     states = {}
     for line in r.stdout.splitlines():
         if "|" in line:
@@ -160,7 +160,7 @@ def jobs_with_comment(marker: str) -> tuple[dict[str, str], str | None]:
     except subprocess.TimeoutExpired:
         return {}, "squeue did not answer within 60 s"
     if r.returncode != 0:
-        return {}, f"squeue failed: {(r.stderr.strip().splitlines() or ['exit %d' % r.returncode])[0]}"
+        return {}, f"squeue failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[0]}"
     out = {}
     for line in r.stdout.splitlines():
         jid, _, rest = line.partition("|")

@@ -17,6 +17,7 @@ that resumes to the same result; a history with holes is flagged, never passed o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -332,7 +333,6 @@ class Decision:
 
 
 # -- the run directory ------------------------------------------------------------------------
-CHECKPOINT_KEYS = {"model", "optimizer", "step", "crossed", "rng_cpu"}
 FINISHED = ("completed", "diverged")  # states of a run that ended by itself
 
 # status.json: the fields the tools read, with the types they must have (others are kept as they are)
@@ -561,7 +561,7 @@ class RunDir:
     def lost(self) -> bool:
         return self.owner is not None and self.owner.lost
 
-    def load_checkpoint(self, map_location="cpu") -> dict | None:
+    def load_checkpoint(self, map_location="cpu", required=frozenset({"model", "optimizer", "step"})) -> dict | None:
         """The newest checkpoint that loads: checkpoint.pt, else checkpoint.prev.pt, else None
         (step 0); one log line for each fallback."""
         candidates = [p for p in (self.checkpoint, self.prev_checkpoint) if p.exists()]
@@ -572,7 +572,7 @@ class RunDir:
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else "step 0"
             try:
                 ck = torch.load(path, map_location=map_location, weights_only=True)
-                if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= ck.keys():
+                if not isinstance(ck, dict) or not ck.keys() >= required:
                     raise ValueError(f"not a checkpoint of this pipeline (keys {sorted(ck)[:6]})"
                                      if isinstance(ck, dict) else "not a checkpoint dict")
                 if not isinstance(ck["step"], int) or isinstance(ck["step"], bool) or ck["step"] < 0 \
@@ -625,7 +625,7 @@ class MetricsWriter:
     def __init__(self, path: Path, columns: list[str], fence=None):
         self.path, self.columns = path, columns
         self.fence = fence or (lambda: None)
-        self.f = open(path, "a", buffering=1)
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 -- held open for the run's life, closed by close()
 
     def write(self, row: dict) -> None:
         line = ",".join(fmt(row.get(c)) for c in self.columns) + "\n"
@@ -653,10 +653,8 @@ class MetricsWriter:
             raise
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.f.close()
-        except OSError:
-            pass
 
 
 # -- migration ------------------------------------------------------------------------------------

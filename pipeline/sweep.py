@@ -21,6 +21,7 @@ and Slurm see it ("queued", "running", "pending (no job)", "job lost (CANCELLED)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -37,11 +38,11 @@ import submitit
 
 from . import faults, lease, orphans, slurm
 from .compose import CONF_DIR, Composer
+from .errors import ConfigError
 from .integrity import check
 from .plan import Plan, make_plan, register, sweep_runs, table
 from .store import FINISHED, RunDir, read_json_object
 from .train import TrainJob
-from .errors import ConfigError
 
 LAUNCHERS = ("local", "basic", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
@@ -202,19 +203,15 @@ def stop_local(jobs) -> None:
     them (at most STOP_GRACE_S), then kill what is left of their controllers' sessions."""
     for job in jobs:
         for pid in _children(int(job.job_id)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
     deadline = time.time() + STOP_GRACE_S
     while time.time() < deadline and not all(j.done() for j in jobs):
         time.sleep(0.1)
     for job in jobs:
         if not job.done():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(job.job_id), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
@@ -276,10 +273,8 @@ def run_basic(plan: Plan) -> int:
         out = outcome_path(plan, p.run)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        try:
+        with contextlib.suppress(Exception):  # one run's failure does not stop the sweep; its reason is in its outcome
             TrainJob(str(out))(p.cfg)
-        except Exception:  # one run's failure does not stop the sweep; its reason is in its outcome
-            pass
         result, _ = _outcome(p.run, out, t0)
         print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
         outcomes[result.split(" (")[0]] += 1
@@ -287,11 +282,8 @@ def run_basic(plan: Plan) -> int:
     return 1 if set(outcomes) - {*FINISHED, "live"} else 0
 
 
-def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, extra=(),
-        gpus=None, tasks=None) -> int:
-    """`make sweep`: every input checked first (one line each, exit 2), then plan, register, launch.
-    `profile` None: the default site profile for Slurm, none otherwise."""
-    faults.arm()  # the crash tests' failpoints (sbatch.done), from $ADAM_FAULTS
+def _check_arguments(preset, launcher, jobs, gpus, tasks) -> None:
+    """The launcher's own arguments: one line and exit 2 for a bad one."""
     if preset not in presets():
         _fail(f"SWEEP={preset}: unknown preset; available: {', '.join(presets())}")
     if launcher not in LAUNCHERS:
@@ -303,6 +295,11 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
             _fail(f"{key}={v}: allowed values are integers >= 1")
     if launcher == "basic" and (gpus or tasks):
         _fail("LAUNCHER=basic runs in this process: GPUS/TASKS need LAUNCHER=local or slurm")
+
+
+def _planned(preset, launcher, profile, retry, dry, extra) -> Plan:
+    """The profile and sbatch checked (bad input too), the plan made; the jobs of an earlier
+    sweep that died between sbatch and recording them adopted first (pipeline/orphans.py)."""
     try:
         if launcher == "slurm" or profile:
             slurm.load_profile(profile or "default")  # a bad profile is bad input too: before anything
@@ -310,7 +307,7 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
             raise ConfigError("LAUNCHER=slurm: sbatch not found on PATH (run on a Slurm login "
                               "node, or use LAUNCHER=local)")
         plan = make_plan(preset, extra, retry)
-        if orphans.intents(plan.folder):  # an earlier sweep died between sbatch and recording its jobs
+        if orphans.intents(plan.folder):
             if dry:
                 print(f"warning: an interrupted Slurm submission of {plan.name} is not resolved yet; `make sweep` "
                       "(without DRY) or `make status` adopts its jobs", file=sys.stderr)
@@ -320,9 +317,12 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
                 plan = make_plan(preset, extra, retry)  # adopted runs are live now
     except ConfigError as e:
         _fail(e)
-    if profile and launcher != "slurm":
-        print(f"note: PROFILE={profile} is ignored with LAUNCHER={launcher}: a site profile holds sbatch "
-              "options (partition, time, memory, ...); GPUS=/TASKS=/JOBS= set what applies here", file=sys.stderr)
+    return plan
+
+
+def _tell(plan: Plan) -> None:
+    """What the plan found: its summary, duplicates, damaged files read around, live and
+    damaged runs, an unreachable Slurm."""
     print(summary_line(plan))
     for note in plan.duplicates:
         print(f"  note: {note}")
@@ -334,6 +334,19 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
     if plan.slurm_error:
         print(f"warning: {plan.slurm_error}: runs with a Slurm job in an unknown state are not "
               "submitted again", file=sys.stderr)
+
+
+def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, extra=(),
+        gpus=None, tasks=None) -> int:
+    """`make sweep`: every input checked first (one line each, exit 2), then plan, register, launch.
+    `profile` None: the default site profile for Slurm, none otherwise."""
+    faults.arm()  # the crash tests' failpoints (sbatch.done), from $ADAM_FAULTS
+    _check_arguments(preset, launcher, jobs, gpus, tasks)
+    plan = _planned(preset, launcher, profile, retry, dry, extra)
+    if profile and launcher != "slurm":
+        print(f"note: PROFILE={profile} is ignored with LAUNCHER={launcher}: a site profile holds sbatch "
+              "options (partition, time, memory, ...); GPUS=/TASKS=/JOBS= set what applies here", file=sys.stderr)
+    _tell(plan)
     if dry:
         _print_table(table(plan))
         print("dry run: nothing created, nothing submitted")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-
 # The divergence rule's defaults (conf/train/default.yaml's train.diverge_factor and
 # diverge_patience, a test holds them equal): also the values of runs whose config predates them.
 DIVERGE_FACTOR, DIVERGE_PATIENCE = 10.0, 50

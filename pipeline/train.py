@@ -34,13 +34,23 @@ from models import build_model
 from . import dist, faults, preempt, provenance
 from .compose import CONF_DIR, Composer
 from .data import load_dataset
-from .errors import (EXIT_BAD_INPUT, EXIT_CRASH, EXIT_FENCED, EXIT_LIVE, ConfigError, DataError, DiskFull, LeaseHeld,
-                     LeaseLost)
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CRASH,
+    EXIT_FENCED,
+    EXIT_LIVE,
+    ConfigError,
+    DataError,
+    DiskFull,
+    LeaseHeld,
+    LeaseLost,
+)
 from .integrity import check, decide
 from .lease import Lease, holder, slurm_job_id
 from .loggers import NullLogger, make_logger
 from .optim import build_optimizer
 from .progress import Progress
+from .state import REQUIRED, TrainState
 from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
 from .store import METRIC_COLUMNS, RunDir, atomic_write_text, read_metrics_table, run_id
 from .theory_metrics import bias_term_norm
@@ -293,131 +303,167 @@ def largest_that_fits(size: int, group: int, attempt) -> int:
             size = max(group, size // 2 // group * group)
 
 
+def _open_record(cfg, run: RunDir, ranks: dist.Ranks, start: int, columns: list[str]):
+    """(metrics writer, wandb mirror) on rank 0 (None, NullLogger elsewhere): metrics.csv keeps
+    rows 0..start-1, what is missing there is flagged."""
+    if not ranks.main:
+        return None, NullLogger()
+    writer = run.open_metrics(columns, start)
+    if writer.holes:
+        log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from its checkpoint "
+                    "and is flagged; retry=true recomputes it from step 0", run.id, start - 1, writer.holes)
+    run.write_status(step=start, holes=writer.holes or None)
+    return writer, make_logger(cfg, run.path, run.id, sent_before=writer.last_written, fence=run.fence)
+
+
+def metrics_row(n: int, host: dict, data, n_params: int, eps: float) -> dict:
+    """The metrics.csv row of theta_n, by name, from the step's metrics on the host."""
+    row = dict(step=n, loss=host["loss"], pert_norm=host["pert_norm"], l1_norm=host["l1_norm"],
+               l2_norm=host["l2_norm"], pert_norm_floor=n_params * math.sqrt(eps),
+               acc=host["correct"] / data.x_train.shape[0] if data.task == "classification" else None)
+    if "bias_norm" in host:
+        row["bias_norm"] = host["bias_norm"]
+    row.update({f"theta_{i}": v for i, v in enumerate(host.get("theta", []))})
+    return row
+
+
+def to_host(metrics: dict) -> dict:
+    """The one host synchronisation of a step: every named on-device metric (0-d, or 1-d for
+    theta) copied in one transfer; floats, lists for the 1-d ones."""
+    flat = torch.cat([t.reshape(-1).double() for t in metrics.values()]).tolist()  # host sync: the step's metrics
+    out, i = {}, 0
+    for name, t in metrics.items():
+        out[name] = flat[i] if t.dim() == 0 else flat[i:i + t.numel()]
+        i += t.numel()
+    return out
+
+
+def _optional_metrics(cfg, model, data, parts, params, autocast, ranks, record: bool) -> dict:
+    """On-device extras of the step: the bias term's norm (train.bias_term), theta_n itself
+    (few-parameter models)."""
+    out = {}
+    if cfg.train.bias_term:
+        out["bias_norm"] = bias_term_norm(model, data, cfg, parts, autocast, ranks)
+    if record:
+        out["theta"] = torch.cat([p.detach().flatten() for p in params])
+    return out
+
+
+def _judge(state: TrainState, row: dict, thresholds: list[float], tc) -> tuple[bool, list[float], bool]:
+    """(finite, thresholds newly crossed, diverged) at theta_n: the crossing and divergence
+    rules of pipeline.thresholds, decided once, here; the state's counters updated."""
+    finite = math.isfinite(row["loss"]) and math.isfinite(row["l2_norm"])
+    if row["step"] == 0:
+        state.loss0 = row["loss"]
+    state.above, diverged = diverging(row["loss"] if finite else math.inf, state.loss0, state.above,
+                                      tc.diverge_factor, tc.diverge_patience)
+    newly = newly_crossed(row["loss"], thresholds, state.crossed)
+    state.crossed += newly
+    return finite, newly, diverged
+
+
+def _write_row(row: dict, newly: list, writer, run: RunDir, ranks: dist.Ranks, logger, progress) -> None:
+    """metrics.csv first (the truth, rank 0), then the wandb mirror and the progress line."""
+    if ranks.main:
+        writer.write(row)
+        if row["step"] == 0:
+            run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
+    logger.log(row, newly)
+    progress.update(row)
+
+
+def _stop(state: TrainState, n: int, saved: set, checkpoint, writer, run, ranks, progress, logger, preemption):
+    """A preemption signal: the checkpoint of theta_n, the run pending, then hand over (never returns)."""
+    if n not in saved:
+        checkpoint(n)
+    if ranks.main:
+        writer.close()
+        run.write_status(state="pending", step=n)
+    progress.close()
+    logger.finish("pending")
+    preemption.hand_over(n, ranks.main)
+
+
 def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks: dist.Ranks) -> str:
-    tc = cfg.train
+    tc, eps = cfg.train, float(cfg.optim.eps)
     model, fwd, opt = build(cfg, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    eps = float(cfg.optim.eps)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None
-    bns = bn_layers(model)
+    n_params, bns = sum(p.numel() for p in params), bn_layers(model)
+    state = TrainState(model, opt, device, torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None)
     mb = micro_batch(cfg, fwd, data, params, ranks, autocast)
-
-    # -- resume from the newest checkpoint that loads (every rank reads the same file) -----------
-    start, crossed, time_offset = 0, [], 0.0
-    loss0, above = math.nan, 0  # the divergence rule's initial loss and steps above it so far
-    ckpt = run.load_checkpoint(map_location=device)
+    # -- resume: the newest checkpoint that loads (every rank reads the same file) --
+    ckpt = run.load_checkpoint(map_location=device, required=REQUIRED)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start, crossed, time_offset = ckpt["step"], list(ckpt["crossed"]), ckpt["time_s"]
-        loss0, above = ckpt.get("diverge") or (_initial_loss(run), 0)  # older checkpoints: row 0
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        if shuffle_gen is not None:
-            shuffle_gen.set_state(ckpt["rng_shuffle"])
-        log.info("run %s: resuming at step %d", run.id, start)
-
-    # -- rank 0 records: metrics.csv keeps rows 0..start-1, what is missing there is flagged ----
-    record = n_params <= tc.record_params
-    columns = METRIC_COLUMNS + (["bias_norm"] if tc.bias_term else []) + (
-        [f"theta_{i}" for i in range(n_params)] if record else [])
-    writer, logger = None, NullLogger()
-    if ranks.main:
-        writer = run.open_metrics(columns, start)
-        if writer.holes:
-            log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from "
-                        "its checkpoint and is flagged; retry=true recomputes it from step 0", run.id,
-                        start - 1, writer.holes)
-        run.write_status(step=start, holes=writer.holes or None)
-        logger = make_logger(cfg, run.path, run.id, sent_before=writer.last_written, fence=run.fence)
+        state.load_state_dict(ckpt, lambda: _initial_loss(run))
+        log.info("run %s: resuming at step %d", run.id, state.step)
+    start, saved = state.step, {state.step} if ckpt is not None else set()  # steps checkpointed on disk
+    # -- record: rank 0 writes metrics.csv (the truth), the wandb mirror, the progress line --
+    record = n_params <= tc.record_params  # few-parameter models: theta_n itself
+    columns = METRIC_COLUMNS + ["bias_norm"] * tc.bias_term + [f"theta_{i}" for i in range(n_params * record)]
+    writer, logger = _open_record(cfg, run, ranks, start, columns)
     progress = Progress(tc.progress if ranks.main else "none", start, tc.max_steps + 1, tc.log_every, run.id)
-    thresholds = sorted(float(t) for t in tc.loss_thresholds)
-    t0 = time.perf_counter() - time_offset
-    saved = {start} if ckpt is not None else set()  # steps whose checkpoint is on disk
+    thresholds, t0 = sorted(float(t) for t in tc.loss_thresholds), time.perf_counter() - state.time_s
 
     def checkpoint(step):
+        state.step = step
         if ranks.main:
             writer.sync()  # the rows before `step` are durable before a checkpoint says they exist
-            run.save_checkpoint(dict(
-                model=model.state_dict(), optimizer=opt.state_dict(), step=step, crossed=crossed,
-                time_s=time.perf_counter() - t0, diverge=(loss0, above), rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                rng_shuffle=shuffle_gen.get_state() if shuffle_gen is not None else None))
+            run.save_checkpoint(state.state_dict(time.perf_counter() - t0))
             run.write_status(step=step)
         saved.add(step)
 
-    state, n = "completed", start
+    outcome, n = "completed", start
     with preempt.guard() as preemption, _finish_on_error(logger, progress):
         for n in range(start, tc.max_steps + 1):
-            # -- stop flags of every rank: the lease taken over, a preemption signal --
-            signal, lost = ranks.any(preemption.signalled(), owner is not None and owner.lost)
-            if lost:
-                raise owner.lost_error() if owner is not None else LeaseLost(f"run {run.id}: lease lost on rank 0")
-            if signal:
-                if n not in saved:
-                    checkpoint(n)
-                if ranks.main:
-                    writer.close()
-                    run.write_status(state="pending", step=n)
-                progress.close()
-                logger.finish("pending")
-                preemption.hand_over(n, ranks.main)
+            # -- stop flags of every rank: the lease taken over (raises), a preemption signal --
+            if _signalled(ranks, preemption, owner, run):
+                _stop(state, n, saved, checkpoint, writer, run, ranks, progress, logger, preemption)
             faults.point("step", n)
-            # -- gradient of E at theta_n over ALL examples, and the metrics at theta_n --
-            parts = partition(data.x_train.shape[0], mb, shuffle_gen, device)
+            # -- step: grad E(theta_n) over ALL examples, the metrics at theta_n, one host sync --
+            parts = partition(data.x_train.shape[0], mb, state.shuffle, device)
             loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
                                                    parts, params, eps, bns, autocast, ranks)
-            extra = [bias_term_norm(model, data, cfg, parts, autocast, ranks)] if tc.bias_term else []
-            theta = [torch.cat([p.detach().flatten() for p in params]).double()] if record else []
-            vals = torch.cat([torch.stack([loss, correct.double()]), norms,
-                              *[e.reshape(-1).double() for e in extra + theta]]).tolist()
-            row = dict(step=n, loss=vals[0], pert_norm=vals[2], l1_norm=vals[3], l2_norm=vals[4],
-                       pert_norm_floor=n_params * math.sqrt(eps),
-                       acc=vals[1] / data.x_train.shape[0] if data.task == "classification" else None)
-            if tc.bias_term:
-                row["bias_norm"] = vals[5]
-            if record:
-                row.update({f"theta_{i}": v for i, v in enumerate(vals[-n_params:])})
-            # -- thresholds crossed and divergence (decided here, once); the test set at theta_n --
-            finite = math.isfinite(row["loss"]) and math.isfinite(row["l2_norm"])
-            if n == 0:
-                loss0 = row["loss"]
-            above, diverged = diverging(row["loss"] if finite else math.inf, loss0, above,
-                                        tc.diverge_factor, tc.diverge_patience)
-            newly = newly_crossed(row["loss"], thresholds, crossed)
-            crossed += newly
+            metrics = dict(loss=loss, correct=correct, pert_norm=norms[0], l1_norm=norms[1], l2_norm=norms[2],
+                           **_optional_metrics(cfg, model, data, parts, params, autocast, ranks, record))
+            row = metrics_row(n, to_host(metrics), data, n_params, eps)
+            # -- thresholds crossed and divergence (decided here, once) --
+            finite, newly, diverged = _judge(state, row, thresholds, tc)
+            # -- evaluate: the test set at theta_n (its host sync is in evaluate) --
             if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps):
-                row["test_loss"], test_acc = evaluate(
-                    fwd, data.x_test, data.y_test, data.task, mb, autocast, ranks)
+                row["test_loss"], test_acc = evaluate(fwd, data.x_test, data.y_test, data.task, mb, autocast, ranks)
                 row["test_acc"] = test_acc if data.task == "classification" else None
             row["time_s"] = time.perf_counter() - t0
-            # -- record: metrics.csv (the truth), then the mirror and the progress line --
-            if ranks.main:
-                writer.write(row)
-                if n == 0:
-                    run.write_status(first_step_at=time.time())  # dispatch overhead = this - submission
-            logger.log(row, newly)
-            progress.update(row)
-            if diverged:
-                state = "diverged"
+            _write_row(row, newly, writer, run, ranks, logger, progress)
+            if diverged or n == tc.max_steps or (tc.stop_loss is not None and row["loss"] < tc.stop_loss):
+                outcome = "diverged" if diverged else outcome
                 break
-            if n == tc.max_steps or (tc.stop_loss is not None and row["loss"] < tc.stop_loss):
-                break
-            # -- update theta_n -> theta_{n+1}; periodic checkpoint --
+            # -- update theta_n -> theta_{n+1}; checkpoint every checkpoint_every steps --
             opt.step()
             if (n + 1) % tc.checkpoint_every == 0:
                 checkpoint(n + 1)
     if n not in saved:
         checkpoint(n)
+    return _finish(outcome, n, row, run, ranks, writer, progress, logger)
+
+
+def _signalled(ranks: dist.Ranks, preemption, owner: Lease | None, run: RunDir) -> bool:
+    """Whether a rank got the preemption signal; raises LeaseLost when rank 0's lease was taken
+    over (either flag on any rank stops every rank)."""
+    signal, lost = ranks.any(preemption.signalled(), owner is not None and owner.lost)
+    if lost:
+        raise owner.lost_error() if owner is not None else LeaseLost(f"run {run.id}: lease lost on rank 0")
+    return signal
+
+
+def _finish(outcome: str, n: int, row: dict, run: RunDir, ranks: dist.Ranks, writer, progress, logger) -> str:
+    """The run ended by itself at step n (completed or diverged): status, log line, mirror."""
     progress.close()
     if ranks.main:
         writer.close()
-        run.write_status(state=state, step=n, final_loss=row["loss"])
-        log.info("run %s %s at step %d (loss %.6g) in %s", run.id, state, n, row["loss"], run.path)
-    logger.finish(state)
-    return state
+        run.write_status(state=outcome, step=n, final_loss=row["loss"])
+        log.info("run %s %s at step %d (loss %.6g) in %s", run.id, outcome, n, row["loss"], run.path)
+    logger.finish(outcome)
+    return outcome
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -3,10 +3,9 @@ Each error is one line `key=value: why`, naming the allowed values."""
 
 from __future__ import annotations
 
-import re
-
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -104,8 +103,16 @@ def representable(key, v, dtype, precision, scaled=None):
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first invalid key."""
-    # -- top level -------------------------------------------------------------------------
+    """Raise ConfigError on the first invalid key (a section at a time, in the order of the config)."""
+    precision = _top_level(cfg)
+    model = _model(cfg)
+    _data(cfg, model)
+    optim = _optimizer(cfg, precision)
+    _training(cfg, optim)
+    _lease_and_logger(cfg)
+
+
+def _top_level(cfg) -> str:
     integer(cfg, "seed", 0)
     choice(cfg, "device", ("auto", "cpu", "cuda"))
     precision = choice(cfg, "precision", ("fp32", "tf32", "bf16", "fp64", "torch_default"))
@@ -114,8 +121,10 @@ def validate(cfg: DictConfig) -> None:
     text(cfg, "paths.runs")
     text(cfg, "paths.sweeps")
     text(cfg, "sweep.name", null=True)
+    return precision
 
-    # -- model ---------------------------------------------------------------------------------
+
+def _model(cfg) -> str:
     model = choice(cfg, "model.name", MODELS, shown_key="model")
     if model in ("cnn", "resnet18", "resnet50", "resnet101"):
         norm = choice(cfg, "model.norm", NORMS)
@@ -140,8 +149,10 @@ def validate(cfg: DictConfig) -> None:
         if not (isinstance(theta0, (list, ListConfig)) and len(theta0) == 2 and all(map(_is_num, theta0))):
             raise ConfigError(f"model.theta0={show(theta0)}: allowed values are two finite numbers "
                               "[theta_1, theta_2]")
+    return model
 
-    # -- data ----------------------------------------------------------------------------------
+
+def _data(cfg, model: str) -> None:
     data = choice(cfg, "data.name", DATASETS, shown_key="data")
     if (model == "bilinear") != (data == "bilinear"):
         raise ConfigError(f"model={model}, data={data}: the bilinear model runs on data=bilinear "
@@ -171,7 +182,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.image_size={size}: model=cnn halves the image three times; "
                               "allowed values are integers >= 8")
 
-    # -- optimizer -------------------------------------------------------------------------
+
+def _optimizer(cfg, precision: str) -> str:
     optim = choice(cfg, "optim.name", tuple(OPTIMIZERS), shown_key="optim")
     dtype = torch.float64 if precision == "fp64" else torch.float32
     h = number(cfg, "optim.h", 0, lo_open=True)
@@ -187,8 +199,10 @@ def validate(cfg: DictConfig) -> None:
         boolean(cfg, "optim.eps_inside")
     if optim == "adam":
         boolean(cfg, "optim.bias_correction")
+    return optim
 
-    # -- training ------------------------------------------------------------------------------
+
+def _training(cfg, optim: str) -> None:
     integer(cfg, "train.max_steps", 0)
     mb = _get(cfg, "train.micro_batch")
     if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1):
@@ -211,7 +225,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.bias_term=true with optim={optim}: allowed only with optim=adam "
                           "or optim=rmsprop (Eq. 3)")
 
-    # -- lease and logger ----------------------------------------------------------------------
+
+def _lease_and_logger(cfg) -> None:
     timeout = number(cfg, "lease.timeout_s", 0, lo_open=True)
     number(cfg, "lease.heartbeat_s", 0, timeout, lo_open=True, hi_open=True)
     host = cfg.lease.get("host")

@@ -7,14 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from analysis.__main__ import analyze, main
 from analysis.runs import find_runs, read_metrics
 from analysis.summary import hill, regime
-from omegaconf import OmegaConf
-
 from pipeline.store import METRIC_COLUMNS, RunDir, run_id
-
 from pipeline.train import train
 
 ID = {}  # label of a hand-written run -> its run id (the hash of its config, as the integrity rule wants)
@@ -175,8 +173,9 @@ def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_pa
     assert set(curves.columns) == {"run_id", "rho", "beta", "step", "metric", "value"}
     assert set(curves.metric) == {"loss", "pert_norm", "pert_norm_floor"}
     assert sorted(curves.groupby("rho").run_id.nunique()) == [2, 3]  # rho=0.5: 2 runs, 0.99: 3
-    from analysis.figures import curves_figure
     import matplotlib.pyplot as plt
+
+    from analysis.figures import curves_figure
 
     shown = {}
     real_subplots = plt.subplots

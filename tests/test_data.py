@@ -163,9 +163,9 @@ def test_digits_are_the_real_bundled_images_with_a_fixed_split():
 @pytest.mark.parametrize("model", [["model=mlp"],
                                    ["model=cnn", "model.width=4", "model.norm=bn", "model.bn_group=479"]])
 def test_digits_train_with_the_mlp_and_a_small_cnn(cfg_factory, model):
+    from analysis.runs import read_metrics
     from pipeline.store import RunDir, run_id
     from pipeline.train import train
-    from analysis.runs import read_metrics
 
     cfg = cfg_factory(*model, "data=digits", "optim.h=1e-2", "train.max_steps=15", "train.micro_batch=479",
                       "train.eval_every=5", "train.progress=none", "device=cpu", tiny=False)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pipeline import lease as lease_mod
-from pipeline.lease import Lease, LeaseHeld
 from pipeline.integrity import check, decide
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.store import RunDir, run_id
 from pipeline.train import train
 
@@ -95,9 +95,9 @@ def test_two_identical_sweeps_at_once_run_every_run_once(tmp_path):
 
 def test_lease_takeover_rules(tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
-    with Lease(run, timeout_s=60, heartbeat_s=30):
-        with pytest.raises(LeaseHeld, match=f"held by {socket.gethostname()}:{os.getpid()}"):
-            Lease(run).acquire()  # the same host: flock
+    with Lease(run, timeout_s=60, heartbeat_s=30), \
+            pytest.raises(LeaseHeld, match=f"held by {socket.gethostname()}:{os.getpid()}"):
+        Lease(run).acquire()  # the same host: flock
     assert not (run / "lease.json").exists()  # released
 
     def record(**kw):
