@@ -59,7 +59,7 @@ class Ranks:
             return [bool(f) for f in flags]
         t = torch.tensor([float(f) for f in flags], device=self.device)
         td.all_reduce(t)
-        return [bool(v > 0) for v in t.tolist()]
+        return [bool(v > 0) for v in t.tolist()]  # host sync: the stop flags (W > 1 only)
 
     def min(self, value: int) -> int:
         """The smallest of the ranks' values (a micro-batch that fits on every GPU)."""
@@ -67,7 +67,7 @@ class Ranks:
             return value
         t = torch.tensor([value], device=self.device)
         td.all_reduce(t, op=td.ReduceOp.MIN)
-        return int(t.item())
+        return int(t.item())  # host sync: once, for micro_batch=auto
 
     def share(self, fn):
         """Run `fn` on rank 0 and give every rank its result (JSON-like values); when it raises,

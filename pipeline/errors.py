@@ -38,14 +38,24 @@ class DiskFull(Exception):
         super().__init__(f"no space left on the device writing {self.path}")
 
 
+def describe_holder(rec: dict) -> str:
+    """Who holds a run's lease, from its record (pipeline/lease.py): host, pid, Slurm job, heartbeat."""
+    if not rec:
+        return "held by another process (its lease record is not written yet)"
+    who = f"held by {rec.get('host', '?')}:{rec.get('pid', '?')}"
+    if rec.get("slurm_job"):
+        who += f" (Slurm job {rec['slurm_job']})"
+    if "age_s" in rec:
+        who += f", heartbeat {rec['age_s']:.0f} s ago"
+    return who
+
+
 class LeaseHeld(Exception):
     """The run is live: another process holds its lease."""
 
     def __init__(self, run_path, record: dict | None):
-        from .lease import describe
-
         self.record = record or {}
-        super().__init__(f"run {Path(run_path).name} is live: {describe(self.record)}; nothing was changed")
+        super().__init__(f"run {Path(run_path).name} is live: {describe_holder(self.record)}; nothing was changed")
 
 
 class LeaseLost(Exception):

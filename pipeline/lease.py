@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from .errors import LeaseHeld, LeaseLost
+from .errors import describe_holder as describe
 
 log = logging.getLogger(__name__)
 RECORD = "lease.json"
@@ -71,17 +72,6 @@ def _alive(pid: int, start: str | None) -> bool:
     except PermissionError:  # exists, another user's
         pass
     return start is None or _proc_start(pid) in (None, start)
-
-
-def describe(rec: dict) -> str:
-    if not rec:
-        return "held by another process (its lease record is not written yet)"
-    who = f"held by {rec.get('host', '?')}:{rec.get('pid', '?')}"
-    if rec.get("slurm_job"):
-        who += f" (Slurm job {rec['slurm_job']})"
-    if "age_s" in rec:
-        who += f", heartbeat {rec['age_s']:.0f} s ago"
-    return who
 
 
 def read_file(path) -> dict:

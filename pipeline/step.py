@@ -1,8 +1,9 @@
 """One full-batch step: the exact gradient of E(theta) = (1/N) sum_i l_i over ALL N training
 examples, accumulated over a partition into micro-batches, and the metrics at theta_n.
 
-Nothing here synchronises with the host: losses, counts and norms stay on the device as
-tensors, and the caller reads them all with one `.tolist()` per step. With W ranks
+The step itself never synchronises with the host: losses, counts and norms stay on the device as
+tensors, and the caller reads them all with one labelled `.tolist()` per step
+(pipeline.train.to_host); `evaluate` has the test pass's own, labelled. With W ranks
 (pipeline/dist.py) each takes its share of the micro-batches and the sums are added across
 ranks: gradients in one all-reduce, the scalars and the BatchNorm statistics in another.
 """
@@ -137,5 +138,5 @@ def evaluate(model, x, y, task, micro_batch, autocast=contextlib.nullcontext, ra
     n = x.shape[0]
     sums = torch.stack([total, correct.double()])
     ranks.sum_([sums])
-    loss, corr = sums.tolist()
+    loss, corr = sums.tolist()  # host sync: the test pass's loss and count (every eval_every steps)
     return loss / n, (corr / n if task == "classification" else float("nan"))
