@@ -1,4 +1,5 @@
-"""Fixtures: configs composed with Hydra's compose API (as in lightning-hydra-template)."""
+"""Fixtures: configs composed the way users compose them (pipeline.compose.Composer, Hydra's
+compose API underneath, as in lightning-hydra-template)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,12 @@ def _root_logging_restored():
 
 
 def make_cfg(overrides=(), runs=None):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+    """The config of `overrides` as users get it: through pipeline.compose.Composer, the path
+    of `make sweep` and of the training CLI's pre-check (one-line ConfigError on a bad one)."""
+    from pipeline.compose import Composer
+
+    with Composer() as c:
+        cfg = c.compose(list(overrides))
     if runs is not None:
         with open_dict(cfg):
             cfg.paths.runs = str(runs)
