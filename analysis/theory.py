@@ -374,20 +374,10 @@ def trajectory(loss, theta0, s: Setting, T: float, gtol: float, max_steps: int =
     return it, ode, outside
 
 
-def figures(out="figures/theory", eps=1e-8, T=15.0, gtol=1e-6, h=1e-2, betas=(0.5, 0.9, 0.95),
-            rhos=(0.5, 0.9, 0.99), hs=(3e-3, 1e-2, 2e-2), max_steps=200_000, budget_s=15.0):
-    """Figures 1-3 of the paper. Figures 2-3 run every trajectory until the horizon `T` (T/h
-    steps) or until its gradient one-norm is below `gtol`, so that they end at their limit
-    points; the data of every panel is written beside it as CSV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _saver(out: Path, made: list):
+    """save(fig, name, rows): PNG and PDF of the figure, and its data as CSV beside them."""
     import matplotlib.pyplot as plt
     import pandas as pd
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    made = []
 
     def save(fig, name, rows=None):
         for ext in ("png", "pdf"):
@@ -397,8 +387,13 @@ def figures(out="figures/theory", eps=1e-8, T=15.0, gtol=1e-6, h=1e-2, betas=(0.
         if rows is not None:
             pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
             made.append(out / f"{name}.csv")
+    return save
 
-    # Figure 1
+
+def _figure1(save) -> None:
+    """Figure 1: the function of one variable that the modified loss penalises."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.6))
     x = np.linspace(-1, 1, 401)
     rows = []
@@ -412,57 +407,77 @@ def figures(out="figures/theory", eps=1e-8, T=15.0, gtol=1e-6, h=1e-2, betas=(0.
     ax.legend(fontsize=7)
     save(fig, "fig1_penalty", rows)
 
+
+def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, budget_s) -> None:
+    """One panel of Figures 2-3: the iterates of each setting from (2.8, 3.5), its modified ODE
+    (9) (dashed where outside its regime), the hyperbola of minima; the data into `rows`."""
     loss = [bilinear_loss()]
     th0 = torch.tensor([2.8, 3.5], dtype=torch.float64)
     xs = np.linspace(0.3, 3.2, 300)
+    ax.plot(xs, 0.75 / xs, color="violet", lw=2, label=r"minima $\theta_1\theta_2 = y/x$")
+    ax.plot([math.sqrt(0.75)], [math.sqrt(0.75)], "kx", ms=9, label="minimal one-norm of the gradient")
+    any_outside = False
+    for s, lab in zip(settings, labels):
+        it, ode, outside = trajectory(loss, th0, s, T, gtol, max_steps, budget_s)
+        lim = np.abs(it[-1]).sum()
+        line, = ax.plot(it[:, 0], it[:, 1], ".", ms=1.5,
+                        label=f"{lab}: {len(it) - 1} steps, " + r"$|\theta|_1$" + f" = {lim:.3f}")
+        c = line.get_color()
+        if outside > 0:
+            ax.plot(ode[: outside + 1, 0], ode[: outside + 1, 1], "-", lw=0.9, color=c)
+        if outside < len(ode) - 1:
+            any_outside = True
+            ax.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=0.9, color=c)
+        ax.plot(*it[-1], "o", ms=5, mfc="none", color=c)
+        rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="iterate", n=n, theta_1=p[0], theta_2=p[1])
+                 for n, p in enumerate(it)]
+        rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="ode" if n < outside else "ode_outside",
+                      n=n, theta_1=p[0], theta_2=p[1]) for n, p in enumerate(ode)]
+    ax.plot([], [], "k-", lw=0.9, label="modified ODE (9)")
+    if any_outside:
+        ax.plot([], [], "k--", lw=0.9, label=rf"ODE outside its regime ($\kappa \geq$ {REGIME_KAPPA} "
+                                              f"or > {REGIME_DIST} from the iterates)")
+    ax.plot([], [], "ko", ms=5, mfc="none", label="last iterate")
+    ax.set_xlim(0.3, 3.0)
+    ax.set_ylim(0.2, 3.6)
+    ax.set_xlabel(r"$\theta_1$")
+    ax.set_ylabel(r"$\theta_2$")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=5.5, loc="upper left")
 
-    def panel(ax, settings, labels, title, rows):
-        ax.plot(xs, 0.75 / xs, color="violet", lw=2, label=r"minima $\theta_1\theta_2 = y/x$")
-        ax.plot([math.sqrt(0.75)], [math.sqrt(0.75)], "kx", ms=9, label="minimal one-norm of the gradient")
-        any_outside = False
-        for s, lab in zip(settings, labels):
-            it, ode, outside = trajectory(loss, th0, s, T, gtol, max_steps, budget_s)
-            lim = np.abs(it[-1]).sum()
-            line, = ax.plot(it[:, 0], it[:, 1], ".", ms=1.5,
-                            label=f"{lab}: {len(it) - 1} steps, " + r"$|\theta|_1$" + f" = {lim:.3f}")
-            c = line.get_color()
-            if outside > 0:
-                ax.plot(ode[: outside + 1, 0], ode[: outside + 1, 1], "-", lw=0.9, color=c)
-            if outside < len(ode) - 1:
-                any_outside = True
-                ax.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=0.9, color=c)
-            ax.plot(*it[-1], "o", ms=5, mfc="none", color=c)
-            rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="iterate", n=n, theta_1=p[0], theta_2=p[1])
-                     for n, p in enumerate(it)]
-            rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="ode" if n < outside else "ode_outside",
-                          n=n, theta_1=p[0], theta_2=p[1]) for n, p in enumerate(ode)]
-        ax.plot([], [], "k-", lw=0.9, label="modified ODE (9)")
-        if any_outside:
-            ax.plot([], [], "k--", lw=0.9, label=rf"ODE outside its regime ($\kappa \geq$ {REGIME_KAPPA} "
-                                                  f"or > {REGIME_DIST} from the iterates)")
-        ax.plot([], [], "ko", ms=5, mfc="none", label="last iterate")
-        ax.set_xlim(0.3, 3.0)
-        ax.set_ylim(0.2, 3.6)
-        ax.set_xlabel(r"$\theta_1$")
-        ax.set_ylabel(r"$\theta_2$")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=5.5, loc="upper left")
+
+def figures(out="figures/theory", eps=1e-8, T=15.0, gtol=1e-6, h=1e-2, betas=(0.5, 0.9, 0.95),
+            rhos=(0.5, 0.9, 0.99), hs=(3e-3, 1e-2, 2e-2), max_steps=200_000, budget_s=15.0):
+    """Figures 1-3 of the paper. Figures 2-3 run every trajectory until the horizon `T` (T/h
+    steps) or until its gradient one-norm is below `gtol`, so that they end at their limit
+    points; the data of every panel is written beside it as CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    save = _saver(out, made)
+    _figure1(save)
+    run = dict(T=T, gtol=gtol, max_steps=max_steps, budget_s=budget_s)
 
     # Figure 2: several beta, several rho
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     rows = []
-    panel(axes[0], [Setting("adam", h, b, 0.9, eps) for b in betas], [rf"$\beta$={b}" for b in betas],
-          rf"Adam, $\rho$ = 0.9, h = {h:g}: iterates (dots), modified ODE (9) (lines)", rows)
-    panel(axes[1], [Setting("adam", h, 0.9, r, eps) for r in rhos], [rf"$\rho$={r}" for r in rhos],
-          rf"Adam, $\beta$ = 0.9, h = {h:g}", rows)
+    _trajectory_panel(axes[0], [Setting("adam", h, b, 0.9, eps) for b in betas], [rf"$\beta$={b}" for b in betas],
+                      rf"Adam, $\rho$ = 0.9, h = {h:g}: iterates (dots), modified ODE (9) (lines)", rows, **run)
+    _trajectory_panel(axes[1], [Setting("adam", h, 0.9, r, eps) for r in rhos], [rf"$\rho$={r}" for r in rhos],
+                      rf"Adam, $\beta$ = 0.9, h = {h:g}", rows, **run)
     save(fig, "fig2_trajectories_beta_rho", rows)
 
     # Figure 3: several step sizes, beta >> rho and rho > beta
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     rows = []
     for ax, (b, r) in zip(axes, [(0.95, 0.5), (0.5, 0.99)]):
-        panel(ax, [Setting("adam", hh, b, r, eps) for hh in hs], [f"h={hh:g}" for hh in hs],
-              rf"Adam, $\beta$ = {b}, $\rho$ = {r}", rows)
+        _trajectory_panel(ax, [Setting("adam", hh, b, r, eps) for hh in hs], [f"h={hh:g}" for hh in hs],
+                          rf"Adam, $\beta$ = {b}, $\rho$ = {r}", rows, **run)
     save(fig, "fig3_trajectories_h", rows)
     return made
 
