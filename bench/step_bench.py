@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from bench import authors
 from pipeline.compose import Composer
 from pipeline.data import _synthetic, load_dataset
-from pipeline.step import bn_layers, evaluate, full_batch_step, partition
+from pipeline.step import bn_layers, evaluate, full_batch_step, partition, to_host
 from pipeline.theory_metrics import bias_term_norm
 from pipeline.train import build, numerics
 
@@ -82,9 +82,8 @@ def pipeline_step_fn(cfg, data, model, fwd, opt, autocast):
     bns, eps = bn_layers(model), float(cfg.optim.eps)
 
     def step():
-        loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task, parts, params,
-                                               eps, bns, autocast)
-        torch.cat([torch.stack([loss, correct.double()]), norms]).tolist()  # the one sync
+        to_host(full_batch_step(fwd, data.x_train, data.y_train, data.task, parts, params, eps, bns,
+                                autocast))  # the loop's one host sync
         opt.step()
 
     def test_pass():

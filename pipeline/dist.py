@@ -53,14 +53,6 @@ class Ranks:
             for t, s in zip(group, _unflatten_dense_tensors(flat, group)):
                 t.copy_(s)
 
-    def any(self, *flags: bool) -> list[bool]:
-        """Each flag, true if it is true on any rank (preemption signal, lease lost)."""
-        if self.world == 1:
-            return [bool(f) for f in flags]
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        td.all_reduce(t)
-        return [bool(v > 0) for v in t.tolist()]  # host sync: the stop flags (W > 1 only)
-
     def min(self, value: int) -> int:
         """The smallest of the ranks' values (a micro-batch that fits on every GPU)."""
         if self.world == 1:

@@ -5,7 +5,8 @@ The step itself never synchronises with the host: losses, counts and norms stay 
 tensors, and the caller reads them all with one labelled `.tolist()` per step
 (pipeline.train.to_host); `evaluate` has the test pass's own, labelled. With W ranks
 (pipeline/dist.py) each takes its share of the micro-batches and the sums are added across
-ranks: gradients in one all-reduce, the scalars and the BatchNorm statistics in another.
+ranks in one call: the gradients with the BatchNorm statistics in one all-reduce, the scalars
+(loss, count, and the loop's stop flags) in the other (float64).
 """
 
 from __future__ import annotations
@@ -53,16 +54,19 @@ def start_bn_gathering(bns) -> None:
         m.momentum = None
 
 
-def reduce_bn_statistics(bns, ranks) -> None:
-    """The cumulative averages of all ranks' groups: sum_r k_r m_r / sum_r k_r (k_r: groups
-    that rank r normalised), for the running mean and variance alike."""
-    if ranks.world == 1 or not bns:
-        return
+def bn_weighted(bns) -> list[torch.Tensor]:
+    """This rank's BatchNorm statistics weighted by its group counts, to be summed across ranks
+    (in the step's one all-reduce) and divided by `bn_average`."""
     weighted = []
     for m in bns:
         k = m.num_batches_tracked.to(m.running_mean.dtype)
         weighted += [m.running_mean.mul_(k), m.running_var.mul_(k), k.reshape(1)]
-    ranks.sum_(weighted)
+    return weighted
+
+
+def bn_average(bns, weighted: list[torch.Tensor]) -> None:
+    """The cumulative averages of all ranks' groups: sum_r k_r m_r / sum_r k_r (k_r: groups
+    that rank r normalised), for the running mean and variance alike."""
     for i, m in enumerate(bns):  # on the device: no host sync per layer
         k = weighted[3 * i + 2]
         m.running_mean.div_(k.clamp_min(1))
@@ -89,20 +93,39 @@ def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontex
 
 
 def full_batch_step(model, x, y, task, parts, params, eps, bns=(), autocast=contextlib.nullcontext,
-                    ranks=ONE):
-    """grad E(theta_n) into `.grad` and the on-device metrics at theta_n:
-    (loss, number correct, [perturbed one-norm, one-norm, two-norm]). `parts` is the common
-    partition; this rank computes its share of it."""
+                    ranks=ONE, flags=()) -> dict[str, torch.Tensor]:
+    """grad E(theta_n) into `.grad` and the on-device metrics at theta_n, by name: `loss`,
+    `correct` (examples classified right), `pert_norm`, `l1_norm`, `l2_norm`. `parts` is the
+    common partition; this rank computes its share of it. With W ranks the gradients, the
+    BatchNorm statistics and the scalars are summed in one call (one all-reduce per dtype), and
+    `flags` (this rank's stop flags) ride with the scalars: `stop_flags` is their sum."""
     for p in params:
         p.grad = (torch.zeros_like(p) if ranks.world > 1 else None) if p.grad is None else p.grad.zero_()
     start_bn_gathering(bns)
     loss, correct = accumulate_gradient(model, x, y, task, ranks.shard(parts), autocast)
+    out = {}
     if ranks.world > 1:
-        scalars = torch.stack([loss, correct.double()])
-        ranks.sum_([p.grad for p in params] + [scalars])
+        scalars = torch.cat([torch.stack([loss, correct.double()]),
+                             torch.tensor([float(f) for f in flags], dtype=torch.float64, device=loss.device)])
+        weighted = bn_weighted(bns)
+        ranks.sum_([p.grad for p in params] + weighted + [scalars])
+        bn_average(bns, weighted)
         loss, correct = scalars[0], scalars[1].long()
-        reduce_bn_statistics(bns, ranks)
-    return loss, correct, grad_norms([p.grad for p in params], eps)
+        if flags:
+            out["stop_flags"] = scalars[2:]
+    norms = grad_norms([p.grad for p in params], eps)
+    return dict(loss=loss, correct=correct, pert_norm=norms[0], l1_norm=norms[1], l2_norm=norms[2], **out)
+
+
+def to_host(metrics: dict) -> dict:
+    """The one host synchronisation of a step: every named on-device metric (0-d, or 1-d for
+    theta and the stop flags) copied in one transfer; floats, lists for the 1-d ones."""
+    flat = torch.cat([t.reshape(-1).double() for t in metrics.values()]).tolist()  # host sync: the step's metrics
+    out, i = {}, 0
+    for name, t in metrics.items():
+        out[name] = flat[i] if t.dim() == 0 else flat[i:i + t.numel()]
+        i += t.numel()
+    return out
 
 
 @torch.no_grad()

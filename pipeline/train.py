@@ -51,7 +51,7 @@ from .loggers import NullLogger, make_logger
 from .optim import build_optimizer
 from .progress import Progress
 from .state import REQUIRED, TrainState
-from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition
+from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition, to_host
 from .store import METRIC_COLUMNS, RunDir, atomic_write_text, read_metrics_table, run_id
 from .theory_metrics import bias_term_norm
 from .thresholds import diverging, newly_crossed
@@ -327,17 +327,6 @@ def metrics_row(n: int, host: dict, data, n_params: int, eps: float) -> dict:
     return row
 
 
-def to_host(metrics: dict) -> dict:
-    """The one host synchronisation of a step: every named on-device metric (0-d, or 1-d for
-    theta) copied in one transfer; floats, lists for the 1-d ones."""
-    flat = torch.cat([t.reshape(-1).double() for t in metrics.values()]).tolist()  # host sync: the step's metrics
-    out, i = {}, 0
-    for name, t in metrics.items():
-        out[name] = flat[i] if t.dim() == 0 else flat[i:i + t.numel()]
-        i += t.numel()
-    return out
-
-
 def _optional_metrics(cfg, model, data, parts, params, autocast, ranks, record: bool) -> dict:
     """On-device extras of the step: the bias term's norm (train.bias_term), theta_n itself
     (few-parameter models)."""
@@ -415,17 +404,18 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
     outcome, n = "completed", start
     with preempt.guard() as preemption, _finish_on_error(logger, progress):
         for n in range(start, tc.max_steps + 1):
-            # -- stop flags of every rank: the lease taken over (raises), a preemption signal --
-            if _signalled(ranks, preemption, owner, run):
-                _stop(state, n, saved, checkpoint, writer, run, ranks, progress, logger, preemption)
             faults.point("step", n)
-            # -- step: grad E(theta_n) over ALL examples, the metrics at theta_n, one host sync --
+            # -- step: grad E(theta_n) over ALL examples, the metrics at theta_n, one host sync;
+            # every rank's stop flags (a preemption signal, the lease taken over) ride along --
+            flags = (preemption.signalled(), owner is not None and owner.lost)
             parts = partition(data.x_train.shape[0], mb, state.shuffle, device)
-            loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
-                                                   parts, params, eps, bns, autocast, ranks)
-            metrics = dict(loss=loss, correct=correct, pert_norm=norms[0], l1_norm=norms[1], l2_norm=norms[2],
-                           **_optional_metrics(cfg, model, data, parts, params, autocast, ranks, record))
-            row = metrics_row(n, to_host(metrics), data, n_params, eps)
+            metrics = full_batch_step(fwd, data.x_train, data.y_train, data.task, parts, params, eps, bns,
+                                      autocast, ranks, flags if ranks.world > 1 else ())
+            metrics.update(_optional_metrics(cfg, model, data, parts, params, autocast, ranks, record))
+            host = to_host(metrics)
+            if _stopping(host.get("stop_flags", flags), owner, run):  # raises when the lease was lost
+                _stop(state, n, saved, checkpoint, writer, run, ranks, progress, logger, preemption)
+            row = metrics_row(n, host, data, n_params, eps)
             # -- thresholds crossed and divergence (decided here, once) --
             finite, newly, diverged = _judge(state, row, thresholds, tc)
             # -- evaluate: the test set at theta_n (its host sync is in evaluate) --
@@ -446,10 +436,11 @@ def _train(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks:
     return _finish(outcome, n, row, run, ranks, writer, progress, logger)
 
 
-def _signalled(ranks: dist.Ranks, preemption, owner: Lease | None, run: RunDir) -> bool:
-    """Whether a rank got the preemption signal; raises LeaseLost when rank 0's lease was taken
-    over (either flag on any rank stops every rank)."""
-    signal, lost = ranks.any(preemption.signalled(), owner is not None and owner.lost)
+def _stopping(flags, owner: Lease | None, run: RunDir) -> bool:
+    """Whether some rank got the preemption signal (then theta_n is checkpointed, its gradient
+    discarded); raises LeaseLost when rank 0's lease was taken over. `flags`: (signal, lost),
+    summed over the ranks."""
+    signal, lost = (bool(f) for f in flags)
     if lost:
         raise owner.lost_error() if owner is not None else LeaseLost(f"run {run.id}: lease lost on rank 0")
     return signal

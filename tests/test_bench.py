@@ -19,9 +19,9 @@ def test_authors_loop_without_augmentation_computes_the_full_batch_step():
         from pipeline.step import bn_layers, full_batch_step, partition
 
         params = [p for p in model.parameters()]
-        loss, correct, norms = full_batch_step(fwd, data.x_train, data.y_train, data.task,
-                                               partition(256, 100), params, 1e-8, bn_layers(model))
-        ours = dict(loss=float(loss), pert_norm=float(norms[0]), l1_norm=float(norms[1]), l2_norm=float(norms[2]))
+        m = full_batch_step(fwd, data.x_train, data.y_train, data.task, partition(256, 100), params, 1e-8,
+                            bn_layers(model))
+        ours = {k: float(m[k]) for k in ("loss", "pert_norm", "l1_norm", "l2_norm")}
         xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
         hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
         tl, sl = authors.loaders(hwc[0], ytr, hwc[1], yte, augment=False, workers=0, batch_size=100,
@@ -30,7 +30,7 @@ def test_authors_loop_without_augmentation_computes_the_full_batch_step():
         theirs = authors.authors_step(model, sgd, tl, sl, device)
     for k, v in ours.items():
         assert np.isclose(theirs[k], v, rtol=2e-5), (k, theirs[k], v)
-    assert 0 <= theirs["test_acc"] <= 1 and theirs["acc"] == float(correct) / 256
+    assert 0 <= theirs["test_acc"] <= 1 and theirs["acc"] == float(m["correct"]) / 256
 
 
 def test_authors_loop_augmentation_changes_the_gradient():

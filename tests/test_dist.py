@@ -118,8 +118,8 @@ def grads(cfg_overrides, micro_batch, reshuffle_seed=None):
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(reshuffle_seed) if reshuffle_seed is not None else None
     parts = partition(64, micro_batch, gen)
-    loss, _, _ = full_batch_step(model, data.x_train, data.y_train, data.task, parts, params, 1e-8,
-                                 bn_layers(model))
+    loss = full_batch_step(model, data.x_train, data.y_train, data.task, parts, params, 1e-8,
+                           bn_layers(model))["loss"]
     stats = [t.clone() for m in bn_layers(model) for t in (m.running_mean, m.running_var)]
     return [p.grad.clone() for p in params], loss.item(), stats
 
