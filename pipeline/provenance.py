@@ -61,11 +61,15 @@ def command_line(argv: list[str]) -> list[str]:
     return [SECRET.sub(r"\1***", a) for a in argv]
 
 
-def collect(repo: Path = ROOT) -> tuple[dict, str | None]:
-    """(the record of this attempt, the diff to keep beside it or None)."""
+def collect(repo: Path = ROOT, launched_by: list[str] | None = None) -> tuple[dict, str | None]:
+    """(the record of this attempt, the diff to keep beside it or None). `launched_by`: the
+    command line of the sweep that submitted the job (the job's own argv is submitit's)."""
     code, diff = code_state(repo)
-    return dict(**code, **software_and_machine(), argv=command_line(sys.argv), cwd=str(Path.cwd()),
-                recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")), diff
+    record = dict(**code, **software_and_machine(), argv=command_line(sys.argv), cwd=str(Path.cwd()),
+                  recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if launched_by:
+        record["launched_by"] = command_line(list(launched_by))
+    return record, diff
 
 
 def code_version(record: dict | None) -> str:

@@ -106,7 +106,7 @@ def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
     ex.update_parameters(job_name=plan.name, additional_parameters=extra, comment=comment, **prof)
     try:
         with ex.batch():
-            jobs = [ex.submit(TrainJob(), p.cfg) for p in todo]
+            jobs = [ex.submit(TrainJob(launched_by=sys.argv), p.cfg) for p in todo]
     except Exception as e:  # sbatch refused (it said so): nothing submitted, the runs stay "pending (no job)"
         orphans.resolve(plan.folder, intent)
         _fail(f"Slurm refused the submission ({type(e).__name__}: "
@@ -240,7 +240,7 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
                 out = outcome_path(plan, p.run)
                 t0 = time.time()
                 with mock.patch.object(submitit.local.local, "subprocess", _Detached(folder / "controllers.log")):
-                    job = ex.submit(TrainJob(str(out)), p.cfg)
+                    job = ex.submit(TrainJob(str(out), sys.argv), p.cfg)
                 p.run.write_job(dict(me, job_id=job.job_id, submitted_at=t0, log=str(job.paths.stderr)))
                 running.append((p, job, t0))
                 say(f"  start {p.run.id} {_params(p)}")
@@ -274,7 +274,7 @@ def run_basic(plan: Plan) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with contextlib.suppress(Exception):  # one run's failure does not stop the sweep; its reason is in its outcome
-            TrainJob(str(out))(p.cfg)
+            TrainJob(str(out), sys.argv)(p.cfg)
         result, _ = _outcome(p.run, out, t0)
         print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
         outcomes[result.split(" (")[0]] += 1

@@ -171,7 +171,7 @@ def _mark_pending(run: RunDir) -> None:
         run.write_status(state="pending")
 
 
-def train(cfg: DictConfig) -> str:
+def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
     """Run (or resume, or skip) the run of `cfg`; returns its state. Raises ConfigError or
     DataError on bad input (nothing is created), LeaseHeld when another process owns the run
     (nothing is changed), DiskFull (the run is left pending, its last checkpoint intact).
@@ -189,7 +189,7 @@ def train(cfg: DictConfig) -> str:
         with contextlib.ExitStack() as held:
             owner = Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s,
                           cfg.lease.get("host")) if ranks.main else None
-            skipped = ranks.share(lambda: _begin(run, cfg, owner, held))
+            skipped = ranks.share(lambda: _begin(run, cfg, owner, held, launched_by))
             if skipped:
                 return skipped
             try:
@@ -224,7 +224,7 @@ def _precheck(run: RunDir, cfg) -> str | None:
     return health.state or "damaged"
 
 
-def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | None:
+def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_by=None) -> str | None:
     """Take the run's lease (held until `held` closes), decide again as its owner (another
     process may have ended the run meanwhile) and prepare the directory; the state to return
     when there is nothing to do, else None."""
@@ -245,7 +245,7 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack) -> str | 
     if decision.action == "restart":
         run.remove_checkpoints()
     run.write_config(cfg)
-    run.record_provenance(st.get("attempts", 0) + 1, *provenance.collect())
+    run.record_provenance(st.get("attempts", 0) + 1, *provenance.collect(launched_by=launched_by))
     run.write_status(state="running", attempts=st.get("attempts", 0) + 1, slurm_job=slurm_job_id(),
                      started_at=time.time(), error=None,
                      **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
@@ -464,10 +464,13 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     `outcome`: a JSON file (in the sweep's own folder) where the job says how its run ended,
     with the one-line reason of an expected failure, so that the sweep reads JSON, never
-    submitit's result pickles."""
+    submitit's result pickles. `launched_by`: the sweep's command line, for the run's provenance.
 
-    def __init__(self, outcome: str | None = None):
+    Jobs pickled by older code lack attributes added since: every one is read with a default."""
+
+    def __init__(self, outcome: str | None = None, launched_by: list[str] | None = None):
         self.outcome = outcome
+        self.launched_by = launched_by
 
     def _say(self, result: str | None, error: str | None = None) -> None:
         path = getattr(self, "outcome", None)  # jobs pickled before outcomes existed have none
@@ -478,7 +481,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg: DictConfig) -> str:
         try:
-            result = train(cfg)
+            result = train(cfg, getattr(self, "launched_by", None))
         except LeaseHeld as e:  # another process (another sweep, a user) runs it: nothing to do here
             log.warning("%s", e)
             self._say("live", None)

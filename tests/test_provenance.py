@@ -117,3 +117,19 @@ def test_the_analysis_warns_when_a_figure_mixes_code_versions(caplog):
         dirty = warn_mixed_code(pd.DataFrame(dict(code_version=["a" * 12 + "+dirty"])))
         assert "a dirty tree" in dirty
     assert caplog.text.count("the figures' runs come from") == 2
+
+
+def test_a_sweep_job_records_the_sweeps_command_line_and_old_pickles_still_run(cfg_factory):
+    import pickle
+
+    from pipeline.train import TrainJob
+
+    cfg = cfg_factory("train.max_steps=2")
+    job = TrainJob(None, ["-m", "pipeline.sweep", "run", "toy", "logger.api_key=s3cret"])
+    assert pickle.loads(pickle.dumps(job))(cfg) == "completed"
+    rec = RunDir(cfg.paths.runs, run_id(cfg)).provenance()[-1]
+    assert rec["launched_by"] == ["-m", "pipeline.sweep", "run", "toy", "logger.api_key=***"]
+    old = TrainJob.__new__(TrainJob)  # as a job pickled before launched_by (and outcome) existed unpickles
+    other = cfg_factory("train.max_steps=3")
+    assert old(other) == "completed"
+    assert "launched_by" not in RunDir(other.paths.runs, run_id(other)).provenance()[-1]
