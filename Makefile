@@ -20,7 +20,7 @@ ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze figures theory sync report data migrate bench fidelity gpucheck test lint clean-venv
+.PHONY: help install sweep status analyze figures theory sync report data migrate bench fidelity gpucheck test test-fast lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ gpucheck: $(VENV)/.installed ## one-shot GPU check (< 8 min): exactness, speed g
 
 test: $(VENV)/.installed ## run the test suite (Slurm tests use a running cluster or start slurm/local_cluster.sh)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed ## the fast tier: every test but the slow and Slurm ones (a few minutes on 2 cores)
+	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed ## ruff
 	$(VENV)/bin/ruff check .

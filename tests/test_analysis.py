@@ -153,6 +153,7 @@ def test_figures_are_written(tmp_path):
     assert (drawn["at_loss_0.01_test_acc"] == s.loc[drawn.index, "at_loss_0.01_test_acc"]).all()
 
 
+@pytest.mark.slow
 def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_path):
     """A beta x rho grid coloured by beta: one row of panels per rho, the data of each panel in
     the CSV beside the figure; a run that climbs (the loop's divergence rule) gets no limit

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from bench import authors
@@ -69,6 +70,7 @@ def test_pipeline_step_of_the_bench_is_the_training_loop_step(tmp_path):
     assert bench_theta1 and all(torch.equal(v, ckpt["model"][k]) for k, v in bench_theta1.items())
 
 
+@pytest.mark.slow
 def test_gpucheck_dry_run_writes_its_report(tmp_path):
     """No GPU here: the dry run exercises every section on the CPU and the report's format."""
     from bench.gpucheck import main

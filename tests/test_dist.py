@@ -40,6 +40,7 @@ def close(a, b, rtol=1e-6):
     return bool(ok.all()), float(np.nanmax(np.abs(a - b) / (np.abs(a) + scale + 1e-300)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,extra", [
     (2, ["model.norm=bn", "train.reshuffle=true"]),
     (3, ["model.norm=none", "train.reshuffle=false"]),
@@ -76,6 +77,7 @@ def test_w_processes_give_the_one_process_answer(tmp_path, world, extra):
     print(f"\nW={world} {' '.join(extra)}: largest relative difference from one process {worst:.1e}")
 
 
+@pytest.mark.slow
 def test_a_killed_2_process_run_resumes_identically(tmp_path):
     """Rank 0 stops itself after writing row 9; the whole torchrun process group is SIGKILLed;
     the restarted 2-process run ends identical to an uninterrupted 2-process run."""

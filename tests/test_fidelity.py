@@ -120,6 +120,7 @@ def _report(tmp_path, runs, out):
                           "--out", str(out), "--", *TINY])
 
 
+@pytest.mark.slow
 def test_the_report_runs_is_reproducible_and_reuses_its_runs(tmp_path):
     assert _report(tmp_path, tmp_path / "runs_a", tmp_path / "out_a") == 0
     assert _report(tmp_path, tmp_path / "runs_b", tmp_path / "out_b") == 0

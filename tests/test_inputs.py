@@ -172,6 +172,7 @@ def test_read_only_runs_root_is_one_line(readonly_dir, capsys):
     assert not (readonly_dir / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["model=resnet9000"], ["optim.h=1e100"], ["optim.betta=0.9"],
                                        ["data=cifar10", "data.root={tmp}/trunc", "data.download=false"]])
 def test_a_real_process_exits_2_with_one_line(broken, overrides):

@@ -51,6 +51,7 @@ def files_of(path):
 
 
 # -- one owner per run --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_process_on_a_live_run_is_refused_and_changes_nothing(tmp_path):
     args = args_in(tmp_path / "runs")
     run = RunDir(tmp_path / "runs", run_id(make_cfg(args)))
@@ -75,6 +76,7 @@ def test_second_process_on_a_live_run_is_refused_and_changes_nothing(tmp_path):
     assert run.status()["attempts"] == 1 and not (run.path / "lease.json").exists()
 
 
+@pytest.mark.slow
 def test_two_identical_sweeps_at_once_run_every_run_once(tmp_path):
     paths = [f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps"]
     extra = "EXTRA=train.max_steps=40 data.n_train=64 data.n_test=32"
@@ -172,6 +174,7 @@ def kill_plan(n_kills=20, seed=2026, max_steps=60, every=3):
     return points
 
 
+@pytest.mark.slow
 def test_killed_at_20_random_moments_ends_identical(tmp_path):
     """SIGKILL at 20 random points of the run's writes (several inside checkpoint writes, some
     halfway through a metrics row), restarting after each: the run ends as if never killed."""
@@ -241,6 +244,7 @@ def drop_rows(run, steps, torn=False):
     run.metrics.write_text("".join(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["hole", "torn rows", "deleted file"])
 def test_hole_is_flagged_everywhere_and_retry_makes_it_whole(tmp_path, damage):
     args = args_in(tmp_path / "runs")
@@ -317,6 +321,7 @@ def _disk_full_then_resume(tmp_path, runs, args, free, extra):
     same_as_reference(tmp_path, run, extra)
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_small_tmpfs(tmp_path):
     extra = ["model=mlp", "model.width=256", "train.max_steps=12", "train.checkpoint_every=3", "train.reshuffle=false"]
     probe = make_cfg(args_in(tmp_path / "probe", extra))
@@ -334,6 +339,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(disk)])
 
 
+@pytest.mark.slow
 def test_disk_full_injected(tmp_path):
     extra = ["train.max_steps=12", "train.checkpoint_every=3", "train.reshuffle=false"]
     runs = tmp_path / "runs"
@@ -358,6 +364,7 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path):
     assert "removed 2 temporary files of interrupted writes" in run.log_file.read_text()
 
 
+@pytest.mark.slow
 def test_missing_data_creates_nothing_and_the_fixed_root_runs(tmp_path):
     from pipeline.data import write_fake_cifar
 

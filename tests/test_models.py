@@ -13,6 +13,7 @@ def build(name, norm="bn", classes=10, **kw):
     return build_model(OmegaConf.create(dict(name=name, norm=norm, width=64, **kw)), classes, (3, 32, 32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,params", [("resnet18", 11_173_962), ("resnet50", 23_520_842),
                                          ("resnet101", 42_512_970)])
 def test_cifar_resnet_parameter_counts(name, params):
@@ -20,6 +21,7 @@ def test_cifar_resnet_parameter_counts(name, params):
     assert sum(p.numel() for p in build(name).parameters()) == params
 
 
+@pytest.mark.slow
 def test_resnet_stem_and_bottleneck_stride():
     m = build("resnet50")
     conv = m.stem[0]

@@ -60,6 +60,7 @@ def test_code_versions_of_a_resumed_run():
     assert code_versions([]) == "unknown"
 
 
+@pytest.mark.slow
 def test_each_attempt_records_its_provenance(cfg_factory, monkeypatch):
     """A run interrupted and resumed has two records; the software fields are this process's;
     the summary's code_version is the commit (and +dirty) of its attempts."""
@@ -119,6 +120,7 @@ def test_the_analysis_warns_when_a_figure_mixes_code_versions(caplog):
     assert caplog.text.count("the figures' runs come from") == 2
 
 
+@pytest.mark.slow
 def test_a_sweep_job_records_the_sweeps_command_line_and_old_pickles_still_run(cfg_factory):
     import pickle
 

@@ -57,6 +57,7 @@ def _interrupted_then_resumed(cfg, monkeypatch, edit=None):
     return pd.read_csv(run.metrics).drop(columns="time_s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", [
     None,
     lambda ck: {k: ck[k] for k in ("model", "optimizer", "step", "crossed", "time_s", "rng_cpu", "rng_cuda",

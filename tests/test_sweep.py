@@ -24,6 +24,7 @@ def make(target, tmp_path, sweep="synthetic", launcher="basic", extra="", retry=
 FAST = "train.max_steps=4 data.n_train=64 data.n_test=32"
 
 
+@pytest.mark.slow
 def test_sweep_runs_grid_registers_and_skips(tmp_path):
     r = make("sweep", tmp_path, extra=FAST)
     assert r.returncode == 0, r.stderr
@@ -53,6 +54,7 @@ def test_sweep_runs_grid_registers_and_skips(tmp_path):
     assert len(summary) == 4 and set(summary.beta) == {0.9, 0.99}
 
 
+@pytest.mark.slow
 def test_sweeps_share_runs_and_retry_reruns_diverged(tmp_path):
     assert make("sweep", tmp_path, extra=FAST).returncode == 0
     # an ad-hoc grid overlapping the preset: same run ids, nothing rerun
@@ -101,6 +103,7 @@ def test_unknown_preset_lists_available(tmp_path):
     assert "unknown preset" in r.stderr and "toy" in r.stderr and "fig5" in r.stderr
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_jobs_in_parallel_batches(tmp_path):
     r = make("sweep", tmp_path, launcher="local", extra=FAST)
     assert r.returncode == 0, r.stderr + r.stdout
@@ -139,6 +142,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.slow
 def test_a_live_run_is_reported_and_never_submitted_again(tmp_path):
     """A run whose lease is held (here by a process on another node, heartbeat fresh) is live:
     the sweep reports it and launches the others only."""
@@ -165,6 +169,7 @@ def test_a_live_run_is_reported_and_never_submitted_again(tmp_path):
     assert not (run / "lease.json").exists()  # taken over, then released
 
 
+@pytest.mark.slow
 def test_runs_and_sweeps_variables_reach_every_target(tmp_path):
     r = make("sweep", tmp_path, extra=FAST)
     assert r.returncode == 0 and (tmp_path / "runs").is_dir() and (tmp_path / "sweeps" / "synthetic").is_dir()
@@ -179,6 +184,7 @@ def test_runs_and_sweeps_variables_reach_every_target(tmp_path):
     assert not (ROOT / "train.log").exists()
 
 
+@pytest.mark.slow
 def test_run_ids_of_existing_presets_never_change():
     """Run ids are where results live: every preset grid point has the id pinned in
     tests/data/preset_run_ids.json. BatchNorm presets kept theirs through every change; the

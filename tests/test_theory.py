@@ -15,6 +15,7 @@ HS = (8e-3, 4e-3, 2e-3, 1e-3)
 BILINEAR = ([th.bilinear_loss()], torch.tensor([2.8, 3.5], dtype=torch.float64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["adam", "rmsprop"])
 def test_orders_on_the_bilinear_model(algo):
     """Theorem 3.1 / 4.2: first-order flow O(h), modified ODE O(h^2) (beta=0.5, rho=0.6, T=0.5)."""
@@ -26,6 +27,7 @@ def test_orders_on_the_bilinear_model(algo):
     assert all(m < f / 10 for m, f in zip(errs["modified"], errs["first"]))
 
 
+@pytest.mark.slow
 def test_large_n_form():
     """(2)-(3) keeps Adam's order 2 (its leading term is exact for full batch thanks to bias
     correction); RMSProp's R^(n) carries (1 - rho^(n+1)) for the first steps, an O(h) error."""
@@ -37,6 +39,7 @@ def test_large_n_form():
     assert 0.85 < th.fitted_order(hs, rms["large_n"]) < 1.15
 
 
+@pytest.mark.slow
 def test_orders_for_a_13_parameter_network_in_mini_batches():
     losses, theta0 = th.tanh_net_losses(batches=2)
     hs = HS[:3]
@@ -128,6 +131,7 @@ def test_figure1_closed_form_matches_quadrature():
         assert th.penalty_1d(x, beta, rho, eps) == pytest.approx(num, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_theory_figures_are_written(tmp_path):
     made = th.figures(tmp_path, T=0.4, hs=(1e-2, 2e-2), betas=(0.5, 0.9), rhos=(0.5, 0.99), budget_s=5)
     names = {p.name for p in made}
@@ -170,6 +174,7 @@ def test_verify_cli_prints_orders_and_slopes(capsys):
     assert out.count("slope 1") == 2 and out.count("slope 2") == 2 and "tanh" not in out and "rmsprop" not in out
 
 
+@pytest.mark.slow
 def test_example_2_3_adam_with_large_eps_is_heavy_ball(capsys):
     """Example 2.3: Adam (step h sqrt(eps)/(1-beta), no bias correction) approaches heavy-ball GD
     with step h at order 1 in 1/eps; heavy-ball GD follows the first-order flow of [8] at order

@@ -107,6 +107,7 @@ BOUNDED_BLOWUP = ["model=bilinear", "data=bilinear", "optim=adam", "optim.h=1e-2
                   "train.checkpoint_every=10", "train.diverge_factor=2", "train.diverge_patience=30"]
 
 
+@pytest.mark.slow
 def test_bounded_step_blowup_ends_diverged_by_the_one_rule(cfg_factory, monkeypatch):
     """Adam's step is bounded: beta = 0.999 > sqrt(rho) climbs from a loss of 164 to ~700 and
     never reaches inf. The loop stops it as `diverged` (exit 0) where the rule of
@@ -152,6 +153,7 @@ def test_validation_names_the_key(override, key):
     assert "allowed" in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_input_before_work(tmp_path):
     r = run_cli(["pipeline.train", *TINY, "optim.beta=1.2", f"paths.runs={tmp_path}/runs"],
                 cwd=tmp_path)
@@ -166,6 +168,7 @@ def test_cli_unknown_group_option_lists_choices(tmp_path):
     assert r.returncode != 0 and "resnet50" in r.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     ref_runs, runs = tmp_path / "ref", tmp_path / "killed"
     args = [*TINY, "train.max_steps=40", "train.checkpoint_every=5", f"paths.runs={runs}",
@@ -191,6 +194,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert run.status()["attempts"] == 2 and run.status()["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_progress_log_lines_when_not_on_a_terminal(tmp_path):
     r = run_cli(["pipeline.train", *TINY, "train.progress=auto", "train.log_every=4",
                  f"paths.runs={tmp_path}/runs"], cwd=tmp_path)
@@ -255,6 +259,7 @@ def _compiler_missing() -> str | None:
     return None if shutil.which("g++") or shutil.which("c++") else "torch.compile on CPU needs a C++ compiler"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", list(CLOSE))
 def test_numerics_switch_runs_close_to_fp32_and_resumes(cfg_factory, switch, monkeypatch, tmp_path):
     """A small CNN with BatchNorm under each switch: finite metrics within the switch's
@@ -284,6 +289,7 @@ def test_numerics_switch_runs_close_to_fp32_and_resumes(cfg_factory, switch, mon
     pd.testing.assert_frame_equal(b[cols], c[cols])
 
 
+@pytest.mark.slow
 def test_sigusr2_checkpoints_now_and_resume_is_identical(tmp_path):
     """Slurm's warning signal without Slurm or submitit: the run checkpoints after the current
     step, marks itself pending and exits; a rerun resumes there and ends like an uninterrupted

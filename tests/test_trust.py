@@ -42,6 +42,7 @@ def one_line(stderr: str, prefix="error:") -> str:
 
 
 # -- 1. fencing: a writer frozen inside a write, its run taken over from another host ---------------
+@pytest.mark.slow
 @pytest.mark.parametrize("point,b_done_first", [("ckpt.tmp", False), ("ckpt.prev", True), ("row", False)])
 def test_a_fenced_off_writer_writes_nothing_and_the_new_owner_ends_whole(tmp_path, point, b_done_first):
     """A stops (SIGSTOP) inside a checkpoint write (or after a row); its lease goes stale; B, on
@@ -182,6 +183,7 @@ def drop_lines(run, first, last):  # sed -i "first,last d" metrics.csv
     run.metrics.write_text("".join(lines[: first - 1] + lines[last:]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage,flag", [
     ("sed 40,45d", "missing 38-43"),
     ("swap 2-24 40-49", "out of order at step"),
@@ -227,6 +229,7 @@ def test_a_damaged_history_is_flagged_everywhere_and_retry_makes_it_whole(done_s
     pd.testing.assert_frame_equal(without_time(run.metrics), original, check_exact=True)
 
 
+@pytest.mark.slow
 def test_the_training_cli_with_retry_repairs_what_status_flags(done_sweep, tmp_path):
     run = copy_sweep(done_sweep, tmp_path)
     drop_lines(run, 40, 45)
@@ -239,6 +242,7 @@ def test_the_training_cli_with_retry_repairs_what_status_flags(done_sweep, tmp_p
 
 
 # -- 3. a run directory proves its identity -----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", ["beta edited", "deleted", "another run's"])
 def test_a_config_that_does_not_hash_to_the_run_id_is_flagged_and_never_resumed(done_sweep, tmp_path, edit, caplog):
     run = copy_sweep(done_sweep, tmp_path)
@@ -328,6 +332,7 @@ def damage_file(run, folder, name, damage):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,damage", CASES, ids=[f"{f}-{d}" for f, d in CASES])
 def test_a_damaged_file_gives_one_line_naming_it(done_sweep, tmp_path, name, damage, capsys, caplog):
     run = copy_sweep(done_sweep, tmp_path)
@@ -359,6 +364,7 @@ def test_a_damaged_file_gives_one_line_naming_it(done_sweep, tmp_path, name, dam
         assert name in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["zero bytes", "garbage", "a JSON list", "wrong field types"])
 def test_a_damaged_checkpoint_of_an_interrupted_run_falls_back_with_one_line(done_sweep, tmp_path, damage):
     import torch
@@ -429,6 +435,7 @@ def test_a_profile_with_the_local_launcher_is_named_as_ignored(tmp_path):
 
 
 # -- 5. interrupts, reasons and states of a local sweep -------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path):
     """Two runs at a time, each stopped after row 5 (failpoint), two queued: `make status` says
     running / queued (local); Ctrl-C (SIGINT to the sweep's process group, as a terminal sends
@@ -481,6 +488,7 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
         pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
 
 
+@pytest.mark.slow
 def test_a_sweep_shows_each_runs_real_reason(tmp_path):
     extra = [f"data.root={tmp_path}/nowhere", "data.download=false", "train.max_steps=2", "optim.beta=0.9",
              "optim.rho=0.99"]
@@ -494,6 +502,7 @@ def test_a_sweep_shows_each_runs_real_reason(tmp_path):
     assert oct(folder.stat().st_mode & 0o777) == "0o700"  # submitit's pickles: this user's alone
 
 
+@pytest.mark.slow
 def test_the_sweep_unpickles_nothing(tmp_path, monkeypatch):
     """A local sweep reads each run's outcome from JSON: submitit's result pickles are never loaded
     by the sweep process (a planted one would run code)."""

@@ -119,6 +119,7 @@ def first_step_after_start(tmp_path, logger, env):
     return d["first_step_at"] - d["started_at"], next(runs.iterdir()), r.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_wandb_server_does_not_delay_training(tmp_path):
     """Online mode against a server that never answers: wandb's init waits its 20 s timeout in
     its own thread; the first step comes as soon as with logger=none (bound: +2 s, on a loaded
