@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import slurm
-from .store import RunDir, atomic_write_text, read_json_object
+from .store import RunDir, atomic_write_text, private_folder, read_json_object
 
 FOLDER = Path(".submitit") / "intents"
 FIELDS = {"token": (str,), "runs": (list,), "profile": (str,), "job_name": (str,)}
@@ -35,9 +35,7 @@ def intents(sweep: Path) -> list[Path]:
 
 def write_intent(sweep: Path, runs: list[RunDir], profile: str, job_name: str) -> dict:
     """Record, durably, what is about to be submitted; the intent (with its marker's token)."""
-    folder = Path(sweep) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    folder = private_folder(Path(sweep) / FOLDER)
     intent = dict(token=secrets.token_hex(6), runs=[str(r.path) for r in runs], profile=profile,
                   job_name=job_name, created_at=time.time(), host=socket.gethostname(), pid=os.getpid())
     atomic_write_text(folder / f"{intent['token']}.json", json.dumps(intent, indent=1) + "\n")
@@ -80,8 +78,8 @@ def adopt(sweep: Path) -> list[str]:
             lines.append(f"note: an interrupted submission (intent {intent['token']}) has no job queued or running; "
                          "its runs are planned as usual")
             continue
-        for job_id in sorted(jobs, key=lambda j: int(j.split("_")[1]) if "_" in j else 0):
-            i = int(job_id.split("_")[1]) if "_" in job_id else 0
+        for job_id in jobs:
+            i = int(job_id.split("_")[1]) if "_" in job_id else 0  # array task i trains the i-th run
             if i < len(intent["runs"]):
                 run = Path(intent["runs"][i])
                 RunDir(run.parent, run.name).write_job(handle(job_id, intent, sweep))

@@ -113,6 +113,14 @@ def _temp_name(path: Path, tag: str | None = None) -> Path:
     return path.with_name(f".{path.name}.{tag}.{secrets.token_hex(4)}.tmp")
 
 
+def private_folder(path: Path) -> Path:
+    """`path`, created readable and writable by this user only (submitit's pickles, a sweep's
+    outcomes and submission intents live there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def write_temp(path: Path, data: bytes, tag: str | None = None) -> Path:
     """`data` in a durable temporary file beside `path`, created with the umask's permissions
     (mkstemp would make it 0600, unreadable to the rest of a group on a shared cluster)."""

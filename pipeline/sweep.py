@@ -41,7 +41,7 @@ from .compose import CONF_DIR, Composer
 from .errors import ConfigError
 from .integrity import check
 from .plan import Plan, make_plan, register, sweep_runs, table
-from .store import FINISHED, RunDir, read_json_object
+from .store import FINISHED, RunDir, private_folder, read_json_object
 from .train import TrainJob
 
 LAUNCHERS = ("local", "basic", "slurm")
@@ -127,13 +127,6 @@ def outcome_path(plan: Plan, run: RunDir) -> Path:
     """Where a job of this sweep writes the outcome of its run (JSON, in the sweep's own folder,
     which only its user can write: pipeline.sweep never unpickles submitit's result files)."""
     return plan.folder / ".submitit" / "outcomes" / f"{run.id}.json"
-
-
-def private_folder(path: Path) -> Path:
-    """`path`, created readable and writable by this user only (submitit's pickles live there)."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
 
 
 def _outcome(run: RunDir, path: Path | None, started: float = 0.0) -> tuple[str, float | None]:
