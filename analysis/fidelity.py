@@ -102,6 +102,15 @@ class Verdict:
         return self.deviation / self.spread
 
 
+def spread_of(reference, members) -> float:
+    """max_k |member_k - reference| over the members with a value (0 when none has one); NaN for
+    a category (the regime) or an empty reference."""
+    if isinstance(reference, str) or _missing(reference):
+        return math.nan
+    return max((abs(float(m) - float(reference)) for m in members if not _missing(m) and not isinstance(m, str)),
+               default=0.0)
+
+
 def judge(reference, members, value) -> Verdict:
     """Is `value` (a precision's metric) within the spread of the ensemble `members` around the
     fp64 `reference`? Numbers: within iff |value - reference| <= TOLERANCE * spread, spread =
@@ -112,8 +121,7 @@ def judge(reference, members, value) -> Verdict:
     if isinstance(reference, str) or isinstance(value, str):
         ok = value == reference or value in members
         return Verdict(math.nan, math.nan, ok, "within" if ok else f"outside: {value} vs {reference}")
-    finite = [float(m) for m in members if not _missing(m)]
-    spread = max((abs(m - float(reference)) for m in finite), default=0.0) if not _missing(reference) else math.nan
+    spread = spread_of(reference, members)
     if _missing(value) or _missing(reference):
         ok = _missing(value) == _missing(reference) or any(_missing(m) == _missing(value) for m in members)
         return Verdict(math.nan, spread, ok, "within, empty as well" if ok else
@@ -157,14 +165,12 @@ def compare(reference: dict, members: list[dict], tested: dict[str, dict], metri
         row = dict(metric=metric, fp64=ref,
                    ensemble_min=min(nums) if nums else math.nan, ensemble_max=max(nums) if nums else math.nan,
                    ensemble_values=" ".join(sorted(set(e for e in ens if isinstance(e, str)))) or None)
-        spread = math.nan
+        row["spread"] = spread_of(ref, ens)
         for name, summary in tested.items():
             v = _value(summary, metric)
             verdict = judge(ref, ens, v)
-            spread = verdict.spread
             row.update({name: v, f"{name}_deviation": verdict.deviation, f"{name}_ratio": verdict.ratio,
                         f"{name}_verdict": verdict.why})
-        row["spread"] = spread
         rows.append(row)
     df = pd.DataFrame(rows)
     first = ["metric", "fp64", "ensemble_min", "ensemble_max", "ensemble_values", "spread"]
