@@ -130,44 +130,44 @@ def _expand(job: str) -> list[str]:
     return out
 
 
-def _query(cmd: list[str]) -> tuple[dict, str | None]:
+def _lines(cmd: list[str]) -> tuple[list[str], str | None]:
+    """(the output lines of a Slurm client command, None), or ([], why) when it cannot be run,
+    does not answer within 60 s or fails."""
     if not shutil.which(cmd[0]):
-        return {}, f"{cmd[0]} not found on PATH"
+        return [], f"{cmd[0]} not found on PATH"
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        return {}, f"{cmd[0]} did not answer within 60 s"
+        return [], f"{cmd[0]} did not answer within 60 s"
     if r.returncode != 0:
-        return {}, f"{cmd[0]} failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[0]}"
+        return [], f"{cmd[0]} failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[0]}"
+    return r.stdout.splitlines(), None
+
+
+def _query(cmd: list[str]) -> tuple[dict, str | None]:
+    """{job id: state} from `<id>|<state>` lines (array ranges expanded)."""
+    lines, err = _lines(cmd)
     states = {}
-    for line in r.stdout.splitlines():
+    for line in lines:
         if "|" in line:
             jid, state = line.split("|", 1)
             for j in _expand(jid.strip()):
                 states[j] = (state.split() or [""])[0]
-    return states, None
+    return states, err
 
 
 def jobs_with_comment(marker: str) -> tuple[dict[str, str], str | None]:
     """({job id: state} of this user's queued or running jobs whose Slurm comment holds
     `marker`, None), or ({}, why) when squeue cannot be reached (pipeline/orphans.py)."""
-    if not shutil.which("squeue"):
-        return {}, "squeue not found on PATH"
     user = os.environ.get("USER") or getpass.getuser()
-    try:
-        r = subprocess.run(["squeue", "-h", "-r", "-u", user, "-o", "%i|%T|%k"], capture_output=True, text=True,
-                           timeout=60)
-    except subprocess.TimeoutExpired:
-        return {}, "squeue did not answer within 60 s"
-    if r.returncode != 0:
-        return {}, f"squeue failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[0]}"
+    lines, err = _lines(["squeue", "-h", "-r", "-u", user, "-o", "%i|%T|%k"])
     out = {}
-    for line in r.stdout.splitlines():
+    for line in lines:
         jid, _, rest = line.partition("|")
         state, _, comment = rest.partition("|")
         if marker in comment.split():
             out.update({j: state.strip() for j in _expand(jid.strip())})
-    return out, None
+    return out, err
 
 
 def job_states(job_ids) -> tuple[dict[str, str], str | None]:
