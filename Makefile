@@ -36,14 +36,14 @@ install: $(VENV)/.installed ## create .venv and install the project (torch, hydr
 
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
 PATHS = $(if $(RUNS),paths.runs=$(RUNS)) $(if $(SWEEPS),paths.sweeps=$(SWEEPS))
-WHERE = $(PY) -m pipeline.sweep where "$(SWEEP)"
+WHERE = $(PY) -m pipeline.dispatch.sweep where "$(SWEEP)"
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only
-	$(PY) -m pipeline.sweep run "$(SWEEP)" --launcher "$(LAUNCHER)" --jobs "$(JOBS)" --profile "$(PROFILE)" \
+	$(PY) -m pipeline.dispatch.sweep run "$(SWEEP)" --launcher "$(LAUNCHER)" --jobs "$(JOBS)" --profile "$(PROFILE)" \
 		--retry "$(RETRY)" --dry "$(DRY)" --gpus "$(GPUS)" --tasks "$(TASKS)" -- $(PATHS) $(EXTRA)
 
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss, job and Slurm state
-	$(PY) -m pipeline.sweep status "$(SWEEP)" -- $(PATHS) $(EXTRA)
+	$(PY) -m pipeline.dispatch.sweep status "$(SWEEP)" -- $(PATHS) $(EXTRA)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
 	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis "$$dir" $(if $(ANALYSIS_OUT),--out $(ANALYSIS_OUT)) $(ARGS)
@@ -61,10 +61,10 @@ report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
 	$(PY) -m analysis.report $(SWEEP) $(if $(DRY),--dry-run)
 
 data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for offline compute nodes)
-	$(PY) -c "from pipeline.data import download_cifar as d; [d(n, '$(DATA_ROOT)') for n in ('cifar10', 'cifar100')]"
+	$(PY) -c "from pipeline.engine.data import download_cifar as d; [d(n, '$(DATA_ROOT)') for n in ('cifar10', 'cifar100')]"
 
 migrate: $(VENV)/.installed ## rename run directories to their current ids (runs made before the micro-batch left the id)
-	$(PY) -m pipeline.store migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"
+	$(PY) -m pipeline.runs.migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"
 
 bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-end run cost, W=1 vs W=2 (ARGS=--all-precisions: every switch)
 	$(PY) -m bench.step_bench $(ARGS)

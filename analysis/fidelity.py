@@ -5,7 +5,7 @@ the finished runs):
 
 - the reference: `precision=fp64`;
 - the rounding-level ensemble: K runs in fp32 whose theta_0 is moved by one ulp per coordinate,
-  up or down with the signs of seed k (`train.perturb_theta0=k`, pipeline.train.perturb_one_ulp).
+  up or down with the signs of seed k (`train.perturb_theta0=k`, pipeline.engine.loop.perturb_one_ulp).
   A perturbation of theta_0 rather than of the summation order: it is defined for every model,
   device and number of ranks, its size is exactly the rounding of storing theta_0 in fp32, and
   it is in the run id (the micro-batch, which orders the sums, is not: two orders would be one
@@ -311,10 +311,11 @@ def run_case(name: str, title: str, overrides: list[str], out: Path, runs_root: 
              precisions: list[str]) -> tuple[pd.DataFrame, str]:
     """Train (or reuse) every variant of one case, then write its table, deviations and figure.
     Every variant's config is composed and validated before the first one trains."""
-    from pipeline.compose import Composer
-    from pipeline.store import FINISHED, RunDir, run_id
+    from pipeline.config.compose import Composer
+    from pipeline.config.validate import validate
+    from pipeline.runs.ids import run_id
+    from pipeline.runs.rundir import FINISHED, RunDir
     from pipeline.train import train
-    from pipeline.validate import validate
 
     with Composer() as c:
         cfgs = []

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.integrity import check
-from pipeline.plan import sweep_runs
-from pipeline.store import RunDir
+from pipeline.dispatch.plan import sweep_runs
+from pipeline.runs.integrity import check
+from pipeline.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def frame(header: list[str], rows: list[list[str]]) -> pd.DataFrame:
 def read_metrics(path: Path) -> pd.DataFrame:
     """metrics.csv as floats through the store's reader: rows cut short by a crash or with a
     cell that is not a number are dropped; a missing or damaged file gives an empty frame."""
-    from pipeline.store import read_metrics_table
+    from pipeline.runs.history import read_metrics_table
 
     return frame(*read_metrics_table(path))
 

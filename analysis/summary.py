@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.provenance import code_versions
-from pipeline.store import FINISHED
+from pipeline.runs.provenance import code_versions
+from pipeline.runs.rundir import FINISHED
 from pipeline.thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE, divergence_step
 from pipeline.thresholds import first_crossing as first_crossing_index
 

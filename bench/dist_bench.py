@@ -1,4 +1,4 @@
-"""The data-parallel full-batch step (pipeline/dist.py): median time per step with W = 1 and
+"""The data-parallel full-batch step (pipeline/engine/dist.py): median time per step with W = 1 and
 W = `--world` processes (gloo on CPU, NCCL on GPUs), same model and data, measured one after
 the other in one invocation; and the time of the one all-reduce of the gradients alone.
 
@@ -22,9 +22,9 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from models import build_model
-from pipeline.dist import Ranks
-from pipeline.optim import Adam
-from pipeline.step import bn_layers, full_batch_step, partition, to_host
+from pipeline.engine.dist import Ranks
+from pipeline.engine.optim import Adam
+from pipeline.engine.step import bn_layers, full_batch_step, partition, to_host
 
 
 def _worker(rank, world, a, port, out):

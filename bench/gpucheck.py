@@ -58,8 +58,9 @@ def exactness(dry: bool) -> dict:
     """Max relative difference, over 50 steps, between the pipeline on CUDA in fp32 and on the
     CPU in float64 (dry: CPU fp32 against CPU fp64)."""
     from analysis.runs import read_metrics
-    from pipeline.compose import compose as compose_run
-    from pipeline.store import RunDir, run_id
+    from pipeline.config.compose import compose as compose_run
+    from pipeline.runs.ids import run_id
+    from pipeline.runs.rundir import RunDir
     from pipeline.train import train
 
     steps = 10 if dry else 50
@@ -129,8 +130,8 @@ def _time_config(name, n, reps, over, dry, peak_override, precision):
 
 
 def auto_micro_batch(models, n, dry) -> list[dict]:
-    from pipeline.dist import Ranks
-    from pipeline.train import micro_batch
+    from pipeline.engine.dist import Ranks
+    from pipeline.engine.loop import micro_batch
 
     rows = []
     for name in models:

@@ -28,11 +28,12 @@ import torch
 from torch.nn import functional as F
 
 from bench import authors
-from pipeline.compose import Composer
-from pipeline.data import _synthetic, load_dataset
-from pipeline.step import bn_layers, evaluate, full_batch_step, partition, to_host
-from pipeline.theory_metrics import bias_term_norm
-from pipeline.train import build, numerics
+from pipeline.config.compose import Composer
+from pipeline.engine.data import load_dataset, synthetic
+from pipeline.engine.loop import build
+from pipeline.engine.numerics import numerics
+from pipeline.engine.step import bn_layers, evaluate, full_batch_step, partition, to_host
+from pipeline.engine.theory_metrics import bias_term_norm
 
 # H100/H200 SXM dense, per GPU (torch_default: TF32 convolutions, where a CNN spends its FLOPs)
 PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0, "fp64": 67.0, "torch_default": 495.0}
@@ -121,7 +122,7 @@ def contest(name, n, reps, width, workers, eval_every, switch=()):
         bare_step = bare_step_fn(data, fwd, params, mb, autocast)
 
         # the authors' loop over the same images (uint8, through PIL and transforms)
-        xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
+        xtr, ytr, xte, yte, _ = synthetic(cfg.data)
         hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
         auth_opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -11,8 +11,7 @@ every rank of a distributed run) gives it: the one table.
 |        |                | another one took the run over; it wrote nothing more             |
 
 The classes live here, with nothing heavy imported, so that composing a config or reading a
-Slurm profile does not load the engine; the modules that raise them import them from here (and
-`pipeline.validate.ConfigError` etc. still name the same classes).
+Slurm profile does not load the engine; the modules that raise them import them from here.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ class DiskFull(Exception):
 
 
 def describe_holder(rec: dict) -> str:
-    """Who holds a run's lease, from its record (pipeline/lease.py): host, pid, Slurm job, heartbeat."""
+    """Who holds a run's lease, from its record (pipeline/runs/lease.py): host, pid, Slurm job, heartbeat."""
     if not rec:
         return "held by another process (its lease record is not written yet)"
     who = f"held by {rec.get('host', '?')}:{rec.get('pid', '?')}"

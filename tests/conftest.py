@@ -37,7 +37,7 @@ def _root_logging_restored():
 def make_cfg(overrides=(), runs=None):
     """The config of `overrides` as users get it: through pipeline.compose.Composer, the path
     of `make sweep` and of the training CLI's pre-check (one-line ConfigError on a bad one)."""
-    from pipeline.compose import Composer
+    from pipeline.config.compose import Composer
 
     with Composer() as c:
         cfg = c.compose(list(overrides))
@@ -89,7 +89,7 @@ def start_stopped_at(tmp_path, args, step, env=None, faults=None):
 def crash_at_step(monkeypatch, step: int, message: str):
     """In this block, the training loop's gradient computation raises at step `step` (a crash of
     the training code, as a CUDA error or a node failure would be)."""
-    import pipeline.train as pt
+    import pipeline.engine.loop as pt
 
     real, calls = pt.full_batch_step, []
 

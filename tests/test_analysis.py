@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 from analysis.__main__ import analyze, main
 from analysis.runs import find_runs, read_metrics
 from analysis.summary import hill, regime
-from pipeline.store import METRIC_COLUMNS, RunDir, run_id
+from pipeline.runs.history import METRIC_COLUMNS
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
 from pipeline.train import train
 
 ID = {}  # label of a hand-written run -> its run id (the hash of its config, as the integrity rule wants)

@@ -8,7 +8,7 @@ import torch
 
 from bench import authors
 from bench.step_bench import compose, pipeline_step_fn, setup
-from pipeline.data import _synthetic
+from pipeline.engine.data import synthetic
 
 
 def test_authors_loop_without_augmentation_computes_the_full_batch_step():
@@ -17,13 +17,13 @@ def test_authors_loop_without_augmentation_computes_the_full_batch_step():
     cfg = compose("cnn", 256, 8, ["model.norm=none", "data.image_size=32", "optim.h=1e-3"], device="cpu",
                   micro_batch=100)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
-        from pipeline.step import bn_layers, full_batch_step, partition
+        from pipeline.engine.step import bn_layers, full_batch_step, partition
 
         params = [p for p in model.parameters()]
         m = full_batch_step(fwd, data.x_train, data.y_train, data.task, partition(256, 100), params, 1e-8,
                             bn_layers(model))
         ours = {k: float(m[k]) for k in ("loss", "pert_norm", "l1_norm", "l2_norm")}
-        xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
+        xtr, ytr, xte, yte, _ = synthetic(cfg.data)
         hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
         tl, sl = authors.loaders(hwc[0], ytr, hwc[1], yte, augment=False, workers=0, batch_size=100,
                                  pin_memory=False)
@@ -37,7 +37,7 @@ def test_authors_loop_without_augmentation_computes_the_full_batch_step():
 def test_authors_loop_augmentation_changes_the_gradient():
     cfg = compose("cnn", 128, 8, ["model.norm=none"], device="cpu", micro_batch=128)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
-        xtr, ytr, xte, yte, _ = _synthetic(cfg.data)
+        xtr, ytr, xte, yte, _ = synthetic(cfg.data)
         hwc = [t.permute(0, 2, 3, 1).contiguous().numpy() for t in (xtr, xte)]
         sgd = torch.optim.SGD(model.parameters(), lr=0.0)
         off = [authors.authors_step(model, sgd, *authors.loaders(hwc[0], ytr, hwc[1], yte, a, 0, 64, False),
@@ -50,7 +50,8 @@ def test_pipeline_step_of_the_bench_is_the_training_loop_step(tmp_path):
     (its final checkpoint after max_steps=1), to the bit."""
     from omegaconf import open_dict
 
-    from pipeline.store import RunDir, run_id
+    from pipeline.runs.ids import run_id
+    from pipeline.runs.rundir import RunDir
     from pipeline.train import train
 
     cfg = compose("cnn", 64, 4, ["precision=bf16", "train.max_steps=1", "train.progress=none"], device="cpu",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.data import DataError, cifar_files, load_dataset, write_fake_cifar
+from pipeline.engine.data import DataError, cifar_files, load_dataset, write_fake_cifar
 
 
 def cifar_cfg(root, name="cifar10", **kw):
@@ -100,7 +100,7 @@ def test_missing_files_offline_names_root_and_make_data(tmp_path):
 
 
 def test_failed_download_names_root_and_make_data(tmp_path, monkeypatch):
-    import pipeline.data as d
+    import pipeline.engine.data as d
 
     def offline(name, root):
         raise OSError("Network is unreachable")
@@ -164,7 +164,8 @@ def test_digits_are_the_real_bundled_images_with_a_fixed_split():
                                    ["model=cnn", "model.width=4", "model.norm=bn", "model.bn_group=479"]])
 def test_digits_train_with_the_mlp_and_a_small_cnn(cfg_factory, model):
     from analysis.runs import read_metrics
-    from pipeline.store import RunDir, run_id
+    from pipeline.runs.ids import run_id
+    from pipeline.runs.rundir import RunDir
     from pipeline.train import train
 
     cfg = cfg_factory(*model, "data=digits", "optim.h=1e-2", "train.max_steps=15", "train.micro_batch=479",

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.step import bn_layers, full_batch_step, partition
-from pipeline.store import RunDir, run_id
-from pipeline.train import largest_that_fits, train
+from pipeline.engine.loop import largest_that_fits
+from pipeline.engine.step import bn_layers, full_batch_step, partition
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
+from pipeline.train import train
 
 from .conftest import ROOT, make_cfg, proc_state
 
@@ -111,7 +113,7 @@ def test_a_killed_2_process_run_resumes_identically(tmp_path):
 # -- ghost batch norm apart from the memory chunk ------------------------------------------------------
 def grads(cfg_overrides, micro_batch, reshuffle_seed=None):
     from models import build_model
-    from pipeline.data import load_dataset
+    from pipeline.engine.data import load_dataset
 
     cfg = make_cfg([*BASE, "model.norm=bn", "model.bn_group=8", "data.n_train=64", *cfg_overrides])
     data = load_dataset(cfg.data)
@@ -168,7 +170,7 @@ def test_the_probe_halves_in_whole_groups_until_it_fits():
 
 
 def test_auto_micro_batch_needs_a_batchnorm_group():
-    from pipeline.validate import ConfigError, validate
+    from pipeline.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError, match="train.micro_batch=auto: with model.norm=bn set model.bn_group"):
         validate(make_cfg([*BASE, "model.norm=bn", "train.micro_batch=auto"]))
@@ -182,7 +184,7 @@ def test_migrate_renames_runs_to_their_current_ids(tmp_path):
     under its current id after `make migrate`, and its sweep link follows it."""
     import json
 
-    from pipeline.store import migrate
+    from pipeline.runs.migrate import migrate
 
     golden = json.loads((ROOT / "tests/data/preset_run_ids.json").read_text())["ids"]
     preset, point, old, new = next(r for r in golden if r[0] == "synthetic")

@@ -12,7 +12,7 @@ import torch
 
 from analysis import fidelity
 from analysis.fidelity import compare, judge
-from pipeline.store import run_id
+from pipeline.runs.ids import run_id
 
 TINY = ["model=mlp", "model.width=16", "model.depth=1", "data=digits", "train.micro_batch=1437",
         "train.max_steps=30", "optim.h=1e-2", "train.loss_thresholds=[0.5,0.1]"]
@@ -71,7 +71,7 @@ def test_compare_builds_one_row_per_metric_with_the_verdict_of_each_precision():
 
 # -- the perturbation ---------------------------------------------------------------------------------
 def test_perturb_one_ulp_moves_each_coordinate_to_its_float32_neighbour():
-    from pipeline.train import perturb_one_ulp
+    from pipeline.engine.loop import perturb_one_ulp
 
     x = torch.randn(4096) * torch.logspace(-6, 6, 4096)
     p = torch.nn.Parameter(x.clone())
@@ -92,7 +92,7 @@ def test_the_perturbation_reaches_theta_0_of_a_run_and_its_id(cfg_factory):
     """The bilinear toy records theta_n: row 0 of a perturbed run is theta_0 moved by one ulp of
     float32 per coordinate; the key at its default (null) leaves the run id as it was."""
     from analysis.runs import read_metrics
-    from pipeline.store import RunDir
+    from pipeline.runs.rundir import RunDir
     from pipeline.train import train
 
     over = ["model=bilinear", "data=bilinear", "train.max_steps=3", "precision=fp32", "optim.h=1e-2"]
@@ -108,7 +108,7 @@ def test_the_perturbation_reaches_theta_0_of_a_run_and_its_id(cfg_factory):
 
 
 def test_perturb_theta0_is_validated(cfg_factory):
-    from pipeline.validate import ConfigError, validate
+    from pipeline.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError, match=r"train.perturb_theta0=-1: allowed values are integers >= 0 or null"):
         validate(cfg_factory("train.perturb_theta0=-1"))

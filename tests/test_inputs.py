@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pipeline.data import write_fake_cifar
+from pipeline.engine.data import write_fake_cifar
 from pipeline.train import cli
 
 from .conftest import run_cli

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import lease as lease_mod
-from pipeline.integrity import check, decide
-from pipeline.lease import Lease, LeaseHeld
-from pipeline.store import RunDir, run_id
+from pipeline.runs import lease as lease_mod
+from pipeline.runs.ids import run_id
+from pipeline.runs.integrity import check, decide
+from pipeline.runs.lease import Lease, LeaseHeld
+from pipeline.runs.rundir import RunDir
 from pipeline.train import train
 
 from .conftest import ROOT, TINY, crash_at_step, make_cfg, run_cli, start_stopped_at
@@ -263,7 +264,7 @@ def test_hole_is_flagged_everywhere_and_retry_makes_it_whole(tmp_path, damage):
     assert decide(check(run), retry=False).action == "skip" and "retry" in decide(check(run), retry=False).reason
     # make status and summary.csv say so; what depends on the missing rows stays empty
     from analysis.__main__ import analyze
-    from pipeline.sweep import view
+    from pipeline.dispatch.sweep import view
 
     assert view(check(run), None, None, None, None) == f"completed (metrics.csv: {missing})"
     s = pd.read_csv(analyze(tmp_path / "runs", figures=False, thresholds=(2.0, 1e-9))["summary"]).iloc[0]
@@ -366,7 +367,7 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path):
 
 @pytest.mark.slow
 def test_missing_data_creates_nothing_and_the_fixed_root_runs(tmp_path):
-    from pipeline.data import write_fake_cifar
+    from pipeline.engine.data import write_fake_cifar
 
     base = ["model=cnn", "model.width=4", "data=cifar10", "data.download=false", "train.max_steps=2",
             "train.micro_batch=64", "device=cpu", "train.progress=none", f"paths.runs={tmp_path}/runs"]

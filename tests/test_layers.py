@@ -1,6 +1,6 @@
-"""Imports point down only (ARCHITECTURE.md): base <- run store <- engine <- dispatch; the
-analysis and the benchmarks sit on top and nothing below imports them. Every import counts,
-also those inside functions."""
+"""Imports point down only (ARCHITECTURE.md): base <- runs <- engine (and models/) <- config <-
+the job (pipeline/train.py) <- dispatch; the analysis and the benchmarks sit on top and nothing
+below imports them. Every import counts, also those inside functions."""
 
 from __future__ import annotations
 
@@ -8,58 +8,77 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# a module's layer: its sub-package's, or for a module directly under pipeline/ its own
 LAYERS = {
-    0: {"errors", "thresholds", "faults"},                                      # base
-    1: {"store", "lease", "integrity", "provenance", "state"},                  # run store
-    2: {"train", "step", "optim", "dist", "preempt", "data", "theory_metrics", "validate", "compose",
-        "loggers", "progress", "__main__", "__init__", "models"},              # engine (and models/)
-    3: {"sweep", "plan", "orphans", "slurm"},                                   # dispatch
+    "pipeline.errors": 0, "pipeline.thresholds": 0, "pipeline.faults": 0, "pipeline.ghost": 0, "pipeline": 0,
+    "pipeline.runs": 1,
+    "pipeline.engine": 2, "models": 2,
+    "pipeline.config": 3,
+    "pipeline.train": 4, "pipeline.__main__": 4,
+    "pipeline.dispatch": 5,
 }
-RANK = {m: r for r, mods in LAYERS.items() for m in mods}
+NAMES = {0: "base", 1: "runs", 2: "engine", 3: "config", 4: "job", 5: "dispatch"}
 
 
-def _imports(path: Path) -> set[str]:
-    """The project modules `path` imports: pipeline.<m> as <m>, models.* as models, analysis, bench."""
+def module_name(path: Path) -> str:
+    """pipeline/runs/rundir.py -> pipeline.runs.rundir; a package's __init__.py -> the package."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int | None:
+    """The layer of a project module (None: not in pipeline/ or models/)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LAYERS:
+            return LAYERS[".".join(parts[:n])]
+    return None
+
+
+def imports(path: Path) -> set[str]:
+    """The absolute names of every module `path` imports (relative imports resolved)."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from . import x / from .x import y
-                out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif node.module:
-                out.add(node.module)
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # `from . import x`: the module x
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
-    mapped = set()
-    for name in out:
-        top, _, rest = name.partition(".")
-        if top == "pipeline":
-            mapped.add(rest.split(".")[0] or "__init__")
-        elif top in ("models", "analysis", "bench") or top in RANK:
-            mapped.add(top)
-    return mapped
+    return out
+
+
+def project_modules():
+    return sorted(p for d in ("pipeline", "models") for p in (ROOT / d).rglob("*.py"))
 
 
 def test_every_pipeline_module_is_in_a_layer():
-    modules = {p.stem for p in (ROOT / "pipeline").glob("*.py")}
-    assert modules <= set(RANK), f"put these in a layer (ARCHITECTURE.md, this test): {sorted(modules - set(RANK))}"
+    missing = [module_name(p) for p in project_modules() if layer(module_name(p)) is None]
+    assert not missing, f"put these in a layer (ARCHITECTURE.md, this test): {missing}"
 
 
 def test_imports_point_down_only():
     upward = []
-    for path in sorted((ROOT / "pipeline").glob("*.py")):
-        for target in _imports(path):
-            if target in ("analysis", "bench"):
-                upward.append(f"pipeline/{path.name} imports {target}")
-            elif target in RANK and RANK[target] > RANK[path.stem]:
-                upward.append(f"pipeline/{path.name} (layer {RANK[path.stem]}) imports {target} (layer {RANK[target]})")
-    for path in sorted((ROOT / "models").glob("*.py")):
-        for target in _imports(path):
-            if target != "models":
-                upward.append(f"models/{path.name} imports {target}")
+    for path in project_modules():
+        me = module_name(path)
+        for target in imports(path):
+            if target.split(".")[0] in ("analysis", "bench", "tests"):
+                upward.append(f"{me} imports {target}")
+            elif layer(target) is not None and layer(target) > layer(me):
+                upward.append(f"{me} ({NAMES[layer(me)]}) imports {target} ({NAMES[layer(target)]})")
     assert not upward, "\n".join(upward)
 
 
-def test_the_layer_check_sees_an_upward_import(tmp_path):
-    bad = tmp_path / "store.py"
-    bad.write_text("def f():\n    from .sweep import run\n")
-    assert "sweep" in _imports(bad) and RANK["sweep"] > RANK["store"]
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    bad = ROOT / "pipeline" / "runs" / "_probe_upward.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "def f():\n    from ..dispatch.sweep import run\n"
+                        if self == bad else Path.read_bytes(self).decode())
+    found = imports(bad)
+    assert "pipeline.dispatch.sweep" in found and layer("pipeline.dispatch.sweep") > layer(module_name(bad))
+    assert module_name(ROOT / "pipeline" / "runs" / "__init__.py") == "pipeline.runs"
+    assert layer("pipeline.train") == 4 and layer("pipeline.engine.loop") == 2 and layer("models.norm") == 2

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.optim import GD, Adam, Momentum, RMSProp
+from pipeline.engine.optim import GD, Adam, Momentum, RMSProp
 
 
 def quartic_grad(theta, A):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline import orphans, slurm
-from pipeline.store import RunDir
+from pipeline.dispatch import orphans, slurm
+from pipeline.runs.rundir import RunDir
 
 
 def _runs(tmp_path, n):

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.provenance import code_state, code_version, code_versions, command_line
-from pipeline.store import RunDir, run_id
+from pipeline.runs.ids import run_id
+from pipeline.runs.provenance import code_state, code_version, code_versions, command_line
+from pipeline.runs.rundir import RunDir
 
 from .conftest import ROOT
 
@@ -127,11 +128,42 @@ def test_a_sweep_job_records_the_sweeps_command_line_and_old_pickles_still_run(c
     from pipeline.train import TrainJob
 
     cfg = cfg_factory("train.max_steps=2")
-    job = TrainJob(None, ["-m", "pipeline.sweep", "run", "toy", "logger.api_key=s3cret"])
+    job = TrainJob(None, ["-m", "pipeline.dispatch.sweep", "run", "toy", "logger.api_key=s3cret"])
     assert pickle.loads(pickle.dumps(job))(cfg) == "completed"
     rec = RunDir(cfg.paths.runs, run_id(cfg)).provenance()[-1]
-    assert rec["launched_by"] == ["-m", "pipeline.sweep", "run", "toy", "logger.api_key=***"]
+    assert rec["launched_by"] == ["-m", "pipeline.dispatch.sweep", "run", "toy", "logger.api_key=***"]
     old = TrainJob.__new__(TrainJob)  # as a job pickled before launched_by (and outcome) existed unpickles
     other = cfg_factory("train.max_steps=3")
     assert old(other) == "completed"
     assert "launched_by" not in RunDir(other.paths.runs, run_id(other)).provenance()[-1]
+
+
+@pytest.mark.slow
+def test_a_job_pickled_before_the_package_layout_still_runs(tmp_path, monkeypatch):
+    """tests/data/job-pickled-before-the-layout.pkl is what submitit wrote for a sweep's job at
+    commit 989f61a, when every module sat directly under pipeline/ (a `DelayedSubmission` of
+    `pipeline.train.TrainJob(outcome="outcome.json", ...)` and the TINY config with 3 steps,
+    relative paths). A job queued then unpickles and runs under today's layout: the same run id,
+    completed, its outcome written, and the same numbers as the run composed today."""
+    import shutil
+
+    from submitit.core.utils import DelayedSubmission
+
+    from pipeline.train import TrainJob, train
+
+    from .conftest import TINY, make_cfg
+
+    shutil.copy(ROOT / "tests" / "data" / "job-pickled-before-the-layout.pkl", tmp_path / "job.pkl")
+    monkeypatch.chdir(tmp_path)
+    job = DelayedSubmission.load(tmp_path / "job.pkl")
+    assert type(job.function) is TrainJob and job.function.launched_by[:2] == ["-m", "pipeline.sweep"]
+    assert job.result() == "completed"
+    assert json.loads((tmp_path / "outcome.json").read_text())["result"] == "completed"
+    today = make_cfg(TINY + ["train.max_steps=3"], runs=tmp_path / "today")
+    assert run_id(today) == "2cde0d448cce" and run_id(job.args[0]) == run_id(today)
+    old = RunDir(tmp_path / "runs", "2cde0d448cce")
+    assert old.status()["state"] == "completed" and old.provenance()[-1]["launched_by"][1] == "pipeline.sweep"
+    assert train(today) == "completed"
+    new = RunDir(today.paths.runs, run_id(today))
+    tables = [pd.read_csv(r.metrics).drop(columns="time_s") for r in (old, new)]
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)

@@ -19,13 +19,24 @@ def test_every_expected_failure_has_its_exit_status(exc, status):
     assert errors.exit_status(exc) == status
 
 
-def test_the_old_import_paths_name_the_same_classes():
-    """Pickles and user code that name pipeline.validate.ConfigError and friends keep working."""
-    from pipeline import data, lease, store, validate
+def test_every_expected_failure_is_defined_in_errors_only():
+    """One table: a class that a caller is meant to catch (an exit status of its own) is defined
+    in pipeline/errors.py and nowhere else; the layers import it from there."""
+    import ast
+    from pathlib import Path
+
+    root = Path(errors.__file__).parent
+    expected = {"ConfigError", "DataError", "DiskFull", "LeaseHeld", "LeaseLost"}
+    for path in root.rglob("*.py"):
+        classes = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)}
+        where = classes & expected
+        assert not where or path.name == "errors.py", f"{path.relative_to(root)} defines {where}"
+    from pipeline.config import validate
+    from pipeline.engine import data
+    from pipeline.runs import files, lease
 
     assert validate.ConfigError is errors.ConfigError and data.DataError is errors.DataError
-    assert lease.LeaseHeld is errors.LeaseHeld and lease.LeaseLost is errors.LeaseLost
-    assert store.DiskFull is errors.DiskFull
+    assert lease.LeaseHeld is errors.LeaseHeld and files.DiskFull is errors.DiskFull
 
 
 def test_the_divergence_defaults_are_the_configs():

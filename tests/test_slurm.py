@@ -17,7 +17,8 @@ import time
 import pandas as pd
 import pytest
 
-from pipeline.store import RunDir, run_id
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
 from pipeline.train import train
 
 from .conftest import ROOT, make_cfg

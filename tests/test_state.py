@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline import faults
-from pipeline.state import KEYS, REQUIRED, TrainState
-from pipeline.store import RunDir, run_id
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
+from pipeline.runs.state import KEYS, REQUIRED, TrainState
 from pipeline.train import train
 
 

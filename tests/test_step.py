@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from pipeline.step import accumulate_gradient, bn_layers, evaluate, grad_norms, partition, start_bn_gathering
+from pipeline.engine.step import accumulate_gradient, bn_layers, evaluate, grad_norms, partition, start_bn_gathering
 
 
 def _flat_grad(model):

@@ -114,8 +114,8 @@ def test_local_launcher_runs_jobs_in_parallel_batches(tmp_path):
 def test_presets_compose_and_validate():
     from hydra import compose, initialize_config_dir
 
-    from pipeline.sweep import presets
-    from pipeline.validate import validate
+    from pipeline.config.validate import validate
+    from pipeline.dispatch.sweep import presets
 
     assert {"toy", "synthetic", "quick", "fig4", "fig5", "fig6", "fig7", "hgrid"} <= set(presets())
     expect = {"fig4": ("resnet50", "cifar10", 7.5e-5), "fig5": ("resnet50", "cifar10", 1e-4),
@@ -189,8 +189,8 @@ def test_run_ids_of_existing_presets_never_change():
     """Run ids are where results live: every preset grid point has the id pinned in
     tests/data/preset_run_ids.json. BatchNorm presets kept theirs through every change; the
     presets without BatchNorm changed once, when the micro-batch left the id (make migrate)."""
-    from pipeline.compose import Composer
-    from pipeline.store import run_id
+    from pipeline.config.compose import Composer
+    from pipeline.runs.ids import run_id
 
     golden = json.loads((ROOT / "tests" / "data" / "preset_run_ids.json").read_text())["ids"]
     assert len(golden) == 65
@@ -203,8 +203,8 @@ def test_run_ids_of_existing_presets_never_change():
 
 def test_every_key_but_the_non_semantic_ones_changes_the_run_id():
     """A key added tomorrow is semantic by default: only the listed keys leave the id alone."""
-    from pipeline.compose import Composer
-    from pipeline.store import NON_SEMANTIC, run_id
+    from pipeline.config.compose import Composer
+    from pipeline.runs.ids import NON_SEMANTIC, run_id
 
     with Composer() as c:
         base = c.compose(["sweep=synthetic"])

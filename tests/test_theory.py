@@ -167,7 +167,9 @@ def test_successive_orders():
 
 
 def test_verify_cli_prints_orders_and_slopes(capsys):
-    th.main(["verify", "--hs", "8e-3", "4e-3", "2e-3", "--T", "0.1", "--algos", "adam", "momentum",
+    from analysis.theory.__main__ import main
+
+    main(["verify", "--hs", "8e-3", "4e-3", "2e-3", "--T", "0.1", "--algos", "adam", "momentum",
              "--models", "bilinear", "--forms", "first", "modified"])
     out = capsys.readouterr().out
     assert out.count("order") == 2 and "adam on bilinear" in out and "momentum on bilinear" in out
@@ -210,7 +212,8 @@ def _bias_reference(g, H, h, beta, rho, eps):
 def test_bias_term_metric_of_the_engine_bilinear(cfg_factory):
     import pandas as pd
 
-    from pipeline.store import RunDir, run_id
+    from pipeline.runs.ids import run_id
+    from pipeline.runs.rundir import RunDir
     from pipeline.train import train
 
     cfg = cfg_factory("model=bilinear", "data=bilinear", "precision=fp64", "train.micro_batch=1",
@@ -231,10 +234,10 @@ def test_bias_term_metric_accumulated_over_micro_batches(cfg_factory):
     from torch.func import functional_call
 
     from models import build_model
-    from pipeline.data import load_dataset
-    from pipeline.optim import build_optimizer
-    from pipeline.step import accumulate_gradient, partition
-    from pipeline.theory_metrics import bias_term_norm
+    from pipeline.engine.data import load_dataset
+    from pipeline.engine.optim import build_optimizer
+    from pipeline.engine.step import accumulate_gradient, partition
+    from pipeline.engine.theory_metrics import bias_term_norm
 
     cfg = cfg_factory("model=mlp", "model.width=4", "model.depth=1", "data.image_size=4", "data.n_train=50",
                       "optim=rmsprop", "optim.h=1e-2", "optim.rho=0.9", "optim.eps=1e-6")

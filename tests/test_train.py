@@ -11,10 +11,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.store import METRIC_COLUMNS, RunDir, run_id
+from pipeline.config.validate import ConfigError, validate
+from pipeline.runs.history import METRIC_COLUMNS
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
 from pipeline.thresholds import divergence_step
 from pipeline.train import train
-from pipeline.validate import ConfigError, validate
 
 from .conftest import TINY, crash_at_step, make_cfg, run_cli, start_stopped_at
 
@@ -214,8 +216,9 @@ SWITCHES = {  # switch -> largest relative difference of the loss from fp32 afte
 def test_numerics_switch_is_in_effect(cfg_factory, switch):
     """Each switch changes what runs (dtype, autocast, memory format, algorithms, compiled
     module), and the flags it sets are restored afterwards."""
-    from pipeline.data import load_dataset
-    from pipeline.train import build, numerics
+    from pipeline.engine.data import load_dataset
+    from pipeline.engine.loop import build
+    from pipeline.engine.numerics import numerics
 
     cfg = cfg_factory(switch, "model.norm=bn")
     with numerics(cfg) as (device, autocast):

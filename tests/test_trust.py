@@ -14,10 +14,11 @@ import time
 import pandas as pd
 import pytest
 
-from pipeline import slurm
-from pipeline import sweep as sweep_mod
-from pipeline.integrity import check, decide
-from pipeline.store import RunDir, run_id
+from pipeline.dispatch import slurm
+from pipeline.dispatch import sweep as sweep_mod
+from pipeline.runs.ids import run_id
+from pipeline.runs.integrity import check, decide
+from pipeline.runs.rundir import RunDir
 
 from .conftest import ROOT, make_cfg, proc_state, run_cli, start_stopped_at
 from .test_integrity import args_in, files_of, same_as_reference
@@ -28,9 +29,9 @@ SAME_THREADS = dict(WANDB_MODE="offline")  # children compared with a run in thi
 
 
 def sweep_cli(tmp_path, *args, extra=(), timeout=600, env=None):
-    """`python -m pipeline.sweep <args> -- RUNS SWEEPS <extra>` (what `make sweep` runs)."""
+    """`python -m pipeline.dispatch.sweep <args> -- RUNS SWEEPS <extra>` (what `make sweep` runs)."""
     paths = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps"]
-    return run_cli(["pipeline.sweep", *args, "--", *paths, *extra], cwd=tmp_path, timeout=timeout,
+    return run_cli(["pipeline.dispatch.sweep", *args, "--", *paths, *extra], cwd=tmp_path, timeout=timeout,
                    env=dict(ENV1, **(env or {})))
 
 
@@ -89,7 +90,7 @@ def test_a_fenced_off_writer_writes_nothing_and_the_new_owner_ends_whole(tmp_pat
 
 
 def test_a_lease_check_raises_once_the_record_is_another_holders(tmp_path):
-    from pipeline.lease import Lease, LeaseLost
+    from pipeline.runs.lease import Lease, LeaseLost
 
     with Lease(tmp_path / "run", heartbeat_s=30) as mine:
         mine.check()  # ours: nothing happens
@@ -120,7 +121,7 @@ WRITES = {
 def test_every_write_path_of_a_run_is_fenced(tmp_path, write):
     """Once the lease record is another holder's, each way a run directory is written raises
     LeaseLost before it touches anything: no file appears, changes or disappears."""
-    from pipeline.lease import Lease, LeaseLost
+    from pipeline.runs.lease import Lease, LeaseLost
 
     path = tmp_path / "run"
     with Lease(path, heartbeat_s=30) as mine:
@@ -444,7 +445,8 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
     extra = ["train.max_steps=12", "data.n_train=64", "data.n_test=32"]
     paths = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), ADAM_FAULTS="row@5:stop", **ENV1)
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "run", "synthetic", "--jobs", "2", "--", *paths,
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.dispatch.sweep", "run", "synthetic", "--jobs", "2", "--",
+                          *paths,
                           *extra], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -480,7 +482,7 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
     r = sweep_cli(tmp_path, "run", "synthetic", "--jobs", "2", extra=extra)
     assert r.returncode == 0 and "4 completed" in r.stdout, r.stdout + r.stderr[-2000:]
     ref = tmp_path / "ref"
-    r = run_cli(["pipeline.sweep", "run", "synthetic", "--launcher", "basic", "--", f"paths.runs={ref}/runs",
+    r = run_cli(["pipeline.dispatch.sweep", "run", "synthetic", "--launcher", "basic", "--", f"paths.runs={ref}/runs",
                  f"paths.sweeps={ref}/sweeps", *extra], cwd=tmp_path, env=ENV1)
     assert r.returncode == 0
     for d in (tmp_path / "runs").iterdir():

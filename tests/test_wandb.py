@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from analysis.wandb_read import find_run_files, read_finished_run, records
-from pipeline.loggers import wandb_mode
-from pipeline.store import RunDir, run_id
+from pipeline.engine.loggers import wandb_mode
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
 from pipeline.train import train
 
 from .conftest import ROOT, TINY, crash_at_step

@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .. import ROOT
+from ..errors import ConfigError
 
-PROFILES = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
+PROFILES = ROOT / "slurm" / "profiles"
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING",
           "SUSPENDED", "RESV_DEL_HOLD", "STOPPED"}
 RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -158,7 +158,7 @@ def _query(cmd: list[str]) -> tuple[dict, str | None]:
 
 def jobs_with_comment(marker: str) -> tuple[dict[str, str], str | None]:
     """({job id: state} of this user's queued or running jobs whose Slurm comment holds
-    `marker`, None), or ({}, why) when squeue cannot be reached (pipeline/orphans.py)."""
+    `marker`, None), or ({}, why) when squeue cannot be reached (pipeline/dispatch/orphans.py)."""
     user = os.environ.get("USER") or getpass.getuser()
     lines, err = _lines(["squeue", "-h", "-r", "-u", user, "-o", "%i|%T|%k"])
     out = {}

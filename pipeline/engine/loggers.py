@@ -13,7 +13,7 @@ import threading
 
 from omegaconf import OmegaConf
 
-from .store import FINISHED
+from ..runs.rundir import FINISHED
 
 log = logging.getLogger(__name__)
 SUMMARY_AT_CROSSING = ("pert_norm", "test_acc", "acc", "loss")

@@ -1,7 +1,7 @@
 """The one integrity rule: is a run directory what it claims to be, and is its history whole?
 
 `check(run)` reads the run's own files -- status.json, config.yaml and metrics.csv itself, not
-only what status.json says -- and every decision uses its answer: `decide()` (train.py's skip /
+only what status.json says -- and every decision uses its answer: `decide()` (pipeline/train.py's skip /
 resume / restart and the sweep planner's launch / skip), `make status` and the analysis.
 
 A run is *whole* when
@@ -22,7 +22,20 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from .store import FINISHED, Decision, History, RunDir, judge_history, read_config_file, read_history, run_id
+from .history import History, judge_history, read_history
+from .ids import run_id
+from .rundir import FINISHED, RunDir, read_config_file
+
+
+# -- the skip/launch decision (made by decide) --
+@dataclass(frozen=True)
+class Decision:
+    action: str  # start | resume | restart | skip
+    reason: str
+
+    @property
+    def launch(self) -> bool:
+        return self.action != "skip"
 
 
 @dataclass

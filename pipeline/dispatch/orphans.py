@@ -18,8 +18,9 @@ import socket
 import time
 from pathlib import Path
 
+from ..runs.files import atomic_write_text, private_folder, read_json_object
+from ..runs.rundir import RunDir
 from . import slurm
-from .store import RunDir, atomic_write_text, private_folder, read_json_object
 
 FOLDER = Path(".submitit") / "intents"
 FIELDS = {"token": (str,), "runs": (list,), "profile": (str,), "job_name": (str,)}
@@ -48,7 +49,7 @@ def resolve(sweep: Path, intent: dict) -> None:
 
 
 def handle(job_id: str, intent: dict, sweep: Path) -> dict:
-    """The job.json of a run submitted under `intent` (as pipeline.sweep.submit_slurm writes it)."""
+    """The job.json of a run submitted under `intent` (as pipeline.dispatch.sweep.submit_slurm writes it)."""
     from submitit.core.utils import JobPaths
 
     log = JobPaths(Path(sweep) / ".submitit" / "%j", job_id=job_id, task_id=0).stderr

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as td
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .errors import exit_status
+from ..errors import exit_status
 
 
 class FollowerExit(SystemExit):

@@ -16,9 +16,10 @@ from models import MODELS
 from models.norm import NORMS, gn_groups_ok
 from models.small import ACTIVATIONS
 
-from .data import CIFAR, DATASETS, DIGITS_TEST
-from .errors import ConfigError  # noqa: F401 -- pipeline.validate.ConfigError: the same class
-from .optim import OPTIMIZERS
+from ..engine.data import CIFAR, DATASETS, DIGITS_TEST
+from ..engine.optim import OPTIMIZERS
+from ..errors import ConfigError
+from ..ghost import micro_batch_problem
 
 
 def show(v) -> str:
@@ -129,14 +130,10 @@ def _model(cfg) -> str:
     if model in ("cnn", "resnet18", "resnet50", "resnet101"):
         norm = choice(cfg, "model.norm", NORMS)
         width = integer(cfg, "model.width", 1)
-        group = integer(cfg, "model.bn_group", 1, null=True)
-        mb = _get(cfg, "train.micro_batch")
-        if norm == "bn" and mb == "auto" and not group:
-            raise ConfigError("train.micro_batch=auto: with model.norm=bn set model.bn_group too (the "
-                              "BatchNorm group is part of the experiment; the GPU's memory must not choose it)")
-        if norm == "bn" and group and isinstance(mb, int) and not isinstance(mb, bool) and mb % group:
-            raise ConfigError(f"train.micro_batch={mb}: with model.bn_group={group} allowed values are "
-                              f"multiples of {group} (a micro-batch carries whole BatchNorm groups) or auto")
+        integer(cfg, "model.bn_group", 1, null=True)
+        problem = micro_batch_problem(cfg.model, _get(cfg, "train.micro_batch"))
+        if problem:
+            raise ConfigError(problem)
         if norm == "gn" and not gn_groups_ok(model, width):
             raise ConfigError(f"model.width={width}: with model.norm=gn every layer's channel count "
                               "must be below 32 or a multiple of 32 (GroupNorm with 32 groups)")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _load_cifar(cfg):
             "loaded anyway" if odd else None)
 
 
-def _synthetic(cfg):
+def synthetic(cfg):
     """Seeded CIFAR-shaped images: a random template per class plus Gaussian noise, so that
     the task is learnable but not trivial."""
     g = torch.Generator().manual_seed(int(cfg.seed))
@@ -208,7 +208,7 @@ def load_dataset(cfg, device="cpu") -> Dataset:
     if cfg.name in CIFAR:
         xtr, ytr, xte, yte, c, note = _load_cifar(cfg)
     elif cfg.name == "synthetic":
-        xtr, ytr, xte, yte, c = _synthetic(cfg)
+        xtr, ytr, xte, yte, c = synthetic(cfg)
     elif cfg.name == "digits":
         xtr, ytr, xte, yte, c = _digits(cfg)
     else:

@@ -4,7 +4,7 @@ examples, accumulated over a partition into micro-batches, and the metrics at th
 The step itself never synchronises with the host: losses, counts and norms stay on the device as
 tensors, and the caller reads them all with one labelled `.tolist()` per step
 (`to_host`, below); `evaluate` has the test pass's own, labelled. With W ranks
-(pipeline/dist.py) each takes its share of the micro-batches and the sums are added across
+(pipeline/engine/dist.py) each takes its share of the micro-batches and the sums are added across
 ranks in one call: the gradients with the BatchNorm statistics in one all-reduce, the scalars
 (loss, count, and the loop's stop flags) in the other (float64).
 """

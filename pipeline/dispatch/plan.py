@@ -1,5 +1,5 @@
 """The sweep planner: a preset and overrides -> every grid point composed with Hydra's compose
-API and override grammar, validated, given its run id, and decided (store.decide: launch, or
+API and override grammar, validated, given its run id, and decided (integrity.decide: launch, or
 skip as completed, live, diverged or failed) -- in this process, before anything is created or
 submitted. A run is live when its lease is held or the Slurm job that a sweep submitted for it
 is queued or running.
@@ -15,12 +15,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from . import lease, slurm
-from .compose import Composer
-from .errors import ConfigError
-from .integrity import Health, check, decide
-from .store import Decision, RunDir, atomic_write_text, read_json_object, run_id
-from .validate import check_dir_writable, validate_grid
+from ..config.compose import Composer
+from ..config.validate import check_dir_writable, validate_grid
+from ..errors import ConfigError
+from ..runs import lease
+from ..runs.files import atomic_write_text, read_json_object
+from ..runs.ids import run_id
+from ..runs.integrity import Decision, Health, check, decide
+from ..runs.rundir import RunDir
+from . import slurm
 
 # overrides that every point carries: not shown as the point's own
 COMMON = ("sweep=", "paths.", "retry=", "hydra.")

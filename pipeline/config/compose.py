@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -22,9 +21,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, open_dict
 
-from .errors import ConfigError
+from .. import ROOT
+from ..errors import ConfigError
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(ROOT / "conf")
 CONFIG_NAME = "train"
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout this code runs from
+from .. import ROOT  # the checkout this code runs from
 
 
 def _git(repo: Path, *args: str) -> str | None:

@@ -1,10 +1,10 @@
 """`make sweep` / `make status`: plan a sweep and submit it, in one process (as Dora's shep.py).
 
-    python -m pipeline.sweep run toy [--launcher local|basic|slurm] [--jobs 2] [--profile default]
+    python -m pipeline.dispatch.sweep run toy [--launcher local|basic|slurm] [--jobs 2] [--profile default]
                                      [--retry] [--dry] [-- <hydra overrides>]
-    python -m pipeline.sweep status toy [-- <hydra overrides>]
+    python -m pipeline.dispatch.sweep status toy [-- <hydra overrides>]
 
-`run` plans (pipeline/plan.py: every grid point composed, validated and decided), prints what it
+`run` plans (pipeline/dispatch/plan.py: every grid point composed, validated and decided), prints what it
 will do, registers the runs in the sweep folder `<paths.sweeps>/<name>/`, then launches:
   slurm  one job array through submitit's SlurmExecutor with the site profile's settings
          (slurm/profiles/<profile>.yaml), named after the sweep; returns once Slurm has accepted
@@ -36,13 +36,16 @@ from unittest import mock
 
 import submitit
 
-from . import faults, lease, orphans, slurm
-from .compose import CONF_DIR, Composer
-from .errors import ConfigError
-from .integrity import check
+from .. import faults
+from ..config.compose import CONF_DIR, Composer
+from ..errors import ConfigError
+from ..runs import lease
+from ..runs.files import private_folder, read_json_object
+from ..runs.integrity import check
+from ..runs.rundir import FINISHED, RunDir
+from ..train import TrainJob
+from . import orphans, slurm
 from .plan import Plan, make_plan, register, sweep_runs, table
-from .store import FINISHED, RunDir, private_folder, read_json_object
-from .train import TrainJob
 
 LAUNCHERS = ("local", "basic", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
@@ -80,7 +83,7 @@ def summary_line(plan: Plan) -> str:
 def tasks_of(prof: dict, gpus: int | None, tasks: int | None) -> dict:
     """The profile with `GPUS=n` (n GPUs per node and one task per GPU) or `TASKS=n` (n tasks
     per node, e.g. CPU ranks) applied. A run of several tasks is one distributed run
-    (pipeline/dist.py); a rank that fails ends the job step."""
+    (pipeline/engine/dist.py); a rank that fails ends the job step."""
     prof = dict(prof)
     if gpus:
         prof.update(gpus_per_node=gpus, ntasks_per_node=gpus)
@@ -125,7 +128,7 @@ def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
 # -- what became of a run: its run directory's status.json, and the job's own outcome.json ----------
 def outcome_path(plan: Plan, run: RunDir) -> Path:
     """Where a job of this sweep writes the outcome of its run (JSON, in the sweep's own folder,
-    which only its user can write: pipeline.sweep never unpickles submitit's result files)."""
+    which only its user can write: pipeline.dispatch.sweep never unpickles submitit's result files)."""
     return plan.folder / ".submitit" / "outcomes" / f"{run.id}.json"
 
 
@@ -292,7 +295,7 @@ def _check_arguments(preset, launcher, jobs, gpus, tasks) -> None:
 
 def _planned(preset, launcher, profile, retry, dry, extra) -> Plan:
     """The profile and sbatch checked (bad input too), the plan made; the jobs of an earlier
-    sweep that died between sbatch and recording them adopted first (pipeline/orphans.py)."""
+    sweep that died between sbatch and recording them adopted first (pipeline/dispatch/orphans.py)."""
     try:
         if launcher == "slurm" or profile:
             slurm.load_profile(profile or "default")  # a bad profile is bad input too: before anything
@@ -461,7 +464,7 @@ def sweep_name(value: str) -> str:
 
 
 def main(argv=None):
-    ap = _Parser(prog="python -m pipeline.sweep", description=__doc__,
+    ap = _Parser(prog="python -m pipeline.dispatch.sweep", description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run")

@@ -15,7 +15,7 @@ Fencing: a holder that was stopped (SIGSTOP, a long pause, a frozen file-system 
 longer than the timeout may find its lease taken over when it continues. Every write to the run
 directory calls `Lease.check()` just before it acts; it compares the record on disk with the
 holder's token and raises `LeaseLost` when they differ, so a fenced-off process writes nothing
-more (pipeline/store.py: `RunDir.owner`). Temporary files carry their writer's host, pid and
+more (pipeline/runs/rundir.py: `RunDir.owner`). Temporary files carry their writer's host, pid and
 generation in their names (`temp_tag`), so that a new owner can tell its own from others'.
 
 A record whose holder is gone is stale and is taken over with one log line: on the same host
@@ -37,8 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import LeaseHeld, LeaseLost
-from .errors import describe_holder as describe
+from ..errors import LeaseHeld, LeaseLost
+from ..errors import describe_holder as describe
 
 log = logging.getLogger(__name__)
 RECORD = "lease.json"

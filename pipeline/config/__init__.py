@@ -1,0 +1,2 @@
+"""What a run is: its config composed the way Hydra composes it (compose.py) and every key
+checked, with one line naming the key and what is allowed (validate.py)."""

@@ -1,0 +1,41 @@
+"""The numerics of a run: its device, the TF32 and determinism switches of `precision` and
+`deterministic`, and bf16 autocast (what each precision does and when to use which: README
+"Which precision", docs/fidelity.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+@contextlib.contextmanager
+def numerics(cfg):
+    """(device, autocast) for `cfg`, with its TF32 and determinism switches set; the previous
+    switches are restored on exit."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    # tf32: TF32 in matmuls and convolutions; torch_default: PyTorch's defaults, what the
+    # authors' runs used (TF32 convolutions, fp32 matmuls, cuDNN's autotuner); fp32: no TF32
+    tf32, torch_default = cfg.precision == "tf32", cfg.precision == "torch_default"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32 or torch_default
+    torch.backends.cudnn.benchmark = torch_default and not cfg.deterministic
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    bf16 = cfg.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    try:
+        yield device, autocast
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, det,
+         torch.backends.cudnn.benchmark) = saved
+        torch.use_deterministic_algorithms(det)

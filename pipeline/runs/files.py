@@ -1,0 +1,142 @@
+"""Atomic files: replaced by a durable temporary file and a rename, with the process umask's
+permissions; and the readers that say, in one line naming the file, why one is damaged."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from ..errors import DiskFull
+
+
+def raise_disk_full(e: OSError, path) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(path) from e
+
+
+def _temp_name(path: Path, tag: str | None = None) -> Path:
+    """`.<name>.<writer>.<random>.tmp`: the writer is the lease holder's host, pid and
+    generation (Lease.temp_tag), so that a new owner can tell its own temporary files from
+    those of a process that lost the run."""
+    tag = tag or f"{socket.gethostname()}-{os.getpid()}"
+    return path.with_name(f".{path.name}.{tag}.{secrets.token_hex(4)}.tmp")
+
+
+def private_folder(path: Path) -> Path:
+    """`path`, created readable and writable by this user only (submitit's pickles, a sweep's
+    outcomes and submission intents live there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_temp(path: Path, data: bytes, tag: str | None = None) -> Path:
+    """`data` in a durable temporary file beside `path`, created with the umask's permissions
+    (mkstemp would make it 0600, unreadable to the rest of a group on a shared cluster)."""
+    path = Path(path)
+    tmp = _temp_name(path, tag)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise_disk_full(e, path)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, fence=None, tag: str | None = None) -> None:
+    """Replace `path` by `data` (temporary file, fsync, rename). `fence()`, when given, is
+    called just before the rename: it raises when this process may no longer write here."""
+    path = Path(path)
+    if fence is not None:
+        fence()
+    tmp = write_temp(path, data, tag)
+    try:
+        if fence is not None:
+            fence()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str, fence=None, tag: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), fence, tag)
+
+
+def json_safe(v):
+    """Non-finite floats as the strings 'inf', '-inf', 'nan', so the JSON stays valid."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+def _type_names(types) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
+             bool: "true/false"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def read_text(path: Path) -> tuple[str | None, str]:
+    """(the file's text, '') ; (None, '') when it is missing; (None, why) when it cannot be read or
+    is not UTF-8 (`why` names the file)."""
+    name = Path(path).name
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"{name}: cannot be read ({e.strerror or e})"
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return None, f"{name}: not UTF-8 text (byte {e.start})"
+
+
+def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
+    """(object, '') for a JSON file holding an object whose `fields` have their types; (None, '')
+    when the file is missing; (None, why) when it is damaged (`why` names the file)."""
+    name = Path(path).name
+    text, why = read_text(path)
+    if text is None:
+        return None, why
+    if not text.strip():
+        return None, f"{name}: empty ({len(text.encode())} bytes)"
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return None, f"{name}: not valid JSON ({str(e).splitlines()[0][:80]})"
+    if not isinstance(obj, dict):
+        return None, f"{name}: a JSON {type(obj).__name__}, not an object"
+    for key, types in fields.items():
+        v = obj.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            return None, f"{name}: field {key} is {json.dumps(v)[:40]}, not {_type_names(types)}"
+    return obj, ""

@@ -1,0 +1,199 @@
+"""metrics.csv: its columns, its writer (a row per step, fsynced before each checkpoint) and its
+one reader, which keeps what a torn or damaged file still holds and says what is missing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import faults
+from .files import raise_disk_full
+
+METRIC_COLUMNS = ["step", "loss", "acc", "pert_norm", "l1_norm", "l2_norm", "pert_norm_floor",
+                  "test_loss", "test_acc", "time_s"]
+
+
+def fmt(v) -> str:
+    """Floats as Python's shortest round-trip repr; None as an empty cell."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    return str(v)
+
+def _number(cell: str) -> bool:
+    if cell == "":
+        return True
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class History:
+    """metrics.csv as read: `rows` are the complete, parseable rows in file order; what else was
+    found is kept to be judged (pipeline/runs/integrity.py)."""
+
+    header: list[str]
+    rows: list[list[str]]
+    damage: str = ""  # the file as a whole: not UTF-8, no header, ...
+    unparseable: list = field(default_factory=list)  # (line number, step cell) of rows with a non-number
+    missing_file: bool = False
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(r[0]) for r in self.rows]
+
+    def in_step_order(self, upto: int | None = None) -> list[list[str]]:
+        """The rows sorted by step, the first of a repeated step only (steps <= `upto` when given)."""
+        first = {}
+        for r in self.rows:
+            if upto is None or int(r[0]) <= upto:
+                first.setdefault(int(r[0]), r)
+        return [first[s] for s in sorted(first)]
+
+
+def read_history(path) -> History:
+    """metrics.csv, which may be torn or damaged. A row is kept when it has the header's number
+    of cells, an integer step and numbers (or empty cells) elsewhere; a row cut short by a kill
+    (anywhere in the file) is dropped, and so is the last piece when no newline ends it; a row
+    with a cell that is not a number is noted in `unparseable`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return History([], [], missing_file=True)
+    except OSError as e:
+        return History([], [], damage=f"cannot be read ({e.strerror or e})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return History([], [], damage=f"not UTF-8 text (byte {e.start})")
+    if not text:
+        return History([], [], damage="empty (zero bytes)")
+    lines = text.split("\n")
+    if not lines[0].startswith("step,"):
+        return History([], [], damage="no header line starting with 'step,'")
+    header = lines[0].split(",")
+    rows, bad = [], []
+    for i, line in enumerate(lines[1:-1], start=2):  # the last piece has no newline after it: empty or torn
+        cells = line.split(",")
+        if len(cells) != len(header) or not cells[0].isdigit():
+            continue
+        if all(_number(c) for c in cells[1:]):
+            rows.append(cells)
+        else:
+            bad.append((i, cells[0]))
+    return History(header, rows, unparseable=bad)
+
+
+def read_metrics_table(path) -> tuple[list[str], list[list[str]]]:
+    """(header, complete parseable rows in file order) of a metrics.csv; ([], []) when there is
+    none or it is damaged as a whole."""
+    h = read_history(path)
+    return h.header, h.rows
+
+
+def describe_ranges(steps) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    steps = sorted(steps)
+    parts, i = [], 0
+    while i < len(steps):
+        j = i
+        while j + 1 < len(steps) and steps[j + 1] == steps[j] + 1:
+            j += 1
+        parts.append(f"{steps[i]}-{steps[j]}" if j > i else f"{steps[i]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def history_holes(steps: list[int], last: int) -> str:
+    """'' when `steps` are exactly 0..last, each once, in this order; else what is wrong, e.g.
+    'missing 334-800' or 'missing 5; repeated 7; out of order at step 24'."""
+    seen, repeated = set(), set()
+    for s in steps:
+        (repeated if s in seen else seen).add(s)
+    missing = [] if last < 0 else sorted(set(range(last + 1)) - seen)
+    extra = sorted(s for s in seen if s > last or s < 0)
+    parts = []
+    if missing:
+        parts.append("missing " + (describe_ranges(missing) if len(missing) < 10_000
+                                   else f"{len(missing)} steps"))
+    if repeated:
+        parts.append("repeated " + describe_ranges(repeated))
+    if extra:
+        parts.append("beyond the last step " + describe_ranges(extra))
+    disorder = sorted({b for a, b in zip(steps, steps[1:]) if b < a})
+    if disorder and not repeated:
+        parts.append("out of order at step " + describe_ranges(disorder[:20]))
+    return "; ".join(parts)
+
+
+def whole_until(steps: list[int]) -> int:
+    """The largest k such that the history starts with steps 0..k, once each, in order (-1: none)."""
+    k = -1
+    for s in steps:
+        if s != k + 1:
+            break
+        k = s
+    return k
+
+
+def judge_history(hist: History, last: int, upto: int | None = None) -> tuple[str, int]:
+    """(what is wrong with the rows of `hist` as the history of steps 0..last, '' when whole;
+    the last step of its whole prefix). `upto`: judge only the rows of steps <= upto (a resume
+    keeps those). The rule of pipeline/runs/integrity.py and of `RunDir.open_metrics`."""
+    steps = [s for s in hist.steps if upto is None or s <= upto]
+    bad = [(line, int(step)) for line, step in hist.unparseable if upto is None or int(step) <= upto]
+    found = history_holes(steps, last)
+    good = whole_until(steps)
+    if bad:
+        found = "; ".join(filter(None, [found, f"unparseable row at line {describe_ranges([b[0] for b in bad][:20])}"]))
+        good = min(good, min(b[1] for b in bad) - 1)
+    return found, good
+
+class MetricsWriter:
+    """Appends one row per step and flushes it, so a reader (or wandb sync) sees it at once;
+    `fence()` is called before each row and each sync."""
+
+    holes = ""
+    last_written = -1
+
+    def __init__(self, path: Path, columns: list[str], fence=None):
+        self.path, self.columns = path, columns
+        self.fence = fence or (lambda: None)
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 -- held open for the run's life, closed by close()
+
+    def write(self, row: dict) -> None:
+        line = ",".join(fmt(row.get(c)) for c in self.columns) + "\n"
+        self.fence()
+        try:
+            if faults.armed("row.torn", row["step"]):
+                self.f.write(line[: len(line) // 2])
+                self.f.flush()
+                faults.point("row.torn", row["step"])
+            self.f.write(line)
+            self.f.flush()
+        except OSError as e:
+            raise_disk_full(e, self.path)
+            raise
+        faults.point("row", row["step"])
+
+    def sync(self) -> None:
+        """Make the rows durable (before a checkpoint that says they exist)."""
+        self.fence()
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise_disk_full(e, self.path)
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()

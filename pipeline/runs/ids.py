@@ -1,0 +1,65 @@
+"""The run id: a hash of the run's semantic config (Dora-style), with the rules that keep the ids
+of existing runs unchanged as keys are added."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..ghost import ghost_size, uses_batch_norm
+from ..thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE
+
+# The run id hashes the whole config except these keys (top-level names or dotted paths): where
+# files go, how progress is shown or logged, how the job is launched, how memory is chunked.
+# Anything else, including a key added tomorrow, is semantic by default. (The world size of a
+# distributed run is not in the config at all.)
+NON_SEMANTIC = (
+    "paths", "logger", "sweep", "retry", "device", "lease", "hydra",
+    "data.root", "data.download",
+    "train.checkpoint_every", "train.log_every", "train.progress", "train.micro_batch",
+)
+# Semantic keys added after runs existed, left out of the hash at their default so that existing
+# run ids never change. The divergence rule's default only stops earlier a run that the analysis
+# (the same rule, pipeline.thresholds) classifies as diverged anyway, whenever it was made.
+ADDED_KEYS: dict[str, object] = {"train.diverge_factor": DIVERGE_FACTOR, "train.diverge_patience": DIVERGE_PATIENCE,
+                                  "train.perturb_theta0": None}
+
+
+def semantic_config(cfg: DictConfig) -> dict:
+    """The config without the NON_SEMANTIC keys (and ADDED_KEYS at their old value), resolved.
+
+    The micro-batch only chunks memory, but a BatchNorm model's ghost-batch size is semantic:
+    it is hashed where run ids have always had it, as `train.micro_batch` (`model.bn_group`, or
+    the micro-batch itself when bn_group is null), so the ids of BatchNorm runs made before
+    bn_group existed are unchanged."""
+    ghost = None
+    if "model" in cfg and uses_batch_norm(cfg.model):
+        ghost = ghost_size(cfg.model, cfg.train.micro_batch)
+    out = {}
+    for key in cfg:
+        if key in NON_SEMANTIC:
+            continue
+        node = cfg[key]
+        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    for dotted in NON_SEMANTIC:
+        if "." in dotted:
+            group, key = dotted.split(".", 1)
+            if isinstance(out.get(group), dict):
+                out[group].pop(key, None)
+    for dotted, old in ADDED_KEYS.items():
+        group, key = dotted.split(".", 1)
+        if isinstance(out.get(group), dict) and key in out[group] and out[group][key] == old:
+            del out[group][key]
+    if isinstance(out.get("model"), dict):
+        out["model"].pop("bn_group", None)
+    if ghost is not None:
+        out["train"]["micro_batch"] = ghost
+    return out
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Short stable hash of `semantic_config(cfg)`: 12 hex digits of SHA-1 over canonical JSON."""
+    blob = json.dumps(semantic_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,71 @@
+"""`python -m pipeline.runs.migrate <runs root> [<sweeps root>]` (`make migrate`): rename the run
+directories whose config hashes to another id under today's rule."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from . import lease
+from .ids import run_id
+from .rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def migrate(runs: Path, sweeps: Path | None = None) -> list[tuple[str, str]]:
+    """Rename the run directories under `runs` whose config.yaml hashes to another id under the
+    current rule (runs of models without BatchNorm made while the micro-batch was part of the
+    id), and repoint the links of the sweep folders under `sweeps`. A run whose new id exists
+    already, or that is live, is left alone (one log line). Returns [(old id, new id)]."""
+    moved = []
+    for d in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
+        try:
+            cfg = OmegaConf.create(yaml_load(d / "config.yaml"))
+        except (OSError, ValueError):
+            continue
+        new = run_id(cfg)
+        if new == d.name:
+            continue
+        if (d.parent / new).exists() or lease.holder(d):
+            log.warning("run %s: not renamed to %s (%s)", d.name, new,
+                        "that folder exists" if (d.parent / new).exists() else "it is live")
+            continue
+        os.rename(d, d.parent / new)
+        RunDir(runs, new).write_status(run_id=new, renamed_from=d.name)
+        moved.append((d.name, new))
+    renamed = dict(moved)
+    for link in Path(sweeps).glob("*/*") if sweeps and Path(sweeps).is_dir() else []:
+        if link.is_symlink() and Path(os.readlink(link)).name in renamed:
+            new = renamed[Path(os.readlink(link)).name]
+            target = Path(os.readlink(link)).with_name(new)
+            link.unlink()
+            link.with_name(new).symlink_to(target, target_is_directory=True)
+    return moved
+
+
+def yaml_load(path: Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a config")
+    return data
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or len(argv) > 2:
+        sys.exit("usage: python -m pipeline.runs.migrate <runs root> [<sweeps root>]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    done = migrate(Path(argv[0]), Path(argv[1]) if len(argv) > 1 else None)
+    for old, new in done:
+        print(f"{old} -> {new}")
+    print(f"{len(done)} run directories renamed")
+
+
+if __name__ == "__main__":
+    main()
