@@ -4,12 +4,12 @@ import math
 
 from torch import nn
 
+from pipeline.catalog import MODELS
+
 from .bilinear import Bilinear
 from .norm import set_bn_group
 from .resnet import DEPTHS, resnet
 from .small import CNN, MLP
-
-MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "mlp", "bilinear")
 
 
 def build_model(cfg, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:

@@ -3,24 +3,14 @@
 `bn` is ghost batch norm: BatchNorm over groups of `model.bn_group` consecutive examples of the
 full-batch step's partition (the paper's authors normalised over groups of 500), whatever the
 micro-batch that carries them (a multiple of the group: memory only); with `bn_group: null`
-each micro-batch is one group. See `pipeline.step` for how the population statistics at
+each micro-batch is one group. See `pipeline.engine.step` for how the population statistics at
 theta_n are gathered for evaluation.
 """
 
 import torch
 from torch import nn
 
-NORMS = ("bn", "gn", "none")
-GN_GROUPS = 32
-
-
-def gn_groups_ok(model: str, width: int) -> bool:
-    """GroupNorm(min(32, c), c) needs 32 | c wherever c >= 32: c runs over every layer's
-    channel count (width * 2^stage, times 4 after a ResNet Bottleneck; the CNN has 3 stages)."""
-    expansion = 4 if model in ("resnet50", "resnet101") else 1
-    stages = 3 if model == "cnn" else 4
-    channels = {width * 2**i * e for i in range(stages) for e in (1, expansion)}
-    return all(c < GN_GROUPS or c % GN_GROUPS == 0 for c in channels)
+from pipeline.catalog import GN_GROUPS, NORMS
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):

@@ -24,16 +24,11 @@ import time
 from pathlib import Path
 
 import hydra
-import submitit
 from omegaconf import DictConfig
 
 from . import faults
 from .config.compose import CONF_DIR, Composer
 from .config.validate import check_dir_writable, validate, validate_grid
-from .engine import dist
-from .engine.data import load_dataset
-from .engine.loop import train_loop
-from .engine.numerics import numerics
 from .errors import (
     EXIT_BAD_INPUT,
     EXIT_CRASH,
@@ -89,6 +84,11 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
     faults.arm()  # the crash tests' failpoints, from $ADAM_FAULTS (none in normal runs)
     validate(cfg)
     check_dir_writable("paths.runs", cfg.paths.runs)
+    from .engine import dist  # torch: only once the config is known to be good (a quick bad-input line)
+    from .engine.data import load_dataset
+    from .engine.loop import train_loop
+    from .engine.numerics import numerics
+
     run = RunDir(cfg.paths.runs, run_id(cfg))
     with numerics(cfg) as (device, autocast), dist.group(device) as (ranks, device):
         # -- rank 0 decides, every rank follows: live elsewhere, nothing to do, or go --
@@ -161,10 +161,12 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_
                      **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
     return None
 
-class TrainJob(submitit.helpers.Checkpointable):
+class TrainJob:
     """What a sweep submits: `train(cfg)` in the job's process. On Slurm's warning signal the
-    loop writes a checkpoint first (preempt.py); submitit then calls `checkpoint` (inherited:
-    the same call again) and requeues the job, which resumes from that checkpoint.
+    loop writes a checkpoint first (engine/preempt.py); submitit then calls `checkpoint` (the
+    same call again: submitit asks only that the callable has one) and requeues the job, which
+    resumes from that checkpoint. Not a subclass of submitit's Checkpointable, so that a plain
+    run does not import submitit.
 
     `outcome`: a JSON file (in the sweep's own folder) where the job says how its run ended,
     with the one-line reason of an expected failure, so that the sweep reads JSON, never
@@ -175,6 +177,12 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __init__(self, outcome: str | None = None, launched_by: list[str] | None = None):
         self.outcome = outcome
         self.launched_by = launched_by
+
+    def checkpoint(self, *args, **kwargs):
+        """The job to requeue: this call again (what submitit.helpers.Checkpointable does)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
 
     def _say(self, result: str | None, error: str | None = None) -> None:
         path = getattr(self, "outcome", None)  # jobs pickled before outcomes existed have none

@@ -17,7 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# one thread per process, in this one and in every process a test spawns (pipeline/threads.py reads
+# it): the suite runs processes side by side on 2 cores; a test about threads sets its own
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
 
 
 @pytest.fixture(autouse=True)

@@ -8,16 +8,10 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models import MODELS
-from models.norm import NORMS, gn_groups_ok
-from models.small import ACTIVATIONS
-
-from ..engine.data import CIFAR, DATASETS, DIGITS_TEST
-from ..engine.optim import OPTIMIZERS
+from ..catalog import ACTIVATIONS, CIFAR, DATASETS, DIGITS_TEST, FLOATS, MODELS, NORMS, OPTIMIZERS, gn_groups_ok
 from ..errors import ConfigError
 from ..ghost import micro_batch_problem
 
@@ -95,12 +89,11 @@ def representable(key, v, dtype, precision, scaled=None):
     """A step size or eps that float32 cannot hold would overflow (or vanish) in the update.
     `scaled`: (what, value) when it is v times a factor that must be representable."""
     what, x = scaled or (None, v)
-    fi = torch.finfo(dtype)
-    if x > fi.max or (0 < x < fi.tiny):
-        name = str(dtype).split(".")[-1]
+    largest, tiny = FLOATS[dtype]
+    if x > largest or (0 < x < tiny):
         why = f"{what} = {x:.3g} is" if what else "is"
-        raise ConfigError(f"{key}={show(v)}: {why} not representable in {name} (precision={precision}); "
-                          f"allowed range [{fi.tiny:.3g}, {fi.max:.3g}]")
+        raise ConfigError(f"{key}={show(v)}: {why} not representable in {dtype} (precision={precision}); "
+                          f"allowed range [{tiny:.3g}, {largest:.3g}]")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -182,7 +175,7 @@ def _data(cfg, model: str) -> None:
 
 def _optimizer(cfg, precision: str) -> str:
     optim = choice(cfg, "optim.name", tuple(OPTIMIZERS), shown_key="optim")
-    dtype = torch.float64 if precision == "fp64" else torch.float32
+    dtype = "float64" if precision == "fp64" else "float32"
     h = number(cfg, "optim.h", 0, lo_open=True)
     representable("optim.h", h, dtype, precision)
     eps = number(cfg, "optim.eps", 0, lo_open=True)
@@ -211,6 +204,7 @@ def _training(cfg, optim: str) -> None:
     boolean(cfg, "train.bias_term")
     integer(cfg, "train.perturb_theta0", 0, null=True)
     choice(cfg, "train.progress", ("auto", "bar", "log", "none"))
+    integer(cfg, "train.threads", 1, null=True)
     ts = _get(cfg, "train.loss_thresholds")
     if not (isinstance(ts, (list, ListConfig)) and all(_is_num(t) and t > 0 for t in ts)):
         raise ConfigError(f"train.loss_thresholds={show(ts)}: allowed values are lists of positive "

@@ -36,13 +36,14 @@ from unittest import mock
 
 import submitit
 
-from .. import faults
+from .. import faults, threads
 from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError
 from ..runs import lease
 from ..runs.files import private_folder, read_json_object
 from ..runs.integrity import check
 from ..runs.rundir import FINISHED, RunDir
+from ..threads import child_env
 from ..train import TrainJob
 from . import orphans, slurm
 from .plan import Plan, make_plan, register, sweep_runs, table
@@ -170,16 +171,17 @@ class _Detached:
     job: the job's controller runs in a session of its own (Ctrl-C at the terminal reaches only
     this process, which then stops the runs itself) with its output in the sweep's folder."""
 
-    def __init__(self, log_path: Path):
-        self.log_path = log_path
+    def __init__(self, log_path: Path, threads: int):
+        self.log_path, self.threads = log_path, threads
 
     def __getattr__(self, name):
         return getattr(subprocess, name)
 
-    def Popen(self, *args, **kw):  # noqa: N802 (the name submitit calls)
+    def Popen(self, *args, env=None, **kw):  # noqa: N802 (the name submitit calls)
+        env = {**(os.environ if env is None else env), **child_env(self.threads)}  # its share, before torch loads
         with open(self.log_path, "ab") as f:
             return subprocess.Popen(*args, start_new_session=True, stdin=subprocess.DEVNULL,
-                                    stdout=f, stderr=f, **kw)
+                                    stdout=f, stderr=f, env=env, **kw)
 
 
 def _children(pid: int) -> list[int]:
@@ -229,13 +231,18 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(pending), desc=f"sweep {plan.name}", unit="run", disable=not tty)
     say = bar.write if tty else (lambda line: print(line, flush=True))
+    procs = min(jobs, len(pending)) * (gpus or tasks or 1)
+    share = threads.share(procs)  # pipeline/threads.py: never more threads than cores
+    say(f"  {min(jobs, len(pending))} runs at a time, {share} thread{'s' * (share > 1)} per process "
+        f"({threads.cores()} cores)")
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 p = pending.pop(0)
                 out = outcome_path(plan, p.run)
                 t0 = time.time()
-                with mock.patch.object(submitit.local.local, "subprocess", _Detached(folder / "controllers.log")):
+                detached = _Detached(folder / "controllers.log", share)
+                with mock.patch.object(submitit.local.local, "subprocess", detached):
                     job = ex.submit(TrainJob(str(out), sys.argv), p.cfg)
                 p.run.write_job(dict(me, job_id=job.job_id, submitted_at=t0, log=str(job.paths.stderr)))
                 running.append((p, job, t0))

@@ -23,30 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..catalog import CIFAR, DATASETS, DIGITS_TEST  # noqa: F401 -- DATASETS: the names load_dataset serves
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
-
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "bilinear")
-
-# folder, train files, test file, label key, official md5s (torchvision's lists)
-CIFAR = {
-    "cifar10": dict(
-        folder="cifar-10-batches-py", label="labels", classes=10, n_train=50_000, n_test=10_000,
-        train=[("data_batch_1", "c99cafc152244af753f735de768cd75f"),
-               ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
-               ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
-               ("data_batch_4", "634d18415352ddfa80567beed471001a"),
-               ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")],
-        test=[("test_batch", "40351d587109b95175f43aff81a1287e")],
-        tv="CIFAR10"),
-    "cifar100": dict(
-        folder="cifar-100-python", label="fine_labels", classes=100, n_train=50_000, n_test=10_000,
-        train=[("train", "16019d7e3df5f24257cddd939b257f8d")],
-        test=[("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")],
-        tv="CIFAR100"),
-}
-
 
 @dataclass
 class Dataset:
@@ -160,7 +140,6 @@ def synthetic(cfg):
     return xtr, ytr, xte, yte, c
 
 
-DIGITS_TEST = 360  # 20% of the 1,797 images
 
 
 def _digits(cfg):

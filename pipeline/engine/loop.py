@@ -22,7 +22,7 @@ import torch
 
 from models import build_model
 
-from .. import faults
+from .. import faults, threads
 from ..errors import LeaseLost
 from ..ghost import micro_batch_unit
 from ..runs.history import METRIC_COLUMNS, read_metrics_table
@@ -219,6 +219,9 @@ def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ra
     n_params, bns = sum(p.numel() for p in params), bn_layers(model)
     state = TrainState(model, opt, device, torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None)
     mb = micro_batch(cfg, fwd, data, params, ranks, autocast)
+    if ranks.main:
+        log.info("run %s: %d CPU threads per process (%s)", run.id, torch.get_num_threads(),
+                 threads.budget(tc.get("threads"))[1])
     # -- resume: the newest checkpoint that loads (every rank reads the same file) --
     ckpt = run.load_checkpoint(map_location=device, required=REQUIRED)
     if ckpt is not None:

@@ -1,5 +1,6 @@
-"""The numerics of a run: its device, the TF32 and determinism switches of `precision` and
-`deterministic`, and bf16 autocast (what each precision does and when to use which: README
+"""The numerics of a run: its device, its CPU threads (pipeline/threads.py: on a CPU they also set
+the summation order), the TF32 and determinism switches of `precision` and `deterministic`, and
+bf16 autocast (what each precision does and when to use which: README
 "Which precision", docs/fidelity.md)."""
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ import os
 
 import torch
 
+from .. import threads
+
 
 @contextlib.contextmanager
 def numerics(cfg):
-    """(device, autocast) for `cfg`, with its TF32 and determinism switches set; the previous
-    switches are restored on exit."""
+    """(device, autocast) for `cfg`, with its thread budget and its TF32 and determinism switches
+    set; the previous ones are restored on exit."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads.budget(cfg.train.get("threads"))[0])  # logged by the loop, in the run's log
     # tf32: TF32 in matmuls and convolutions; torch_default: PyTorch's defaults, what the
     # authors' runs used (TF32 convolutions, fp32 matmuls, cuDNN's autotuner); fp32: no TF32
     tf32, torch_default = cfg.precision == "tf32", cfg.precision == "torch_default"
@@ -38,4 +43,6 @@ def numerics(cfg):
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, det,
          torch.backends.cudnn.benchmark) = saved
-        torch.use_deterministic_algorithms(det)
+        if torch.are_deterministic_algorithms_enabled() != det:  # the call imports torch._inductor: 2 s
+            torch.use_deterministic_algorithms(det)
+        torch.set_num_threads(before)

@@ -138,8 +138,26 @@ class Momentum(Optimizer):
 OPTIMIZERS = {"adam": Adam, "rmsprop": RMSProp, "gd": GD, "momentum": Momentum}
 
 
+def _no_dynamo_import_at_first_use() -> None:
+    """Start-up: torch.optim.Optimizer's `add_param_group`, `state_dict`, `load_state_dict` and
+    `zero_grad` are wrapped by `torch._disable_dynamo`, which imports torch._dynamo -- about 2 s,
+    most of a small run's start-up -- at their first call, only to keep torch.compile from
+    tracing them. Nothing here traces an optimizer (train.compile compiles the model, never the
+    update), so each is given, up front, the dynamo-disabled form that torch would cache at that
+    first call: itself (torch/_compile.py). Where torch's wrapper is not the one this expects, nothing
+    is changed: the slow start, never a different computation."""
+    import torch._compile
+
+    probe = torch._compile._disable_dynamo(lambda: None).__code__
+    for method in vars(Optimizer).values():
+        inner = getattr(method, "__wrapped__", None)
+        if inner is not None and getattr(method, "__code__", None) is probe:
+            setattr(inner, "__dynamo_disable", inner)
+
+
 def build_optimizer(params, cfg) -> Optimizer:
     """Build from the `optim` config group (name plus the keys each class takes)."""
+    _no_dynamo_import_at_first_use()
     cls = OPTIMIZERS[cfg.name]
     keys = cls.__init__.__code__.co_varnames[2:cls.__init__.__code__.co_argcount]
     return cls(params, **{k: cfg[k] for k in keys if k in cfg})

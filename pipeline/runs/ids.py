@@ -18,7 +18,7 @@ from ..thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE
 NON_SEMANTIC = (
     "paths", "logger", "sweep", "retry", "device", "lease", "hydra",
     "data.root", "data.download",
-    "train.checkpoint_every", "train.log_every", "train.progress", "train.micro_batch",
+    "train.checkpoint_every", "train.log_every", "train.progress", "train.micro_batch", "train.threads",
 )
 # Semantic keys added after runs existed, left out of the hash at their default so that existing
 # run ids never change. The divergence rule's default only stops earlier a run that the analysis

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import ROOT  # the checkout this code runs from
+from ..threads import cores
 
 
 def _git(repo: Path, *args: str) -> str | None:
@@ -49,7 +50,8 @@ def software_and_machine() -> dict:
     return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 host=socket.gethostname(), gpu=torch.cuda.get_device_name() if cuda else None,
-                gpus=torch.cuda.device_count() if cuda else 0)
+                gpus=torch.cuda.device_count() if cuda else 0, threads=torch.get_num_threads(),
+                cores=cores())
 
 
 SECRET = re.compile(r"(?i)^([^=]*(key|token|secret|password|passwd)[^=]*=).+$")

@@ -25,7 +25,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import faults
@@ -192,6 +191,8 @@ class RunDir:
         """Write the checkpoint of state['step'] so that a kill at any instant leaves one that
         loads: temporary file (fsync) -> checkpoint.pt becomes checkpoint.prev.pt -> the
         temporary file becomes checkpoint.pt. The lease is checked before each of the three."""
+        import torch  # here, not at import: planning a sweep or checking a run needs no torch
+
         buf = io.BytesIO()
         torch.save(state, buf)
         step = state["step"]
@@ -221,6 +222,8 @@ class RunDir:
     def load_checkpoint(self, map_location="cpu", required=frozenset({"model", "optimizer", "step"})) -> dict | None:
         """The newest checkpoint that loads: checkpoint.pt, else checkpoint.prev.pt, else None
         (step 0); one log line for each fallback."""
+        import torch
+
         candidates = [p for p in (self.checkpoint, self.prev_checkpoint) if p.exists()]
         if self.prev_checkpoint.exists() and not self.checkpoint.exists():
             log.warning("run %s: checkpoint.pt missing (killed while replacing it): trying "
