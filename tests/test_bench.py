@@ -91,3 +91,21 @@ def test_gpucheck_dry_run_writes_its_report(tmp_path):
     assert "error" not in res["fidelity"] and "| `hill_height` |" in md  # the fidelity table itself
     assert (tmp_path / "fidelity" / "tiny-mlp" / "deviation.png").exists()
     assert md.count("| cnn (N=64) |") == len(res["speed"])
+
+
+@pytest.mark.slow
+def test_the_thread_and_start_up_benchmarks_measure_what_they_say(capsys):
+    """The two benchmarks of the thread budget and the start-up run and report each figure (their
+    values are measurements, printed by `make bench`, not asserted)."""
+    import re
+
+    from bench import startup_bench, threads_bench
+
+    threads_bench.main(["--steps", "3", "--reps", "1", "--no-busy", "--jobs", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"the budget \(\d+ threads? per run\): +\d+\.\d\d", out), out
+    startup_bench.main(["--reps", "1"])
+    out = capsys.readouterr().out
+    for point in ("toy", "digits"):
+        first, whole = map(float, re.search(rf"{point} +this checkout +([\d.]+) / +([\d.]+)", out).groups())
+        assert 0 < first < whole, out

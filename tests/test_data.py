@@ -2,6 +2,7 @@
 subsets, normalisation, the synthetic set."""
 
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.engine.data import DataError, cifar_files, load_dataset, write_fake_cifar
+
+from .conftest import ROOT
 
 
 def cifar_cfg(root, name="cifar10", **kw):
@@ -173,3 +176,23 @@ def test_digits_train_with_the_mlp_and_a_small_cnn(cfg_factory, model):
     assert train(cfg) == "completed"
     m = read_metrics(RunDir(cfg.paths.runs, run_id(cfg)).metrics)
     assert m.loss.iloc[-1] < 0.7 * m.loss.iloc[0] and m.test_acc.dropna().iloc[-1] > 0.5
+
+
+def test_digits_are_read_as_scikit_learn_reads_them_without_importing_it():
+    """The pipeline reads the digits file scikit-learn ships (a quick start: no sklearn import);
+    the arrays equal load_digits' exactly."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from pipeline.engine.data import digits_arrays
+
+    images, target = digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    probe = ("import sys; from pipeline.engine.data import digits_arrays; digits_arrays(); "
+             "print('sklearn' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.stdout.strip() == "False", r.stderr

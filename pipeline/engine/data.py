@@ -13,7 +13,9 @@ file is not the official one, and use torchvision only to download.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import io
 import logging
 import pickle
@@ -142,18 +144,32 @@ def synthetic(cfg):
 
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 8 x 8, labels) of scikit-learn's digits, read from the file the package ships
+    (`sklearn/datasets/data/digits.csv.gz`) as `sklearn.datasets.load_digits` reads it, without
+    importing scikit-learn (2-3 s of a digits run's start-up)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.origin:
+        raise DataError("data=digits: needs scikit-learn (pip install scikit-learn)")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            data = np.loadtxt(f, delimiter=",")
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"data=digits: {path} cannot be read ({e}); reinstall scikit-learn") from e
+    if data.ndim != 2 or data.shape[1] != 65:
+        raise DataError(f"data=digits: {path} is not 8x8 images with a label (shape {data.shape})")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def _digits(cfg):
     """scikit-learn's bundled 8x8 handwritten digits (UCI optdigits test set: 1,797 real images
     of 43 writers, 16 grey levels), shipped inside the package: no download. Pixels 0..16 are
     scaled to 0..256 and cut at 255 as uint8; one channel. A fixed split: a permutation drawn
     with seed `data.split_seed` (default 0), the last 360 images for testing, 1,437 for training."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise DataError("data=digits: needs scikit-learn (pip install scikit-learn)") from e
-    d = load_digits()
-    x = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8)).unsqueeze(1)  # N x 1 x 8 x 8
-    y = torch.from_numpy(d.target.astype(np.int64))
+    images, target = digits_arrays()
+    x = torch.from_numpy((images * 16).clip(0, 255).astype(np.uint8)).unsqueeze(1)  # N x 1 x 8 x 8
+    y = torch.from_numpy(target.astype(np.int64))
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(cfg.get("split_seed", 0))))
     train, test = perm[:-DIGITS_TEST].sort().values, perm[-DIGITS_TEST:].sort().values
     return x[train], y[train], x[test], y[test], 10

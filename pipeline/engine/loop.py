@@ -144,9 +144,11 @@ def largest_that_fits(size: int, group: int, attempt) -> int:
 
 def _open_record(cfg, run: RunDir, ranks: dist.Ranks, start: int, columns: list[str]):
     """(metrics writer, wandb mirror) on rank 0 (None, NullLogger elsewhere): metrics.csv keeps
-    rows 0..start-1, what is missing there is flagged."""
+    rows 0..start-1, what is missing there is flagged; the log says how many threads compute."""
     if not ranks.main:
         return None, NullLogger()
+    log.info("run %s: %d CPU threads per process (%s)", run.id, torch.get_num_threads(),
+             threads.budget(cfg.train.get("threads"))[1])
     writer = run.open_metrics(columns, start)
     if writer.holes:
         log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from its checkpoint "
@@ -219,9 +221,6 @@ def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ra
     n_params, bns = sum(p.numel() for p in params), bn_layers(model)
     state = TrainState(model, opt, device, torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None)
     mb = micro_batch(cfg, fwd, data, params, ranks, autocast)
-    if ranks.main:
-        log.info("run %s: %d CPU threads per process (%s)", run.id, torch.get_num_threads(),
-                 threads.budget(tc.get("threads"))[1])
     # -- resume: the newest checkpoint that loads (every rank reads the same file) --
     ckpt = run.load_checkpoint(map_location=device, required=REQUIRED)
     if ckpt is not None:
