@@ -7,17 +7,9 @@ same without the O(h) term), the large-n form (2)-(3), and their numerical verif
     python -m analysis.theory example23      # Example 2.3: Adam with a large eps = heavy ball
     python -m analysis.theory figures --out figures/theory [--T 15 --gtol 1e-6 --betas ...]
 
-A loss is a list of PyTorch functions E_k(theta) of a flat float64 parameter vector; step n
-uses E_{n mod m} (m = 1: full batch). Hessian-vector products come from autograd. The ODE is
-integrated with an adaptive Dormand-Prince 8(5,3) method (scipy, rtol 1e-11) on each
-[nh, (n+1)h] in turn, as the theorems' piecewise definition requires.
-
-Implementation of (9): with G_k = grad E_k(theta), the averages M^(l), R^(l) for l <= n are
-exponential filters of G_k and G_k^2; S_k = sum_{l=k}^{n-1} M^(l)/R^(l); and because the
-Hessian of step k depends only on its batch b, every Hessian sum of Theorem 3.1 is a sum over
-batches of H_b times a weighted sum of the S_k: three Hessian-vector products per batch.
-RMSProp (12) is the same with beta = 0 and no bias correction (Remark 4.3). Heavy-ball momentum
-GD (`momentum`) has the piecewise modified equation of [8] (Theorem 4.1 there, Section 1 here).
+odes.py       the problems, the optimizers' iterates and the modified ODEs (how (9) is computed)
+verify.py     the orders of the forms in h, and Example 2.3
+figures.py    Figures 1-3
 """
 
 from .figures import REGIME_KAPPA, figures, kappa, penalty_1d, trajectory
