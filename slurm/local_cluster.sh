@@ -39,7 +39,9 @@ cmd_install() {
 
 write_confs() {
   local cpus mem
-  cpus=$(nproc)
+  # the CPUs this machine gives us; not nproc's answer under OMP_NUM_THREADS (it returns that
+  # variable's value: a test suite run with one thread per process would get a 1-CPU node)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   mem=$(awk '/MemTotal/ {print int($2 / 1024 / 2)}' /proc/meminfo)
   cat >"$DIR/etc/slurm.conf" <<EOF
 ClusterName=$CLUSTER

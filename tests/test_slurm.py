@@ -245,14 +245,17 @@ def test_status_tells_queued_lost_unsubmitted_and_unreachable_apart(slurm, tmp_p
     """Jobs waiting for a busy node are queued; a cancelled one is lost; a run whose job handle
     is gone is pending without a job; when squeue and sacct cannot reach Slurm, the table says so
     and a sweep submits nothing for runs whose job state it cannot learn."""
-    blocker = subprocess.run(["sbatch", "--parsable", "-p", "debug", f"--cpus-per-task={os.cpu_count()}",
+    node_cpus = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%c"], capture_output=True, text=True,
+                               check=True).stdout.split()[0]  # every CPU of the node: the sweep's jobs must wait
+    blocker = subprocess.run(["sbatch", "--parsable", "-p", "debug", f"--cpus-per-task={node_cpus}",
                               "-o", "/dev/null", "--wrap", "sleep 3600"], capture_output=True, text=True,
                              check=True).stdout.strip()
     jobs = {}
     try:
         deadline = time.time() + SLOW
         while "RUNNING" not in subprocess.run(["squeue", "-h", "-j", blocker, "-o", "%T"], capture_output=True,
-                                              text=True).stdout and time.time() < deadline:
+                                              text=True).stdout:
+            assert time.time() < deadline, "the blocking job never started"
             time.sleep(0.5)
         r = make(tmp_path, extra=LONG.replace("optim.beta=0.9 optim.rho=0.99 ", ""))
         assert r.returncode == 0, r.stderr
