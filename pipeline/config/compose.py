@@ -28,6 +28,17 @@ CONF_DIR = str(ROOT / "conf")
 CONFIG_NAME = "train"
 
 
+# the names other code uses for this pipeline's keys (the paper's: h, beta, rho, eps), wherever typed
+ALIASES = {
+    "lr": "optim.h", "learning_rate": "optim.h", "step_size": "optim.h",
+    "beta1": "optim.beta", "beta2": "optim.rho", "betas": "optim.beta and optim.rho",
+    "epsilon": "optim.eps", "adam_eps": "optim.eps",
+    "epochs": "train.max_steps (full batch: one step per epoch)", "steps": "train.max_steps",
+    "max_steps": "train.max_steps", "iterations": "train.max_steps",
+    "batch_size": "train.micro_batch (memory only: every step uses all training examples)",
+}
+
+
 def _keys(node, prefix="") -> list[str]:
     out = []
     for k in node:
@@ -112,6 +123,9 @@ class Composer:
         except HydraException:
             known = _keys(hydra_compose(config_name=CONFIG_NAME))
         group, _, leaf = key.rpartition(".")
+        alias = ALIASES.get(leaf.lstrip("+").lower())
+        if alias and not alias.startswith(key + " ") and alias != key:
+            return ConfigError(f"{culprit}: unknown key; this pipeline calls it {alias}")
         siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
         near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
         if near == [leaf]:  # a key of the default group, not of the one another override chose
