@@ -1,0 +1,183 @@
+"""Tables for papers from a sweep's summary.csv: one value per (row, column) of two
+hyperparameters, as LaTeX (booktabs), Markdown or CSV.
+
+    python -m analysis.table analysis/digits --rows beta --cols rho --value at_loss_0.01_pert_norm
+    python -m analysis.table analysis/digits/summary.csv --rows beta --cols rho --value hill_height \\
+        --fmt .3g --latex --out table.tex
+    python -m analysis.table analysis/toy --rows beta --cols rho --value final_loss --where h=0.01
+
+The input is a summary.csv (`make analyze` writes one per sweep) or the folder holding it. Every
+cell is one run: points that share (row, column) but differ elsewhere (another h, another seed)
+must be told apart with `--where key=value`, or averaged with `--agg mean` (the table says so).
+A cell without a value (a threshold never crossed, a run not finished) is an em dash. Numbers
+are printed to `--fmt` (a Python format spec, default `.4g`; integers such as steps exactly);
+in LaTeX powers of ten as `1.2\\times10^{-5}` and every name escaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.runs.rundir import FINISHED
+
+LATEX_NAMES = {"beta": r"$\beta$", "rho": r"$\rho$", "h": r"$h$", "eps": r"$\varepsilon$", "seed": "seed"}
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+DASH = {"latex": "---", "markdown": "—", "csv": ""}
+
+
+class TableError(ValueError):
+    """A bad argument or input file: one line naming it and what is allowed."""
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.csv"
+    if not path.is_file():
+        raise TableError(f"{path}: no such file; give a summary.csv or its folder (make analyze SWEEP=... writes it)")
+    try:
+        return pd.read_csv(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise TableError(f"{path}: not a readable CSV ({str(e).splitlines()[0][:100]})") from None
+
+
+def _where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
+    for cond in conditions:
+        key, sep, value = cond.partition("=")
+        if not sep or key not in df:
+            raise TableError(f"--where {cond}: expected key=value with a column of the summary as key")
+        column = df[key]
+        try:
+            hit = (column.astype(float) - float(value)).abs() <= 1e-12 * max(1.0, abs(float(value)))
+        except ValueError:
+            hit = column.astype(str) == value
+        if not hit.any():
+            shown = ", ".join(map(str, sorted(column.dropna().unique())[:12]))
+            raise TableError(f"--where {cond}: no run has {key}={value}; {key} takes {shown}")
+        df = df[hit]
+    return df
+
+
+def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str | None = None):
+    """(the rows x cols table of `value`, one run per cell or `agg` over the runs of a cell; which
+    cells hold a run that has not finished: running, pending, failed)."""
+    for name, col in (("--rows", rows), ("--cols", cols), ("--value", value)):
+        if col not in df:
+            raise TableError(f"{name} {col}: not a column of the summary; columns: {', '.join(df.columns)}")
+    df = _where(df, list(where))
+    counts = df.groupby([rows, cols]).size()
+    if agg is None and (counts > 1).any():
+        (r, c), n = next((k, v) for k, v in counts.items() if v > 1)
+        varying = [k for k in ("h", "beta", "rho", "eps", "seed", "model", "data", "optim")
+                   if k in df and k not in (rows, cols) and df[k].nunique() > 1]
+        raise TableError(f"{n} runs have {rows}={r}, {cols}={c} (they differ in {', '.join(varying) or 'other keys'}): "
+                         "choose them with --where key=value, or average them with --agg mean")
+    values = pd.to_numeric(df[value], errors="coerce")
+    if values.isna().all() and df[value].notna().any():
+        raise TableError(f"--value {value}: not a numeric column")
+    unfinished = ~df["state"].isin(FINISHED) if "state" in df else pd.Series(False, index=df.index)
+    df = df.assign(**{value: values, "_unfinished": unfinished.astype(float)})
+    shape = dict(index=rows, columns=cols, dropna=False)
+    table = df.pivot_table(values=value, aggfunc=agg or "first", **shape).sort_index().sort_index(axis=1)
+    marks = df.pivot_table(values="_unfinished", aggfunc="max", **shape).reindex_like(table).fillna(0) > 0
+    return table, marks
+
+
+def number(v, fmt: str, integral: bool, style: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v) and math.isnan(v)):
+        return DASH[style]
+    if integral:
+        return str(int(round(v)))
+    if v == 0:
+        return "0"
+    text = format(float(v), fmt)
+    if style == "latex" and "e" in text:
+        mant, _, exp = text.partition("e")
+        if int(exp) == 0:
+            return mant
+        text = (f"{mant}\\times" if mant not in ("1", "1.0") else "") + f"10^{{{int(exp)}}}"
+        return f"${text}$"
+    return text
+
+
+def _latex_name(key: str) -> str:
+    return LATEX_NAMES.get(key, latex_escape(key))
+
+
+def label(v) -> str:
+    """A hyperparameter's value as written in a config: 0.999, 0.0001, cnn."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def render(table: pd.DataFrame, marks: pd.DataFrame, rows: str, cols: str, value: str, style: str, fmt: str,
+           agg: str | None) -> str:
+    finite = table.to_numpy(float)[~pd.isna(table.to_numpy(float))]
+    integral = fmt == ".4g" and finite.size > 0 and bool((finite == finite.round()).all()) and abs(finite).max() < 1e15
+    star = {"latex": "$^{*}$", "markdown": "\\*", "csv": ""}[style]  # a CSV keeps plain numbers
+    cells = [[number(table.at[r, c], fmt, integral, style) + (star if marks.at[r, c] else "") for c in table.columns]
+             for r in table.index]
+    what = f"{value}{f' ({agg} over runs)' if agg else ''}"
+    if marks.to_numpy().any():
+        what += "; * a run that has not finished (running, pending or failed): not its final value"
+    if style == "csv":
+        head = [f"{rows}\\{cols}", *map(label, table.columns)]
+        return "\n".join(",".join(x) for x in [head, *[[label(r), *row] for r, row in zip(table.index, cells)]]) + "\n"
+    if style == "markdown":
+        head = [f"{rows} \\ {cols}", *map(label, table.columns)]
+        out = [f"| {' | '.join(head)} |", "| " + " | ".join(["---"] * len(head)) + " |"]
+        out += [f"| {label(r)} | {' | '.join(row)} |" for r, row in zip(table.index, cells)]
+        return f"<!-- {what} -->\n" + "\n".join(out) + "\n"
+    corner = f"{_latex_name(rows)} \\textbackslash{{}} {_latex_name(cols)}"
+    head = [corner, *(latex_escape(label(c)) for c in table.columns)]
+    out = [f"% {latex_escape(what)}", r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule",
+           " & ".join(head) + r" \\", r"\midrule"]
+    out += [f"{latex_escape(label(r))} & " + " & ".join(row) + r" \\" for r, row in zip(table.index, cells)]
+    return "\n".join([*out, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.table", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("summary", help="a summary.csv, or the folder that holds it")
+    ap.add_argument("--rows", required=True)
+    ap.add_argument("--cols", required=True)
+    ap.add_argument("--value", required=True)
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--agg", choices=("mean", "median", "min", "max"), default=None)
+    ap.add_argument("--fmt", default=".4g", help="a Python format spec for the numbers (default .4g)")
+    style = ap.add_mutually_exclusive_group()
+    for s in ("latex", "markdown", "csv"):
+        style.add_argument(f"--{s}", dest="style", action="store_const", const=s)
+    ap.add_argument("--out", default=None, help="write here instead of standard output")
+    a = ap.parse_args(argv)
+    try:
+        format(1.5, a.fmt)
+    except ValueError:
+        print(f"error: --fmt {a.fmt}: not a Python format spec for a number (e.g. .3g, .2e, .4f)", file=sys.stderr)
+        return 2
+    try:
+        table = pivot(read_summary(a.summary), a.rows, a.cols, a.value, a.where, a.agg)
+    except TableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = render(*table, a.rows, a.cols, a.value, a.style or "latex", a.fmt, a.agg)
+    if a.out:
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
