@@ -5,6 +5,8 @@ tests/test_startup.py checks that each implementation offers exactly these."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "mlp", "bilinear")
 NORMS = ("bn", "gn", "none")
 GN_GROUPS = 32
@@ -45,3 +47,26 @@ CIFAR = {
 }
 
 DIGITS_TEST = 360  # 20% of the 1,797 images
+
+
+def cifar_files(name: str, root: str | Path) -> list[Path]:
+    """The batch files of CIFAR `name` under `root`, in torchvision's on-disk layout."""
+    spec = CIFAR[name]
+    base = Path(root) / spec["folder"]
+    return [base / f for f, _ in spec["train"] + spec["test"]]
+
+
+def missing_data(name: str, root: str | Path) -> str | None:
+    """Why dataset `name` cannot be read from `root` (one line with the command that fetches it),
+    or None: the check of the sweep planner (before anything is created) and of the run."""
+    if name not in CIFAR:
+        return None
+    for path in cifar_files(name, root):
+        if not path.is_file():
+            return f"data.root={root}: {path} not found; run `make data DATA_ROOT={root}` (or set data.download=true)"
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            return f"data.root={root}: {path} cannot be read ({e.strerror or e})"
+    return None

@@ -228,3 +228,48 @@ def test_preset_headers_say_what_comes_from_the_paper_and_fig7_has_rho_below_bet
     fig7 = yaml.safe_load((ROOT / "conf" / "sweep" / "fig7.yaml").read_text())
     rhos = [float(r) for r in str(fig7["hydra"]["sweeper"]["params"]["optim.rho"]).split(",")]
     assert min(rhos) < fig7["optim"]["beta"] < max(rhos)
+
+
+def test_a_sweep_whose_dataset_is_missing_stops_before_anything(tmp_path):
+    """The planner checks the data of the runs it would launch: a missing CIFAR is one line with
+    the command that fetches it, exit 2, no run directory, no sweep folder; DRY=1 warns."""
+    over = f"train.max_steps=4 data=cifar10 data.root={tmp_path}/nodata data.download=false"
+    r = make("sweep", tmp_path, "quick", "local", over)
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(err) == 1, r.stdout + r.stderr
+    assert f"data.root={tmp_path}/nodata: " in err[0] and f"run `make data DATA_ROOT={tmp_path}/nodata`" in err[0]
+    assert "(no run was created, nothing submitted)" in err[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
+    dry = make("sweep", tmp_path, "quick", "local", over, 0, 600, "DRY=1")
+    assert dry.returncode == 0 and "warning: data.root=" in dry.stderr and "make data" in dry.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_to_download_is_fetched_once_before_the_runs(tmp_path, monkeypatch, capsys):
+    """data.download=true: the planner downloads it (compute nodes are often offline), once for
+    all points; a failed download is the one line of the run's own failure, exit 2. Present data
+    (CIFAR's real on-disk format, generated) passes."""
+    from pipeline.dispatch import sweep
+    from pipeline.dispatch.plan import make_plan
+    from pipeline.engine import data
+
+    extra = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "data=cifar10",
+             f"data.root={tmp_path}/cifar", "data.download=true", "optim.beta=0.9,0.99"]
+    plan = make_plan("quick", extra)
+    assert [m[:3] for m in plan.missing_data()] == [("cifar10", f"{tmp_path}/cifar", True)]
+    fetched = []
+    monkeypatch.setattr(data, "download_cifar", lambda name, root: (fetched.append(name),
+                                                                    data.write_fake_cifar(root, name)))
+    sweep._fetch_data(plan, dry=False)
+    assert fetched == ["cifar10"] and make_plan("quick", extra).missing_data() == []
+
+    def offline(name, root):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data, "download_cifar", offline)
+    other = make_plan("quick", [*extra[:-3], f"data.root={tmp_path}/other", "data.download=true"])
+    with pytest.raises(SystemExit) as e:
+        sweep._fetch_data(other, dry=False)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the download failed (OSError: Name or service not known)" in err
+    assert not (tmp_path / "runs").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..catalog import missing_data
 from ..config.compose import Composer
 from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError
@@ -57,6 +58,18 @@ class Plan:
     @property
     def todo(self) -> list[Point]:
         return [p for p in self.points if p.decision.launch]
+
+    def missing_data(self) -> list[tuple[str, str, bool, str]]:
+        """(dataset, root, data.download, why) for each dataset of the runs to launch that cannot
+        be read (`why`: one line with the command that fetches it); [] when every one can."""
+        seen = {}
+        for p in self.todo:
+            d = p.cfg.data
+            key = (d.name, str(d.get("root") or "."))
+            if key not in seen:
+                why = missing_data(*key)
+                seen[key] = (*key, bool(d.get("download")), why) if why else None
+        return [m for m in seen.values() if m]
 
 
 def live_job(job: dict | None, state: str | None) -> str | None:

@@ -320,7 +320,29 @@ def _planned(preset, launcher, profile, retry, dry, extra) -> Plan:
                 plan = make_plan(preset, extra, retry)  # adopted runs are live now
     except ConfigError as e:
         _fail(e)
+    _fetch_data(plan, dry)
     return plan
+
+
+def _fetch_data(plan: Plan, dry: bool) -> None:
+    """Every dataset the runs will read is there before anything is created or submitted: with
+    data.download=true it is fetched here, once (compute nodes are often offline); otherwise, or
+    when the download fails, one line with the command that fetches it and exit 2. DRY=1 warns."""
+    for name, root, download, why in plan.missing_data():
+        if dry:
+            print(f"warning: {f'{name} is not in {root} yet: make sweep downloads it first (data.download=true)'}"
+                  if download else f"warning: {why}", file=sys.stderr)
+            continue
+        if download:
+            from ..engine.data import DataError, fetch_cifar
+
+            print(f"downloading {name} into {root} (data.download=true) ...", flush=True)
+            try:
+                fetch_cifar(name, root)
+                continue
+            except DataError as e:
+                why = str(e)
+        _fail(f"{why} (no run was created, nothing submitted)")
 
 
 def _tell(plan: Plan) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..catalog import CIFAR, DATASETS, DIGITS_TEST  # noqa: F401 -- DATASETS: the names load_dataset serves
+from ..catalog import CIFAR, DATASETS, DIGITS_TEST, cifar_files, missing_data  # noqa: F401 -- DATASETS: the names load_dataset serves
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,6 @@ def _read_batch(path: Path, md5: str, label_key: str, root_key: str, classes: in
     return x, y, hashlib.md5(raw).hexdigest() == md5
 
 
-def cifar_files(name: str, root: str | Path) -> list[Path]:
-    spec = CIFAR[name]
-    base = Path(root) / spec["folder"]
-    return [base / f for f, _ in spec["train"] + spec["test"]]
-
-
 def download_cifar(name: str, root: str | Path) -> None:
     """Fetch with torchvision (the official archive, md5-checked)."""
     import torchvision.datasets as tvd
@@ -98,22 +92,26 @@ def download_cifar(name: str, root: str | Path) -> None:
         cls(root=str(root), train=train, download=True)
 
 
+def fetch_cifar(name: str, root: str | Path) -> None:
+    """`download_cifar`, or DataError: one line saying what to do on a machine without internet."""
+    try:
+        download_cifar(name, root)
+    except Exception as e:  # offline compute node, proxy, ...
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"data.root={root}: {name} is missing there and the download failed "
+            f"({type(e).__name__}: {why}); run `make data DATA_ROOT={root}` on a machine with "
+            "internet, or point data.root at a copy") from None
+
+
 def _load_cifar(cfg):
     spec, root = CIFAR[cfg.name], Path(cfg.root)
     missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
     if missing and cfg.download:
-        try:
-            download_cifar(cfg.name, root)
-        except Exception as e:  # offline compute node, proxy, ...
-            why = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DataError(
-                f"data.root={root}: {cfg.name} is missing there and the download failed "
-                f"({type(e).__name__}: {why}); run `make data DATA_ROOT={root}` on a machine with "
-                "internet, or point data.root at a copy") from None
+        fetch_cifar(cfg.name, root)
         missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
     if missing:
-        raise DataError(f"data.root={root}: {missing[0]} not found; run `make data "
-                        f"DATA_ROOT={root}` (or set data.download=true)")
+        raise DataError(missing_data(cfg.name, root))
     base, key = root / spec["folder"], f"data.root={root}"
     *train, test = [_read_batch(base / f, m, spec["label"], key, spec["classes"])
                     for f, m in spec["train"] + spec["test"]]
