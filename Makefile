@@ -20,7 +20,7 @@ ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze figures theory sync report data migrate bench fidelity gpucheck test test-fast lint clean-venv
+.PHONY: help install sweep status analyze table theory sync report data migrate bench fidelity gpucheck test test-fast lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
 	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis "$$dir" $(if $(ANALYSIS_OUT),--out $(ANALYSIS_OUT)) $(ARGS)
+
+table: $(VENV)/.installed ## a LaTeX/Markdown/CSV table of SWEEP's summary.csv (ARGS="--rows beta --cols rho --value at_loss_0.01_pert_norm --markdown")
+	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis.table "$$dir/analysis" $(ARGS)
 
 theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
 	$(PY) -m analysis.theory verify
