@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .columns import write_columns
 from .figures import all_figures
 from .runs import curves_frame, load_runs
 from .summary import summary_frame, varying
@@ -39,8 +40,9 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     summary = summary_frame(runs, thresholds=thresholds, steps_at=steps_at, smooth=smooth,
                             spike_factor=spike_factor)
     curves = curves_frame(runs)
-    paths = dict(summary=out / "summary.csv", curves=out / "curves.csv")
+    paths = dict(summary=out / "summary.csv", curves=out / "curves.csv", columns=out / "columns.md")
     summary.to_csv(paths["summary"], index=False)
+    write_columns(summary.columns, paths["columns"])
     curves.to_csv(paths["curves"], index=False)
     if parquet:
         summary.to_parquet(out / "summary.parquet", index=False)
@@ -90,7 +92,7 @@ def main(argv=None):
     cols = [c for c in ("run_id", "h", "beta", "rho", "state", "steps", "final_loss", "hill_height",
                         "max_test_acc", "regime", "limit_one_norm") if c in s and s[c].notna().any()]
     print(s[cols].to_string(index=False))
-    print(f"\nwrote {paths['summary']}, {paths['curves']}" +
+    print(f"\nwrote {paths['summary']} (its columns: {paths['columns'].name}), {paths['curves']}" +
           (f" and {len(paths.get('figures', []))} figure files" if "figures" in paths else ""))
 
 

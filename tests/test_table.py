@@ -124,3 +124,21 @@ def test_the_latex_compiles(summary, capsys, tmp_path):
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and (tmp_path / "doc.pdf").stat().st_size > 1000, r.stdout[-2000:]
+
+
+def test_every_column_of_a_real_summary_is_explained(tmp_path, cfg_factory):
+    """`python -m analysis` writes columns.md beside summary.csv: one line for every column of a
+    real summary (a CNN with a test set, the toy model with its limit point)."""
+    import analysis.__main__ as an
+    from analysis.columns import describe
+    from pipeline.train import train
+
+    for over in (["train.max_steps=6"], ["sweep=toy", "train.max_steps=30", "train.progress=none"]):
+        train(cfg_factory(*over, tiny=over[0] != "sweep=toy"))
+    paths = an.analyze(tmp_path / "runs", tmp_path / "out", None, [5], 1, 10.0, figures=False, parquet=False)
+    columns = list(pd.read_csv(paths["summary"]).columns)
+    assert "limit_one_norm" in columns and "at_loss_0.1_test_acc" in columns and "at_step_5_pert_norm" in columns
+    unexplained = [c for c in columns if not describe(c)]
+    assert unexplained == [], unexplained
+    text = paths["columns"].read_text()
+    assert all(f"| `{c}` |" in text for c in columns)

@@ -1,0 +1,68 @@
+"""What each column of summary.csv means, written beside it as columns.md, so that a summary
+explains itself without the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+FIXED = {
+    "run_id": "the run's id: 12 hex digits of the hash of its semantic config (its folder under paths.runs)",
+    "h": "step size h", "beta": "β, the momentum of the gradient's average (Adam, momentum GD)",
+    "rho": "ρ, the momentum of the squared gradient's average (Adam, RMSProp)",
+    "eps": "ε, numerical stability (inside the root by default: Definition 2.1)",
+    "optim": "the optimizer", "model": "the model", "norm": "the normalisation layers (bn, gn, none)",
+    "data": "the dataset", "subset": "training examples used (empty: all)", "seed": "the seed of θ₀ and the data",
+    "max_steps": "the steps the run was configured for", "micro_batch": "examples per forward/backward (memory only)",
+    "eps_inside": "ε inside the square root (the paper's Adam) or outside (Kingma & Ba)",
+    "bias_correction": "Adam's bias correction on or off", "precision": "the arithmetic (fp32, fp64, bf16, ...)",
+    "state": "completed, diverged (both ended by themselves), running, pending or failed",
+    "steps": "the last step with a row in metrics.csv", "holes": "what is missing from metrics.csv (empty: whole)",
+    "damaged": "why the run's own files cannot be trusted (empty: they can; then it has no values)",
+    "last_loss": "the training loss at the last row, finished or not",
+    "final_loss": "the training loss at the end of a finished run (empty otherwise)",
+    "max_test_acc": "the largest test accuracy over the run's evaluations",
+    "hill_height": "the hill of the perturbed one-norm P (Section 7): max over s < t of P_t − P_s",
+    "hill_trough_step": "the step s of the hill's trough", "hill_peak_step": "the step t of the hill's peak",
+    "hill_height_rel_trough": "hill_height / P_s: the rise relative to the trough",
+    "hill_height_rel_floor": "hill_height / (p √ε): the rise relative to the norm's floor at a zero gradient",
+    "regime": "stable, spiky (a jump above the spike factor × the running minimum) or diverged",
+    "limit_one_norm": "|θ|₁ at the last step of a run that did not diverge (few-parameter models: the limit "
+                      "point's one-norm; Figures 2-3 compare it with the minimum 2√0.75 on the hyperbola)",
+    "limit_grad_one_norm": "the gradient's one-norm at that last step (how near the limit is to a minimum)",
+    "code_version": "the commit that produced the run (+dirty when the tree was; 'a then b' across resumes)",
+}
+METRICS = {
+    "step": "the first step whose training loss is below {t}", "pert_norm": "the perturbed one-norm of the gradient",
+    "test_acc": "the test accuracy", "test_loss": "the test loss", "acc": "the training accuracy",
+    "l1_norm": "the one-norm of the gradient", "l2_norm": "the two-norm of the gradient",
+    "bias_norm": "the norm of the O(h) bias term", "loss": "the training loss",
+}
+
+
+def describe(column: str) -> str:
+    """One line for a summary.csv column ('' for one this module does not know)."""
+    if column in FIXED:
+        return FIXED[column]
+    m = re.fullmatch(r"at_loss_(.+?)_(step|pert_norm|test_acc|test_loss|acc|l1_norm|l2_norm|bias_norm)", column)
+    if m:
+        t, metric = m.groups()
+        return METRICS["step"].format(t=t) if metric == "step" else (
+            f"{METRICS[metric]} at the first step whose training loss is below {t} (empty: never crossed)")
+    m = re.fullmatch(r"at_step_(\d+)_(\w+)", column)
+    if m and m.group(2) in METRICS:
+        return f"{METRICS[m.group(2)]} at step {m.group(1)}"
+    m = re.fullmatch(r"limit_theta_(\d+)", column)
+    if m:
+        return f"θ_{m.group(1)} at the last step (few-parameter models)"
+    return ""
+
+
+def write_columns(columns, path: Path) -> Path:
+    lines = ["# summary.csv: its columns", "",
+             "One row per run. An empty cell is a value that does not exist (a threshold never crossed, a run "
+             "not finished), never an invented number; summary.parquet holds the same table.", "",
+             "| column | meaning |", "| --- | --- |"]
+    lines += [f"| `{c}` | {describe(c) or 'see the README, Analysis'} |" for c in columns]
+    path.write_text("\n".join(lines) + "\n")
+    return path
