@@ -18,7 +18,7 @@ FIXED = {
     "bias_correction": "Adam's bias correction on or off", "precision": "the arithmetic (fp32, fp64, bf16, ...)",
     "state": "completed, diverged (both ended by themselves), running, pending or failed",
     "steps": "the last step with a row in metrics.csv", "holes": "what is missing from metrics.csv (empty: whole)",
-    "damaged": "why the run's own files cannot be trusted (empty: they can; then it has no values)",
+    "damaged": "why the run's own files cannot be trusted (empty: they can); a damaged run has no values",
     "last_loss": "the training loss at the last row, finished or not",
     "final_loss": "the training loss at the end of a finished run (empty otherwise)",
     "max_test_acc": "the largest test accuracy over the run's evaluations",
