@@ -8,6 +8,7 @@ LAUNCHER ?= local
 EXTRA ?=
 RETRY ?= 0
 DRY ?=
+WATCH ?=
 JOBS ?= 2
 GPUS ?=
 TASKS ?=
@@ -42,8 +43,8 @@ sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=to
 	$(PY) -m pipeline.dispatch.sweep run "$(SWEEP)" --launcher "$(LAUNCHER)" --jobs "$(JOBS)" --profile "$(PROFILE)" \
 		--retry "$(RETRY)" --dry "$(DRY)" --gpus "$(GPUS)" --tasks "$(TASKS)" -- $(PATHS) $(EXTRA)
 
-status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, last loss, job and Slurm state
-	$(PY) -m pipeline.dispatch.sweep status "$(SWEEP)" -- $(PATHS) $(EXTRA)
+status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, loss, perturbed norm, test accuracy, job (WATCH=10: again until done)
+	$(PY) -m pipeline.dispatch.sweep status "$(SWEEP)" --watch "$(WATCH)" -- $(PATHS) $(EXTRA)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
 	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis "$$dir" $(if $(ANALYSIS_OUT),--out $(ANALYSIS_OUT)) $(ARGS)

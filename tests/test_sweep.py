@@ -273,3 +273,20 @@ def test_a_dataset_to_download_is_fetched_once_before_the_runs(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert e.value.code == 2 and "the download failed (OSError: Name or service not known)" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_status_shows_the_metrics_sorted_by_hyperparameters_and_watch_ends_when_nothing_is_live(tmp_path):
+    r = make("sweep", tmp_path, extra=FAST)
+    assert r.returncode == 0, r.stderr
+    s = make("status", tmp_path, "synthetic", "basic", "", 0, 600, "WATCH=0.5")
+    assert s.returncode == 0, s.stderr
+    lines = s.stdout.splitlines()
+    head = lines[0].split()
+    assert head == ["run_id", "h", "beta", "rho", "state", "step", "last_loss", "pert_norm", "test_acc", "job",
+                    "slurm_state"]
+    rows = [ln.split() for ln in lines[1:5]]
+    assert [(float(r[2]), float(r[3])) for r in rows] == sorted((float(r[2]), float(r[3])) for r in rows)
+    assert all(r[4] == "completed" and float(r[7]) > 0 and 0 <= float(r[8]) <= 1 for r in rows)
+    assert s.stdout.count("run_id") == 1  # nothing live: the table once, then done
+    bad = make("status", tmp_path, "synthetic", "basic", "", 0, 600, "WATCH=soon")
+    assert bad.returncode != 0 and "error: WATCH=soon: allowed values are a number of seconds" in bad.stderr

@@ -427,13 +427,37 @@ def where(name: str, extra=()) -> tuple[Path, Path]:
     return Path(cfg.paths.sweeps) / (cfg.sweep.name or name), Path(cfg.paths.runs)
 
 
-def status(preset, extra=()) -> int:
+def status(preset, extra=(), watch: float | None = None) -> int:
+    """`make status`: every run of the sweep, sorted by its hyperparameters: its state as the run
+    store, its lease and Slurm see it, step, last loss, perturbed norm and test accuracy, job. With
+    `watch` (seconds, `make status WATCH=10`): again every `watch` seconds until no run is live."""
     try:
         folder, _ = where(preset, extra)
     except ConfigError as e:
         _fail(e)
     if not folder.is_dir():
         _fail(f"SWEEP={preset}: no sweep folder {folder} (run `make sweep SWEEP={preset}` first)")
+    while True:
+        counts = _status_table(folder)
+        if not watch or not set(counts) & {"running", "starting", "queued", "queued (local)"}:
+            return 0
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return 0
+        print(f"\n-- {time.strftime('%H:%M:%S')} --")
+
+
+def _last(h, column: str) -> str:
+    """The last value of `column` in a history's rows (test columns: the last evaluated step)."""
+    if column not in h.header:
+        return ""
+    i = h.header.index(column)
+    cell = next((r[i] for r in reversed(h.rows) if r[i] != ""), "")
+    return f"{float(cell):.6g}" if cell else ""
+
+
+def _status_table(folder: Path) -> Counter:
     for line in orphans.adopt(folder):  # jobs of a sweep that died between sbatch and recording them
         print(line, file=sys.stderr)
     runs, warnings = sweep_runs(folder)
@@ -441,30 +465,51 @@ def status(preset, extra=()) -> int:
     warnings += [f"run {rid}: {why}; read as no job" for rid, (_, why) in handles.items() if why]
     jobs = {rid: job for rid, (job, _) in handles.items()}
     states, error = slurm.job_states([j["job_id"] for j in jobs.values() if j and j.get("backend") == "slurm"])
-    rows = [["run_id", "h", "beta", "rho", "state", "step", "last_loss", "job", "slurm_state"]]
+    rows = []
     for r in runs:
         health, job = check(r), jobs[r.id]
         o = (health.config or {}).get("optim") if not health.damaged else {}
         o = o if isinstance(o, dict) else {}
         sstate = states.get(job["job_id"]) if job and job.get("backend") == "slurm" else None
-        h = health.history
-        loss = f"{float(h.rows[-1][h.header.index('loss')]):.6g}" if h.rows and "loss" in h.header else ""
         rows.append([r.id, str(o.get("h", "")), str(o.get("beta", "")), str(o.get("rho", "")),
                      view(health, job, sstate, lease.holder(r.path), error), str(health.status.get("step", "")),
-                     loss, str(job.get("job_id") or "") if job else "", sstate or ""])
-    _print_table(rows)
-    counts = Counter(r[4].split(" (")[0] if not r[4].startswith("queued (local)") else r[4] for r in rows[1:])
+                     *(_last(health.history, c) for c in ("loss", "pert_norm", "test_acc")),
+                     str(job.get("job_id") or "") if job else "", sstate or ""])
+    rows.sort(key=lambda row: [(0, float(x)) if _is_number(x) else (1, x) for x in row[1:4]])
+    _print_table([["run_id", "h", "beta", "rho", "state", "step", "last_loss", "pert_norm", "test_acc", "job",
+                   "slurm_state"], *rows])
+    counts = Counter(r[4].split(" (")[0] if not r[4].startswith("queued (local)") else r[4] for r in rows)
     print(f"\n{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if error and any(j and j.get("backend") == "slurm" for j in jobs.values()):
         print(f"warning: {error}: the Slurm columns are incomplete", file=sys.stderr)
-    return 0
+    return counts
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as every other mistake
         _fail(f"{self.prog}: {message}")
+
+
+def seconds(name: str, value) -> float | None:
+    """WATCH=: a number of seconds > 0, empty or 0 for none; anything else is refused."""
+    v = str(value or "").strip()
+    try:
+        x = float(v) if v else 0.0
+    except ValueError:
+        x = -1.0
+    if x < 0 or x != x:
+        _fail(f"{name}={value}: allowed values are a number of seconds > 0, or 0 for once")
+    return x or None
 
 
 def flag(name: str, value) -> bool:
@@ -507,6 +552,7 @@ def main(argv=None):
     r.add_argument("--tasks", default="", help="processes per run (e.g. CPU ranks, gloo)")
     s = sub.add_parser("status")
     s.add_argument("preset")
+    s.add_argument("--watch", default="", help="seconds: print the table again until no run is live")
     w = sub.add_parser("where", help="print the sweep folder (or with --runs the runs root)")
     w.add_argument("preset")
     w.add_argument("--runs", action="store_true")
@@ -526,8 +572,12 @@ def main(argv=None):
         except ConfigError as e:
             _fail(e)
         return 0
-    return status(a.preset, extra)
+    return status(a.preset, extra, seconds("WATCH", a.watch) if a.cmd == "status" else None)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `make status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
