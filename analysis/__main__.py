@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -23,8 +24,19 @@ def configured_thresholds(runs) -> list[float]:
     return sorted(ts, reverse=True) or [0.1, 0.01]
 
 
+def limit_reference(runs) -> float | None:
+    """The smallest one-norm of a minimum of the bilinear toy, 2 sqrt(y / x) (theta_1 theta_2 =
+    y / x, reached at theta_1 = theta_2), when every run is of one such problem; else None."""
+    data = {(d.get("x"), d.get("y")) for r in runs for d in [(r["config"].get("data") or {})]
+            if d.get("name") == "bilinear"}
+    if len(data) != 1 or len(runs) != sum((r["config"].get("data") or {}).get("name") == "bilinear" for r in runs):
+        return None
+    x, y = next(iter(data))
+    return 2 * math.sqrt(abs(float(y) / float(x))) if x else None
+
+
 def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor=10.0,
-            figures=True, parquet=True) -> dict:
+            figures=True, parquet=True, style="paper") -> dict:
     """Write the analysis of `root` into `out` (default `<root>/analysis`); returns paths.
     `thresholds` None: those the runs were trained with."""
     root = Path(root)
@@ -52,7 +64,7 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
         warn_mixed_code(shown)
     if figures and len(shown):
         params = varying(shown) or [p for p in ("beta", "rho", "h") if p in shown and shown[p].notna().any()][:1]
-        paths["figures"] = all_figures(shown, curves, out, thresholds, params)
+        paths["figures"] = all_figures(shown, curves, out, thresholds, params, style, limit_reference(runs))
     return paths
 
 
@@ -82,10 +94,11 @@ def main(argv=None):
     ap.add_argument("--smooth", type=int, default=1, help="moving-average window before the hill")
     ap.add_argument("--spike-factor", type=float, default=10.0)
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     paths = analyze(a.dir, a.out, a.thresholds, a.at_step, a.smooth, a.spike_factor,
-                    figures=not a.no_figures)
+                    figures=not a.no_figures, style=a.style)
     import pandas as pd
 
     s = pd.read_csv(paths["summary"])

@@ -31,6 +31,22 @@ LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "traini
 
 
 HYPER = ("beta", "rho", "h", "eps")
+STYLES = Path(__file__).parent / "styles"
+LOG_SPAN = 20.0  # a positive metric whose values span more than this factor is drawn on a log axis
+LOSS_FLOOR = 1e-16  # a loss axis stops here (fp64 runs reach 1e-33: nothing to see below)
+ACC_SPAN = 0.02  # an accuracy axis spans at least 2 points: a few test images are not a trend
+FINISHED_STATES = ("completed", "diverged")
+COLOURS, MARKERS = 7, ("o", "s", "^", "D")  # the style's palette; more lines change marker
+
+
+def use_style(name: str = "paper") -> None:
+    """Every figure's look, from analysis/styles/<name>.mplstyle (paper: single-column sizes and
+    fonts, a colour-blind-safe palette; talk: larger)."""
+    path = STYLES / f"{name}.mplstyle"
+    if not path.is_file():
+        raise SystemExit(f"error: --style {name}: allowed values are "
+                         f"{', '.join(sorted(s.stem for s in STYLES.glob('*.mplstyle')))}")
+    plt.style.use(str(path))
 
 
 def _save(fig, out: Path, name: str, data: pd.DataFrame) -> list[Path]:
@@ -38,7 +54,7 @@ def _save(fig, out: Path, name: str, data: pd.DataFrame) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf", out / f"{name}.csv"]
     for p in paths[:2]:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+        fig.savefig(p, bbox_inches="tight")
     plt.close(fig)
     data.to_csv(paths[2], index=False)
     return paths
@@ -54,57 +70,107 @@ def _combo_label(names, values) -> str:
 
 
 def _xscale(ax, param, values):
+    """beta and rho on the paper's axis, 1 - x on a log scale (0.9, 0.99, 0.999 equally apart;
+    0.5 too), h and eps on a log axis; a tick labelled at each swept value, none other."""
     values = np.unique(np.asarray(values, float)[np.isfinite(values)])
     if param in ("h", "eps"):
         ax.set_xscale("log")
-    elif param in ("beta", "rho") and len(values) and np.nanmax(values) > 0.99:
-        # 0.9, 0.99, 0.999 ... spread out as the paper's axes do: 1 - x on a log scale
+    elif param in ("beta", "rho") and len(values) and values.min() >= 0 and values.max() < 1:
         ax.set_xscale("function", functions=(lambda x: -np.log10(np.clip(1 - x, 1e-12, None)),
                                              lambda y: 1 - 10.0 ** (-y)))
-    if param in ("beta", "rho") and 0 < len(values) <= 12:  # a tick at each value, never overlapping
+    if 0 < len(values) <= 12:
         ax.set_xticks(values, [f"{v:g}" for v in values], minor=False)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if len(values) > 4:
             ax.tick_params(axis="x", labelrotation=45)
             for lab in ax.get_xticklabels():
                 lab.set_horizontalalignment("right")
+    if len(values):  # a margin in the axis' own scale, so the end points are not on the frame
+        ax.set_xlim(*_padded(ax, values.min(), values.max()))
+
+
+def _padded(ax, lo, hi):
+    """(lo, hi) widened by 6% of their distance in the x axis' scale."""
+    fwd = ax.xaxis.get_transform()
+    a, b = fwd.transform([lo, hi]) if hi > lo else fwd.transform([lo, lo]) + np.array([-0.5, 0.5])
+    pad = 0.06 * (b - a)
+    return tuple(fwd.inverted().transform([a - pad, b + pad]))
+
+
+def _yscale(ax, metric: str, y: np.ndarray) -> None:
+    y = y[np.isfinite(y)]
+    if not len(y):
+        return
+    if "acc" in metric:
+        mid, span = (y.min() + y.max()) / 2, max(y.max() - y.min(), ACC_SPAN)
+        ax.set_ylim(max(0.0, mid - 0.6 * span), min(1.0, mid + 0.6 * span))
+    elif y.min() > 0 and y.max() / y.min() > LOG_SPAN:
+        ax.set_yscale("log")
+
+
+def _finished(frame: pd.DataFrame) -> pd.Series:
+    return frame["state"].isin(FINISHED_STATES) if "state" in frame else pd.Series(True, index=frame.index)
 
 
 def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None, out: Path,
                      metrics=("pert_norm", "test_acc"), name: str | None = None,
-                     without_diverged: bool = False) -> list[Path]:
-    """One panel per metric: value at the first step with loss < threshold vs `param`, one
-    line per combination of the other swept hyperparameters (threshold None: `max_test_acc`
-    and the like, taken over the whole run). `without_diverged`: diverged runs are left out
-    and listed under the figure (limit points: a diverged run has none)."""
-    cols = [f"at_loss_{threshold:g}_{m}" if threshold is not None else m for m in metrics]
+                     without_diverged: bool = False, reference: tuple[float, str] | None = None) -> list[Path]:
+    """One panel per metric that some run has: its value at the first step with loss <
+    threshold vs `param`, one line per combination of the other swept hyperparameters (threshold
+    None: `max_test_acc` and the like, over the whole run); runs not finished drawn with open
+    markers; one legend beside the panels. `without_diverged`: diverged runs are left out and
+    listed under the figure (limit points: a diverged run has none). `reference`: (value, label)
+    of a horizontal line (the minimum one-norm of the toy's limit points). No panel: no figure."""
+    pairs = [(f"at_loss_{threshold:g}_{m}" if threshold is not None else m, m) for m in metrics]
+    pairs = [(c, m) for c, m in pairs if c in summary and np.isfinite(pd.to_numeric(summary[c], errors="coerce")).any()]
+    if not pairs:
+        return []
     others = _others(summary, param)
-    shown = summary
-    dropped = pd.DataFrame()
+    shown, dropped = summary, pd.DataFrame()
     if without_diverged:
         gone = (summary.get("state") == "diverged") | (summary.get("regime") == "diverged")
         shown, dropped = summary[~gone], summary[gone]
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
-    groups = shown.groupby(others, dropna=False) if others else [(None, shown)]
-    for ax, col, metric in zip(axes[0], cols, metrics):
-        for key, g in groups:
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 2.5), squeeze=False)
+    groups = list(shown.groupby(others, dropna=False)) if others else [(None, shown)]
+    handles, unfinished = {}, False
+    for ax, (col, metric) in zip(axes[0], pairs):
+        for i, (key, g) in enumerate(groups):
             g = g.dropna(subset=[param]).sort_values(param)
-            y = g[col] if col in g else pd.Series(np.nan, index=g.index)
-            ax.plot(g[param], y, "o-", label=None if key is None else _combo_label(others, key))
+            y = pd.to_numeric(g[col], errors="coerce")
+            if not np.isfinite(y).any():
+                continue  # no legend entry without data
+            colour, marker = f"C{i % COLOURS}", MARKERS[i // COLOURS % len(MARKERS)]
+            ax.plot(g[param], y, "-", color=colour)
+            done = _finished(g).to_numpy()
+            ax.plot(g[param][done], y[done], marker, color=colour, ls="")
+            if (~done).any():
+                unfinished = True
+                ax.plot(g[param][~done], y[~done], marker, mfc="white", color=colour, ls="")
+            label = "all runs" if key is None else _combo_label(others, key)
+            handles.setdefault(label, matplotlib.lines.Line2D([], [], color=colour, marker=marker))
+        if reference is not None:
+            ax.axhline(reference[0], color="0.4", ls="--", lw=0.8)
+            handles.setdefault(reference[1], matplotlib.lines.Line2D([], [], color="0.4", ls="--", lw=0.8))
         _xscale(ax, param, summary[param].to_numpy(float))
+        _yscale(ax, metric, pd.to_numeric(shown[col], errors="coerce").to_numpy(float))
         ax.set_xlabel(SYMBOL.get(param, param))
         ax.set_ylabel(LABEL.get(metric, metric))
         if threshold is not None:
-            ax.set_title(f"first step with loss < {threshold:g}", fontsize=9)
-        if others:
-            ax.legend(fontsize=7)
+            ax.set_title(f"at the first step with loss < {threshold:g}")
+    if unfinished:
+        handles["open marker: run not finished"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o",
+                                                                          mfc="white", ls="")
     fig.tight_layout()
+    if len(handles) > 1 or others:
+        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5))
     if len(dropped):
         listed = "; ".join(_combo_label([param, *others], [r[param], *[r[o] for o in others]])
                            for _, r in dropped.iterrows())
         fig.text(0.01, -0.02, f"left out, diverged (no limit point): {listed}", fontsize=7,
                  va="top", wrap=True)
-    data = shown[[c for c in ("run_id", *others, param, *cols) if c in shown]]
+    cols = [c for c, _ in pairs]
+    data = shown[[c for c in ("run_id", *others, param, "state", *cols) if c in shown]]
     return _save(fig, out, name or f"at_loss_{threshold:g}_vs_{param}", data)
 
 
@@ -117,11 +183,13 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     combos = (list(curves[others].drop_duplicates().sort_values(others).itertuples(index=False, name=None))
               if others else [None])
     values = np.sort(curves[param].dropna().unique()) if param in curves else np.array([])
-    cmap = plt.get_cmap("viridis")
-    color = {v: cmap(i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
-    fig, axes = plt.subplots(len(combos), len(metrics), figsize=(4.4 * len(metrics), 2.5 * len(combos) + 0.8),
+    cmap = plt.get_cmap("viridis")  # up to 0.85: its last yellows vanish on white
+    color = {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
+    rows = len(combos)
+    fig, axes = plt.subplots(rows, len(metrics), figsize=(3.2 * len(metrics), min(1.9 * rows + 0.7, 11.0)),
                              squeeze=False, sharex=True, sharey="col")
     shown = curves[curves["metric"].isin([*metrics, "pert_norm_floor"])]
+    clipped = False
     for i, key in enumerate(combos):
         sel = shown
         for o, v in zip(others, np.atleast_1d(key) if key is not None else []):
@@ -129,14 +197,17 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
         for ax, metric in zip(axes[i], metrics):
             sub = sel[sel["metric"] == metric]
             for (_rid, v), g in sub.groupby(["run_id", param], dropna=False):
-                ax.plot(g["step"], g["value"], color=color.get(v, "gray"), lw=1)
+                ax.plot(g["step"], g["value"], color=color.get(v, "gray"), lw=0.8, rasterized=len(g) > 2000)
             floor = sel.loc[sel["metric"] == "pert_norm_floor", "value"]
             if metric == "pert_norm" and len(floor):
                 ax.axhline(float(floor.iloc[0]), color="gray", ls=":", lw=1)
             if metric in ("loss", "pert_norm", "l1_norm", "l2_norm") and (sub["value"] > 0).any():
                 ax.set_yscale("log")  # zeros are dropped
+                if metric == "loss" and (sub["value"] < LOSS_FLOOR).any():
+                    ax.set_ylim(bottom=LOSS_FLOOR)
+                    clipped = True
             if i == 0 or key is not None:
-                ax.set_title(_combo_label(others, key) if key is not None else "", fontsize=8)
+                ax.set_title(_combo_label(others, key) if key is not None else "")
             if i == len(combos) - 1:
                 ax.set_xlabel("step (full-batch epoch)")
         axes[i, 0].set_ylabel(LABEL.get(metrics[0], metrics[0]))
@@ -147,14 +218,20 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     if "pert_norm" in metrics and (shown["metric"] == "pert_norm_floor").any():
         handles.append(matplotlib.lines.Line2D([], [], color="gray", ls=":", lw=1))
         labels.append(r"floor $p\sqrt{\varepsilon}$")
+    if clipped:
+        handles.append(matplotlib.lines.Line2D([], [], ls=""))
+        labels.append(f"loss axis cut at {LOSS_FLOOR:g}")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False)
     cols = [c for c in ("run_id", *others, param, "step", "metric", "value") if c in shown]
     return _save(fig, out, name or f"curves_by_{param}", shown[cols])
 
 
 def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, thresholds,
-                params: list[str]) -> list[Path]:
+                params: list[str], style: str = "paper", limit_reference: float | None = None) -> list[Path]:
+    """Every figure of a sweep. `limit_reference`: the smallest one-norm a limit point can have
+    (the bilinear toy: 2 sqrt(y/x) on the hyperbola of minima), drawn in the limit figures."""
+    use_style(style)
     made = []
     for param in params:
         for t in thresholds:
@@ -163,6 +240,8 @@ def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, threshol
                                  name=f"max_test_acc_hill_vs_{param}")
         made += curves_figure(curves, param, out)
         if "limit_one_norm" in summary:  # few-parameter models (Figures 2-3): where the runs end
+            ref = (limit_reference, f"smallest one-norm of a minimum: {limit_reference:.4g}") if limit_reference \
+                else None
             made += threshold_figure(summary, param, None, out, metrics=("limit_one_norm",),
-                                     name=f"limit_one_norm_vs_{param}", without_diverged=True)
+                                     name=f"limit_one_norm_vs_{param}", without_diverged=True, reference=ref)
     return made

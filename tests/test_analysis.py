@@ -213,3 +213,57 @@ def test_real_run_through_analysis(cfg_factory, tmp_path):
     assert s["at_loss_1.9_test_acc"] == m.test_acc[first]  # the engine evaluated there
     assert s["run_id"] == run.id and s["state"] == "completed"
     assert list(m.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS
+
+
+def _summary_grid(test_set: bool) -> pd.DataFrame:
+    rows = []
+    for b in (0.5, 0.9, 0.95):
+        for r in (0.9, 0.99):
+            rows.append(dict(run_id=f"{b}-{r}", beta=b, rho=r, h=1e-3, state="completed",
+                             **{"at_loss_0.01_pert_norm": b * r * 10 ** (3 * b), "hill_height": b + r,
+                                "at_loss_0.01_test_acc": 0.95 + b / 100 if test_set else np.nan,
+                                "max_test_acc": 0.96 if test_set else np.nan}))
+    s = pd.DataFrame(rows)
+    s.loc[s.run_id == "0.9-0.99", "state"] = "running"
+    return s
+
+
+@pytest.mark.parametrize("test_set", [True, False])
+def test_sweep_figures_have_a_panel_per_metric_that_exists_and_mark_unfinished_runs(tmp_path, test_set, monkeypatch):
+    """No empty panels (a model without a test set has no test-accuracy panel), 0.5 in a beta grid
+    on the 1 - x axis with a label at each value, a run still running drawn with an open marker and
+    said in the legend, a metric spanning decades on a log axis; and no warning on the way."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from analysis import figures
+
+    made = {}
+    real = plt.subplots
+
+    def spy(*a, **k):
+        made["fig"], made["axes"] = real(*a, **k)
+        return made["fig"], made["axes"]
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    figures.use_style("paper")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = figures.threshold_figure(_summary_grid(test_set), "beta", 0.01, tmp_path)
+    axes = made["axes"][0]
+    assert len(axes) == (2 if test_set else 1) and paths[0].stat().st_size > 1000
+    ax = axes[0]
+    assert ax.get_xscale() == "function" and [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "0.9", "0.95"]
+    assert ax.get_yscale() == "log"  # 10^1.5 .. 10^2.85: decades
+    assert any(ln.get_markerfacecolor() == "white" for ln in ax.lines)
+    legend = [t.get_text() for t in made["fig"].legends[0].get_texts()]
+    assert "open marker: run not finished" in legend and r"$\rho$=0.9" in legend
+    if test_set:
+        lo, hi = axes[1].get_ylim()
+        assert hi - lo >= figures.ACC_SPAN  # 0.955-0.9595 alone would fill the axis
+    none = _summary_grid(False).drop(columns=["hill_height"])
+    assert figures.threshold_figure(none, "beta", None, tmp_path, metrics=("max_test_acc", "hill_height"),
+                                    name="nothing") == []  # no metric with data: no figure
+    with pytest.raises(SystemExit, match="--style poster: allowed values are paper, talk"):
+        figures.use_style("poster")
