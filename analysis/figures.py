@@ -227,6 +227,68 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     return _save(fig, out, name or f"curves_by_{param}", shown[cols])
 
 
+def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: float | None = None,
+                        name: str | None = None) -> list[Path]:
+    """The θ-plane of a two-parameter model (Figures 2-3): each run's path (θ_1, θ_2) from θ_0,
+    coloured by `param`, one panel per combination of the other swept hyperparameters, its end
+    point marked; with `minima` = c the hyperbola θ_1 θ_2 = c of the minima and its point of
+    smallest one-norm (√c, √c)."""
+    sel = curves[curves["metric"].isin(["theta_0", "theta_1"])]
+    if sel.empty:
+        return []
+    others = _others(curves, param)
+    combos = (list(sel[others].drop_duplicates().sort_values(others).itertuples(index=False, name=None))
+              if others else [None])
+    values = np.sort(sel[param].dropna().unique())
+    cmap = plt.get_cmap("viridis")
+    color = {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
+    ncol = min(3, len(combos))
+    nrow = -(-len(combos) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.4 * nrow + 0.6), squeeze=False, sharex=True,
+                             sharey=True)
+    wide = sel.pivot_table(index=["run_id", "step"], columns="metric", values="value").reset_index()
+    keys = sel.drop_duplicates("run_id").set_index("run_id")[[param, *others]]
+    box = []
+    for c in ("theta_0", "theta_1"):  # the paths' extent (and the minimal point), 5% around it
+        lo, hi = np.nanmin([wide[c].min(), np.sqrt(minima or 1)]), np.nanmax([wide[c].max(), np.sqrt(minima or 1)])
+        box.append((lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)))
+    for ax, key in zip(axes.flat, combos):
+        for rid, g in wide.groupby("run_id"):
+            k = keys.loc[rid]
+            if key is not None and tuple(k[others]) != tuple(np.atleast_1d(key)):
+                continue
+            ax.plot(g["theta_0"], g["theta_1"], color=color.get(k[param], "gray"), lw=0.8)
+            ax.plot(g["theta_0"].iloc[-1], g["theta_1"].iloc[-1], "o", color=color.get(k[param], "gray"), ms=3)
+        if minima:  # both branches of the hyperbola, inside the box of the paths
+            x = np.linspace(*box[0], 400)
+            with np.errstate(divide="ignore"):
+                y = np.where(np.abs(x) > 1e-9, minima / x, np.nan)
+            y[(y < box[1][0]) | (y > box[1][1])] = np.nan
+            ax.plot(x, y, color="0.5", lw=0.8, ls="--", zorder=0)
+            ax.plot([np.sqrt(minima)], [np.sqrt(minima)], "x", color="black", ms=5)
+        ax.set_xlim(*box[0])
+        ax.set_ylim(*box[1])
+        ax.set_title(_combo_label(others, key) if key is not None else "")
+    for ax in axes.flat[len(combos):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(r"$\theta_1$")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(r"$\theta_2$")
+    handles = [matplotlib.lines.Line2D([], [], color=color[v]) for v in values]
+    labels = [f"{SYMBOL.get(param, param)}={v:g}" for v in values]
+    handles.append(matplotlib.lines.Line2D([], [], color="black", marker="o", ls="", ms=3))
+    labels.append("last iterate")
+    if minima:
+        handles += [matplotlib.lines.Line2D([], [], color="0.5", ls="--"),
+                    matplotlib.lines.Line2D([], [], color="black", marker="x", ls="")]
+        labels += [rf"minima $\theta_1\theta_2={minima:g}$", r"smallest $|\theta|_1$ among them"]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False)
+    cols = [c for c in ("run_id", *others, param, "step", "metric", "value") if c in sel]
+    return _save(fig, out, name or f"trajectories_by_{param}", sel[cols])
+
+
 def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, thresholds,
                 params: list[str], style: str = "paper", limit_reference: float | None = None) -> list[Path]:
     """Every figure of a sweep. `limit_reference`: the smallest one-norm a limit point can have
@@ -244,4 +306,5 @@ def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, threshol
                 else None
             made += threshold_figure(summary, param, None, out, metrics=("limit_one_norm",),
                                      name=f"limit_one_norm_vs_{param}", without_diverged=True, reference=ref)
+            made += trajectories_figure(curves, param, out, (limit_reference / 2) ** 2 if limit_reference else None)
     return made

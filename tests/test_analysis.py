@@ -267,3 +267,22 @@ def test_sweep_figures_have_a_panel_per_metric_that_exists_and_mark_unfinished_r
                                     name="nothing") == []  # no metric with data: no figure
     with pytest.raises(SystemExit, match="--style poster: allowed values are paper, talk"):
         figures.use_style("poster")
+
+
+def test_a_two_parameter_sweep_gets_its_theta_plane(tmp_path):
+    """The toy's picture (Figures 2-3): each run's path in the θ-plane, the hyperbola of minima
+    and its point of smallest one-norm inside the paths' box (not a hyperbola that runs off to
+    θ_2 = 750 and flattens the paths)."""
+    theta = dict(theta_0=np.linspace(2.8, 0.8, 40), theta_1=np.linspace(3.5, 0.95, 40))
+    for i, b in enumerate((0.5, 0.9)):
+        write_run(tmp_path, f"t{i}", np.geomspace(2, 1e-6, 40), beta=b, extra=theta)
+    paths = analyze(tmp_path, figures=False)
+    from analysis import figures
+
+    figures.use_style("paper")
+    made = figures.trajectories_figure(pd.read_csv(paths["curves"]), "beta", tmp_path / "fig", minima=0.75)
+    assert [p.suffix for p in made] == [".png", ".pdf", ".csv"] and made[0].stat().st_size > 1000
+    drawn = pd.read_csv(made[2])
+    assert set(drawn.metric) == {"theta_0", "theta_1"} and drawn.run_id.nunique() == 2
+    assert figures.trajectories_figure(pd.read_csv(paths["curves"]).query("metric == 'loss'"), "beta",
+                                       tmp_path / "none") == []  # no θ recorded: no figure
