@@ -39,6 +39,10 @@ FINISHED_STATES = ("completed", "diverged")
 COLOURS, MARKERS = 7, ("o", "s", "^", "D")  # the style's palette; more lines change marker
 
 
+SCALE = {"paper": 1.0, "talk": 1.6}  # figure sizes per style (the fonts are the style file's)
+_scale = [1.0]
+
+
 def use_style(name: str = "paper") -> None:
     """Every figure's look, from analysis/styles/<name>.mplstyle (paper: single-column sizes and
     fonts, a colour-blind-safe palette; talk: larger)."""
@@ -47,6 +51,11 @@ def use_style(name: str = "paper") -> None:
         raise SystemExit(f"error: --style {name}: allowed values are "
                          f"{', '.join(sorted(s.stem for s in STYLES.glob('*.mplstyle')))}")
     plt.style.use(str(path))
+    _scale[0] = SCALE.get(name, 1.0)
+
+
+def _size(width: float, height: float) -> tuple[float, float]:
+    return width * _scale[0], height * _scale[0]
 
 
 def _save(fig, out: Path, name: str, data: pd.DataFrame) -> list[Path]:
@@ -131,7 +140,7 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
     if without_diverged:
         gone = (summary.get("state") == "diverged") | (summary.get("regime") == "diverged")
         shown, dropped = summary[~gone], summary[gone]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=_size(3.2 * len(pairs), 2.5), squeeze=False)
     groups = list(shown.groupby(others, dropna=False)) if others else [(None, shown)]
     handles, unfinished = {}, False
     for ax, (col, metric) in zip(axes[0], pairs):
@@ -171,6 +180,8 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
                  va="top", wrap=True)
     cols = [c for c, _ in pairs]
     data = shown[[c for c in ("run_id", *others, param, "state", *cols) if c in shown]]
+    if reference is not None:  # analysis.redraw draws it again from the CSV
+        data = data.assign(reference_one_norm=reference[0])
     return _save(fig, out, name or f"at_loss_{threshold:g}_vs_{param}", data)
 
 
@@ -186,7 +197,7 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     cmap = plt.get_cmap("viridis")  # up to 0.85: its last yellows vanish on white
     color = {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
     rows = len(combos)
-    fig, axes = plt.subplots(rows, len(metrics), figsize=(3.2 * len(metrics), min(1.9 * rows + 0.7, 11.0)),
+    fig, axes = plt.subplots(rows, len(metrics), figsize=_size(3.2 * len(metrics), min(1.9 * rows + 0.7, 11.0)),
                              squeeze=False, sharex=True, sharey="col")
     shown = curves[curves["metric"].isin([*metrics, "pert_norm_floor"])]
     clipped = False
@@ -244,7 +255,7 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
     color = {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
     ncol = min(3, len(combos))
     nrow = -(-len(combos) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.4 * nrow + 0.6), squeeze=False, sharex=True,
+    fig, axes = plt.subplots(nrow, ncol, figsize=_size(2.6 * ncol, 2.4 * nrow + 0.6), squeeze=False, sharex=True,
                              sharey=True)
     wide = sel.pivot_table(index=["run_id", "step"], columns="metric", values="value").reset_index()
     keys = sel.drop_duplicates("run_id").set_index("run_id")[[param, *others]]
@@ -286,7 +297,7 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False)
     cols = [c for c in ("run_id", *others, param, "step", "metric", "value") if c in sel]
-    return _save(fig, out, name or f"trajectories_by_{param}", sel[cols])
+    return _save(fig, out, name or f"trajectories_by_{param}", sel[cols].assign(minima=minima))
 
 
 def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, thresholds,

@@ -21,12 +21,12 @@ ID = {}  # label of a hand-written run -> its run id (the hash of its config, as
 
 
 def write_run(root, label, loss, pert=None, state="completed", test_acc=None, beta=0.9, rho=0.999,
-              floor=0.5, extra=None):
+              floor=0.5, extra=None, data=None):
     """A run directory written by hand, named by the hash of its config (`label` is a config key
     too, so runs with equal hyperparameters are distinct runs); ID[label] is its run id."""
     n = len(loss)
     cfg = dict(optim=dict(name="adam", h=1e-4, beta=beta, rho=rho, eps=1e-8), model=dict(name="cnn"),
-               data=dict(name="synthetic"), seed=0, train=dict(max_steps=n - 1), label=label)
+               data=data or dict(name="synthetic"), seed=0, train=dict(max_steps=n - 1), label=label)
     rid = ID[label] = run_id(OmegaConf.create(cfg))
     d = root / rid
     d.mkdir(parents=True)
@@ -286,3 +286,24 @@ def test_a_two_parameter_sweep_gets_its_theta_plane(tmp_path):
     assert set(drawn.metric) == {"theta_0", "theta_1"} and drawn.run_id.nunique() == 2
     assert figures.trajectories_figure(pd.read_csv(paths["curves"]).query("metric == 'loss'"), "beta",
                                        tmp_path / "none") == []  # no θ recorded: no figure
+
+
+def test_redraw_draws_every_figure_again_from_its_csv(tmp_path, capsys):
+    """`python -m analysis.redraw <figure>.csv`: each figure again from the CSV beside it, without
+    the runs (the CSV itself unchanged), in another style; anything else is one line, exit 2."""
+    from analysis.redraw import main as redraw_main
+
+    theta = dict(theta_0=np.linspace(2.8, 0.8, 30), theta_1=np.linspace(3.5, 0.95, 30))
+    for i, b in enumerate((0.5, 0.9, 0.95)):
+        write_run(tmp_path / "runs", f"r{i}", np.geomspace(2, 1e-5, 30), beta=b, extra=theta,
+                  data=dict(name="bilinear", x=2.0, y=1.5))
+    paths = analyze(tmp_path / "runs", tmp_path / "a")
+    csvs = sorted(p for p in paths["figures"] if p.suffix == ".csv")
+    assert {p.stem.split("_by_")[0].split("_vs_")[0] for p in csvs} >= {"curves", "trajectories", "limit_one_norm"}
+    before = {p: p.read_text() for p in csvs}
+    assert redraw_main([*map(str, csvs), "--style", "talk", "--out", str(tmp_path / "again")]) == 0
+    for p in csvs:
+        assert (tmp_path / "again" / f"{p.stem}.png").stat().st_size > 1000
+        assert p.read_text() == before[p]
+    assert redraw_main([str(paths["summary"])]) == 2
+    assert "not a figure's CSV" in capsys.readouterr().err

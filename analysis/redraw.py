@@ -1,0 +1,82 @@
+"""Draw a sweep figure again from the CSV saved beside it, in seconds, without the runs:
+
+    python -m analysis.redraw sweeps/digits/analysis/at_loss_0.01_vs_beta.csv --style talk
+    python -m analysis.redraw sweeps/toy/analysis/curves_by_rho.csv --out slides/
+
+The figure is known by the CSV's name (`at_loss_<T>_vs_<param>`, `max_test_acc_hill_vs_<param>`,
+`limit_one_norm_vs_<param>`, `curves_by_<param>`, `trajectories_by_<param>`), as `python -m
+analysis` wrote it; the PNG and PDF are written beside the CSV (or into `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures
+
+KINDS = (r"at_loss_(?P<t>[^_]+)_vs_(?P<param>\w+)", r"max_test_acc_hill_vs_(?P<param>\w+)",
+         r"limit_one_norm_vs_(?P<param>\w+)", r"curves_by_(?P<param>\w+)", r"trajectories_by_(?P<param>\w+)")
+
+
+class RedrawError(ValueError):
+    """A file that is not a figure's CSV: one line naming it."""
+
+
+def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Path]:
+    csv = Path(csv)
+    name = csv.stem
+    match = next(((i, m) for i, k in enumerate(KINDS) if (m := re.fullmatch(k, name))), None)
+    if match is None:
+        raise RedrawError(f"{csv}: not a figure's CSV of python -m analysis (names: at_loss_<T>_vs_<param>, "
+                         "max_test_acc_hill_vs_<param>, limit_one_norm_vs_<param>, curves_by_<param>, "
+                         "trajectories_by_<param>)")
+    try:
+        data = pd.read_csv(csv)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise RedrawError(f"{csv}: not a readable CSV ({str(e).splitlines()[0][:100]})") from None
+    kind, m = match
+    param = m.group("param")
+    if param not in data:
+        raise RedrawError(f"{csv}: no column {param}, the figure's x axis")
+    figures.use_style(style)
+    out = Path(out) if out else csv.parent
+    if kind == 0:
+        return figures.threshold_figure(data, param, float(m.group("t")), out, name=name)
+    if kind == 1:
+        return figures.threshold_figure(data, param, None, out, metrics=("max_test_acc", "hill_height"), name=name)
+    if kind == 2:
+        ref = data["reference_one_norm"].dropna() if "reference_one_norm" in data else pd.Series(dtype=float)
+        reference = (float(ref.iloc[0]), f"smallest one-norm of a minimum: {float(ref.iloc[0]):.4g}") if len(ref) \
+            else None
+        return figures.threshold_figure(data, param, None, out, metrics=("limit_one_norm",), name=name,
+                                        reference=reference)
+    if kind == 3:
+        return figures.curves_figure(data, param, out, name=name)
+    minima = data["minima"].dropna() if "minima" in data else pd.Series(dtype=float)
+    return figures.trajectories_figure(data, param, out, float(minima.iloc[0]) if len(minima) else None, name=name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.redraw", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", nargs="+", help="figure CSVs written by python -m analysis")
+    ap.add_argument("--style", default="paper", help="paper or talk")
+    ap.add_argument("--out", default=None, help="folder for the PNG and PDF (default: beside the CSV)")
+    a = ap.parse_args(argv)
+    for csv in a.csv:
+        try:
+            made = redraw(Path(csv), a.out, a.style)
+        except RedrawError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {', '.join(str(p) for p in made if p.suffix != '.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
