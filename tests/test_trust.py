@@ -492,13 +492,21 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
 
 @pytest.mark.slow
 def test_a_sweep_shows_each_runs_real_reason(tmp_path):
-    extra = [f"data.root={tmp_path}/nowhere", "data.download=false", "train.max_steps=2", "optim.beta=0.9",
+    """A run that fails where the planner cannot see it (its CIFAR file is there, readable, but
+    damaged: the planner checks presence, the run reads it) ends with its own one-line reason on
+    the sweep's screen, not a log path."""
+    from pipeline.engine.data import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "cifar", "cifar10")
+    batch = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:100])  # torn: present and readable, not a CIFAR batch
+    extra = [f"data.root={tmp_path}/cifar", "data.download=false", "train.max_steps=2", "optim.beta=0.9",
              "optim.rho=0.99"]
     for launcher in ("local", "basic"):
         r = sweep_cli(tmp_path, "run", "quick", "--launcher", launcher, extra=extra)
         assert r.returncode == 1, r.stderr
         shown = r.stdout + r.stderr
-        assert f"pending (data.root={tmp_path}/nowhere: " in shown and "make data" in shown, shown
+        assert f"pending (data.root={tmp_path}/cifar: " in shown and "make data" in shown, shown
         assert "_log.out" not in shown  # the reason, not a log path
     folder = tmp_path / "sweeps" / "quick" / ".submitit"
     assert oct(folder.stat().st_mode & 0o777) == "0o700"  # submitit's pickles: this user's alone
