@@ -22,6 +22,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.runs.rundir import FINISHED  # noqa: E402
+
 SYMBOL = {"beta": r"$\beta$", "rho": r"$\rho$", "h": r"$h$", "eps": r"$\varepsilon$"}
 LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "training loss",
          "test_acc": "test accuracy", "acc": "training accuracy", "l1_norm": r"$\|\nabla E\|_1$",
@@ -35,7 +37,6 @@ STYLES = Path(__file__).parent / "styles"
 LOG_SPAN = 20.0  # a positive metric whose values span more than this factor is drawn on a log axis
 LOSS_FLOOR = 1e-16  # a loss axis stops here (fp64 runs reach 1e-33: nothing to see below)
 ACC_SPAN = 0.02  # an accuracy axis spans at least 2 points: a few test images are not a trend
-FINISHED_STATES = ("completed", "diverged")
 COLOURS, MARKERS = 7, ("o", "s", "^", "D")  # the style's palette; more lines change marker
 
 
@@ -119,7 +120,7 @@ def _yscale(ax, metric: str, y: np.ndarray) -> None:
 
 
 def _finished(frame: pd.DataFrame) -> pd.Series:
-    return frame["state"].isin(FINISHED_STATES) if "state" in frame else pd.Series(True, index=frame.index)
+    return frame["state"].isin(FINISHED) if "state" in frame else pd.Series(True, index=frame.index)
 
 
 def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None, out: Path,

@@ -38,7 +38,7 @@ import submitit
 
 from .. import faults, threads
 from ..config.compose import CONF_DIR, Composer
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..runs import lease
 from ..runs.files import private_folder, read_json_object
 from ..runs.integrity import check
@@ -334,7 +334,7 @@ def _fetch_data(plan: Plan, dry: bool) -> None:
                   if download else f"warning: {why}", file=sys.stderr)
             continue
         if download:
-            from ..engine.data import DataError, fetch_cifar
+            from ..engine.data import fetch_cifar  # torch: only when there is something to fetch
 
             print(f"downloading {name} into {root} (data.download=true) ...", flush=True)
             try:

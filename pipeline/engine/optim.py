@@ -155,9 +155,11 @@ def _no_dynamo_import_at_first_use() -> None:
             setattr(inner, "__dynamo_disable", inner)
 
 
+_no_dynamo_import_at_first_use()  # once, at import
+
+
 def build_optimizer(params, cfg) -> Optimizer:
     """Build from the `optim` config group (name plus the keys each class takes)."""
-    _no_dynamo_import_at_first_use()
     cls = OPTIMIZERS[cfg.name]
     keys = cls.__init__.__code__.co_varnames[2:cls.__init__.__code__.co_argcount]
     return cls(params, **{k: cfg[k] for k in keys if k in cfg})
