@@ -11,6 +11,7 @@ import os
 import torch
 
 from .. import threads
+from .heap import keep_freed_memory
 
 
 @contextlib.contextmanager
@@ -21,6 +22,7 @@ def numerics(cfg):
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    keep_freed_memory()  # reuse the step's freed activations instead of faulting them in anew (engine/heap.py)
     before = torch.get_num_threads()
     torch.set_num_threads(threads.budget(cfg.train.get("threads"))[0])  # logged by the loop, in the run's log
     # tf32: TF32 in matmuls and convolutions; torch_default: PyTorch's defaults, what the

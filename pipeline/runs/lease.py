@@ -131,6 +131,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread = None
         self.record = None
+        self._seen = None  # (inode, size, mtime, ctime) of lease.json when last read and found ours
 
     def __enter__(self):
         self.acquire()
@@ -219,10 +220,22 @@ class Lease:
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
-    def _still_mine(self) -> bool:
-        rec = read_file(self.path / RECORD)
-        return bool(rec) and rec.get("token") == self.record["token"] and \
+    def _still_mine(self, cached: bool = False) -> bool:
+        """Whether lease.json is our record (its token, pid, host). `cached`: when the file is
+        the one we last read and found ours -- the same inode, size, mtime and ctime (a take-over
+        links a new file; any write or touch changes ctime) -- without reading it again: the
+        fence of every write (pipeline/runs/rundir.py) then costs one stat."""
+        path = self.path / RECORD
+        if cached:
+            st = os.stat(path)
+            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._seen:
+                return True
+        st = os.stat(path) if cached else None
+        rec = read_file(path)
+        mine = bool(rec) and rec.get("token") == self.record["token"] and \
             rec.get("pid") == self.record["pid"] and rec.get("host") == self.record["host"]
+        self._seen = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if mine and st else None
+        return mine
 
     def check(self) -> None:
         """Raise LeaseLost unless this process still holds the lease: every write to the run
@@ -230,7 +243,7 @@ class Lease:
         if self.fd is None:
             raise LeaseLost(f"run {self.path.name}: this process no longer holds the lease (released)")
         try:
-            mine = not self.lost and self._still_mine()
+            mine = not self.lost and self._still_mine(cached=True)
         except OSError:  # the record cannot be read: not ours to write on
             mine = False
         if not mine:
