@@ -188,3 +188,29 @@ def test_a_real_process_exits_2_with_one_line(broken, overrides):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert not (broken / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["sweep=toy", "optim.h=1e-2", "optim.beta=0.9"],
+    ["model=mlp", "data=digits", "optim.eps=1e-6", "train.max_steps=7", "train.loss_thresholds=[0.5,0.1]"],
+    ["sweep=fig4", "model.bn_group=500", "optim.rho=0.999", "paths.runs=/x"],
+    ["optim=rmsprop", "optim.rho=0.5", "seed=3"],
+    ["+note=hello", "optim.h=1", "train.stop_loss=null"],
+    ["sweep=digits", "optim=gd", "optim.h=0.1"],
+])
+def test_a_grid_point_composed_by_its_values_is_the_config_hydra_composes(overrides):
+    """The planner's shortcut (config groups composed once, values applied by Hydra's own step)
+    gives exactly Hydra's full composition: the same keys, values, types and struct flag."""
+    from omegaconf import OmegaConf, open_dict
+
+    from pipeline.config.compose import Composer
+
+    with Composer() as c:
+        c.compose(["sweep=toy"])  # a cache with something else in it first
+        fast = c.compose(overrides)
+        full = c.compose(overrides, hydra=True)
+    with open_dict(full):
+        del full["hydra"]
+    assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(full)
+    assert OmegaConf.is_struct(fast) == OmegaConf.is_struct(full)
+    assert [type(fast.optim[k]) for k in fast.optim] == [type(full.optim[k]) for k in full.optim]

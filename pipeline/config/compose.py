@@ -10,11 +10,13 @@ the nearest one).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -88,7 +90,11 @@ class Composer:
     # -- composition ---------------------------------------------------------------------------
     def compose(self, overrides: list[str], hydra: bool = False) -> DictConfig:
         """The job's config for `overrides` (without the `hydra` node unless `hydra`)."""
-        self.parse(overrides)  # a syntax error names its override
+        parsed = self.parse(overrides)  # a syntax error names its override
+        if not hydra:
+            cfg = self._by_values(parsed)
+            if cfg is not None:
+                return cfg
         try:
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides),
                                 return_hydra_config=hydra)
@@ -99,6 +105,37 @@ class Composer:
         if not hydra and "hydra" in cfg:
             with open_dict(cfg):
                 del cfg["hydra"]
+        return cfg
+
+    def _by_values(self, parsed) -> DictConfig | None:
+        """The grid's shortcut: the points of a sweep differ in plain values (`optim.h=1e-3`), so
+        the config of the other overrides (config groups, `+`/`~`, the preset) is composed by
+        Hydra once and the values are applied to a copy of it by Hydra's own step for them
+        (ConfigLoaderImpl._apply_overrides_to_config, what compose runs after the defaults
+        list): the same config, about 100 ms less per point. None (compose in full, which also
+        words any error) when a value does not apply cleanly."""
+        repo = GlobalHydra.instance().config_loader().repository
+        values, others = [], []
+        for o in parsed:
+            plain = not (o.is_sweep_override() or o.is_hydra_override() or o.is_add() or o.is_delete()
+                         or o.is_force_add() or o.package is not None)
+            key = o.key_or_group
+            plain = plain and not (repo.group_exists(key) or repo.group_exists(key.replace(".", "/")))
+            (values if plain else others).append(o)
+        cache = self.__dict__.setdefault("_composed", {})
+        base_key = tuple(o.input_line for o in others)
+        if base_key not in cache:
+            try:
+                cache[base_key] = self.compose(list(base_key), hydra=True)
+            except ConfigError:
+                return None
+            with open_dict(cache[base_key]):
+                del cache[base_key]["hydra"]
+        cfg = copy.deepcopy(cache[base_key])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except Exception:
+            return None
         return cfg
 
     @staticmethod
