@@ -12,6 +12,7 @@ WATCH ?=
 JOBS ?= 2
 GPUS ?=
 TASKS ?=
+PACK ?= auto
 PROFILE ?=
 DATA_ROOT ?= data
 RUNS ?=
@@ -25,7 +26,7 @@ ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> RUNS=<runs root> SWEEPS=<sweeps root>"
+	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> PACK=auto|<runs per process> RUNS=<runs root> SWEEPS=<sweeps root>"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +42,7 @@ WHERE = $(PY) -m pipeline.dispatch.sweep where "$(SWEEP)"
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only
 	$(PY) -m pipeline.dispatch.sweep run "$(SWEEP)" --launcher "$(LAUNCHER)" --jobs "$(JOBS)" --profile "$(PROFILE)" \
-		--retry "$(RETRY)" --dry "$(DRY)" --gpus "$(GPUS)" --tasks "$(TASKS)" -- $(PATHS) $(EXTRA)
+		--retry "$(RETRY)" --dry "$(DRY)" --gpus "$(GPUS)" --tasks "$(TASKS)" --pack "$(PACK)" -- $(PATHS) $(EXTRA)
 
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, loss, perturbed norm, test accuracy, job (WATCH=10: again until done)
 	$(PY) -m pipeline.dispatch.sweep status "$(SWEEP)" --watch "$(WATCH)" -- $(PATHS) $(EXTRA)

@@ -56,7 +56,7 @@ def run_log(run: RunDir):
     opened at the first line, so a process that is refused writes nothing, and none once this
     process has lost the run's lease)."""
     handler = logging.FileHandler(run.log_file, delay=True)
-    handler.addFilter(lambda record: not run.lost)
+    handler.addFilter(lambda record: not run.lost and getattr(record, "run_id", run.id) == run.id)  # a pack: its lines
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     handler.setLevel(logging.INFO)
     top = logging.getLogger("pipeline")
@@ -130,7 +130,7 @@ def _precheck(run: RunDir, cfg) -> str | None:
     decision = decide(health, cfg.retry)
     if decision.launch:
         return None
-    log.info("run %s: skipped (%s)", run.id, decision.reason)
+    log.info("run %s: skipped (%s)", run.id, decision.reason, extra={"run_id": run.id})
     return health.state or "damaged"
 
 
@@ -144,14 +144,15 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_
     health = check(run)
     st = health.status
     decision = decide(health, cfg.retry)
+    tag = {"run_id": run.id}  # in a pack, the line goes to this run's train.log only
     if not decision.launch:
-        log.info("run %s: skipped (%s)", run.id, decision.reason)
+        log.info("run %s: skipped (%s)", run.id, decision.reason, extra=tag)
         return health.state or "damaged"
     if health.problems:
-        log.warning("run %s: %s", run.id, decision.reason)
+        log.warning("run %s: %s", run.id, decision.reason, extra=tag)
     stale = run.remove_stale_temps()
     if stale:
-        log.info("run %s: removed %d temporary files of interrupted writes", run.id, len(stale))
+        log.info("run %s: removed %d temporary files of interrupted writes", run.id, len(stale), extra=tag)
     if decision.action == "restart":
         run.remove_checkpoints()
     run.write_config(cfg)
@@ -160,6 +161,79 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_
                      started_at=time.time(), error=None,
                      **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))
     return None
+
+def train_pack(cfgs: list[DictConfig], launched_by: list[str] | None = None, outcomes: dict | None = None) -> dict:
+    """Train the runs of `cfgs` as one pack (pipeline/config/pack.py says which may; one line
+    and ConfigError otherwise): each is checked, leased, resumed and written as its own run;
+    `outcomes[i]` = (state, one-line error or None) of each run as it ends, also when an
+    exception ends the pack (then the runs still going are marked failed, or pending)."""
+    from .config.pack import problem
+
+    faults.arm()
+    outcomes = {} if outcomes is None else outcomes
+    for c in cfgs:
+        validate(c)
+    why = problem(cfgs)
+    if why:
+        raise ConfigError(f"PACK: {why}")
+    check_dir_writable("paths.runs", cfgs[0].paths.runs)
+    from .engine.data import load_dataset  # torch: only once the configs are known to be good
+    from .engine.numerics import numerics
+    from .engine.pack_loop import pack_loop
+
+    runs = [RunDir(c.paths.runs, run_id(c)) for c in cfgs]
+    with numerics(cfgs[0]) as (device, autocast):
+        go = [i for i in range(len(cfgs)) if not _skip(i, runs[i], cfgs[i], outcomes, _precheck)]
+        if not go:
+            return outcomes
+        data = load_dataset(cfgs[0].data, device)  # missing or damaged data: before any directory
+        with contextlib.ExitStack() as held:
+            owners = {}
+            for i in go:
+                owners[i] = Lease(runs[i].path, cfgs[i].lease.timeout_s, cfgs[i].lease.heartbeat_s,
+                                  cfgs[i].lease.get("host"))
+                _skip(i, runs[i], cfgs[i], outcomes, lambda r, c, i=i: _begin(r, c, owners[i], held, launched_by))
+            go = [i for i in go if i not in outcomes]
+            if not go:
+                return outcomes
+            mine: dict = {}
+            try:
+                pack_loop([cfgs[i] for i in go], [runs[i] for i in go], data, device, autocast,
+                          [owners[i] for i in go], mine)
+            except BaseException as e:
+                _mark_unfinished(e, [(runs[i], mine.get(j)) for j, i in enumerate(go)])
+                raise
+            finally:
+                outcomes.update({go[j]: v for j, v in mine.items()})
+    return outcomes
+
+
+def _skip(i: int, run: RunDir, cfg, outcomes: dict, decide_fn) -> bool:
+    """`decide_fn(run, cfg)` (precheck or begin) for run i of a pack; its state into outcomes
+    when there is nothing to do (another process holds it: `live`)."""
+    try:
+        skipped = decide_fn(run, cfg)
+    except LeaseHeld as e:
+        log.warning("%s", e)
+        outcomes[i] = ("live", None)
+        return True
+    if skipped:
+        outcomes[i] = (skipped, None)
+    return bool(skipped)
+
+
+def _mark_unfinished(e: BaseException, runs) -> None:
+    """An exception ended the pack: the runs it had not finished are failed (a crash), pending
+    (a full disk, preemption, Ctrl-C, kill) or untouched (fenced: another process's)."""
+    for run, ended in runs:
+        if ended is not None or run.lost:
+            continue
+        if isinstance(e, Exception) and not isinstance(e, (DiskFull, LeaseLost)):
+            with contextlib.suppress(Exception):
+                run.write_status(state="failed", error=f"{type(e).__name__}: {e}")
+        else:
+            _mark_pending(run)
+
 
 class TrainJob:
     """What a sweep submits: `train(cfg)` in the job's process. On Slurm's warning signal the
@@ -212,6 +286,39 @@ class TrainJob:
             raise
         self._say(result, None)
         return result
+
+
+class PackJob(TrainJob):
+    """What a sweep submits for a pack (`make sweep PACK=K`): `train_pack(cfgs)` in the job's
+    process; `outcomes` holds each run's outcome file (in the order of `cfgs`), written as
+    TrainJob writes one."""
+
+    def __init__(self, outcomes: list[str], launched_by: list[str] | None = None):
+        super().__init__(None, launched_by)
+        self.outcomes = outcomes
+
+    def _say_each(self, ended: dict, n: int, result: str | None, error: str | None) -> None:
+        for i in range(n):
+            self.outcome = self.outcomes[i]
+            self._say(*ended.get(i, (result, error)))
+
+    def __call__(self, cfgs: list[DictConfig]) -> dict:
+        ended: dict = {}
+        try:
+            train_pack(cfgs, self.launched_by, ended)
+        except (ConfigError, DataError) as e:
+            self._say_each(ended, len(cfgs), None, str(e))
+            raise
+        except DiskFull as e:
+            self._say_each(ended, len(cfgs), "pending", f"{e}; the run resumes from its last checkpoint once "
+                                                        "there is room")
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            self._say_each(ended, len(cfgs), "failed", f"{type(e).__name__}: {first}")
+            raise
+        self._say_each(ended, len(cfgs), None, None)
+        return ended
 
 
 def _exit(code: int, message) -> None:

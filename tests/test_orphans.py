@@ -72,3 +72,15 @@ def test_jobs_are_found_by_the_marker_in_their_comment(monkeypatch):
     monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: R())
     jobs, err = slurm.jobs_with_comment("adam-intent:aaa")
     assert err is None and jobs == {"12_3": "PENDING", "12_4": "PENDING", "12_1": "RUNNING"}
+
+
+def test_the_jobs_of_an_interrupted_packed_submission_are_adopted_by_every_run_of_their_pack(tmp_path, monkeypatch):
+    """PACK=: array task i trains the i-th pack; each run of it gets the task's job."""
+    sweep = tmp_path / "sweeps" / "grid"
+    runs = _runs(tmp_path, 5)
+    orphans.write_intent(sweep, [[runs[0], runs[1], runs[2]], runs[3], [runs[4]]], "default", "grid")
+    monkeypatch.setattr(slurm, "jobs_with_comment", lambda marker: ({"78_0": "RUNNING", "78_1": "PENDING",
+                                                                     "78_2": "PENDING"}, None))
+    orphans.adopt(sweep)
+    assert [r.job()["job_id"] for r in runs] == ["78_0", "78_0", "78_0", "78_1", "78_2"]
+    assert orphans.intents(sweep) == []

@@ -137,8 +137,9 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "sweep synthetic: 4 runs, 4 to launch, 0 skipped" in lines[0]
-    assert lines[1].split() == ["run_id", "point", "action"]
-    assert all(ln.split()[-1] == "launch" for ln in lines[2:6]) and "dry run" in lines[6]
+    assert lines[1].startswith("  PACK=auto: 4 runs in 1 pack of 4 (each pack trains its runs together")
+    assert lines[2].split() == ["run_id", "point", "action"]
+    assert all(ln.split()[-1] == "launch" for ln in lines[3:7]) and "dry run" in lines[7]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
 
 
@@ -147,7 +148,7 @@ def test_a_live_run_is_reported_and_never_submitted_again(tmp_path):
     """A run whose lease is held (here by a process on another node, heartbeat fresh) is live:
     the sweep reports it and launches the others only."""
     plan = make("sweep", tmp_path, "synthetic", "basic", FAST, 0, 600, "DRY=1")
-    live_id = plan.stdout.splitlines()[2].split()[0]
+    live_id = plan.stdout.splitlines()[3].split()[0]
     run = tmp_path / "runs" / live_id
     run.mkdir(parents=True)
     (run / "lease.json").write_text(json.dumps(dict(host="node-elsewhere", pid=4242, slurm_job="77_1",
@@ -190,15 +191,19 @@ def test_run_ids_of_existing_presets_never_change():
     tests/data/preset_run_ids.json. BatchNorm presets kept theirs through every change; the
     presets without BatchNorm changed once, when the micro-batch left the id (make migrate)."""
     from pipeline.config.compose import Composer
+    from pipeline.dispatch.sweep import presets
     from pipeline.runs.ids import run_id
 
     golden = json.loads((ROOT / "tests" / "data" / "preset_run_ids.json").read_text())["ids"]
-    assert len(golden) == 65
+    assert len(golden) == 209
     with Composer() as c:
         for preset, point, old, now in golden:
             cfg = c.compose([f"sweep={preset}", *point.split()])
             assert run_id(cfg) == now, (preset, point)
-            assert (old == now) == (cfg.model.get("norm") == "bn" or preset == "digits"), (preset, point)
+            if old is not None:  # presets added since (regime) have no earlier id
+                assert (old == now) == (cfg.model.get("norm") == "bn" or preset == "digits"), (preset, point)
+        every = {run_id(c.compose(point)) for name in presets() for point in c.grid([f"sweep={name}"])}
+    assert every == {now for _, _, _, now in golden}  # every point of every preset, a new one too
 
 
 def test_every_key_but_the_non_semantic_ones_changes_the_run_id():

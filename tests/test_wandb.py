@@ -207,3 +207,24 @@ def test_threshold_summary_in_wandb(cfg_factory, monkeypatch):
                 summary[item.key] = item.value_json
     assert int(summary["at_loss_1.9_step"]) == first
     assert float(summary["at_loss_1.9_pert_norm"]) == m.pert_norm[first]
+
+
+def test_each_point_of_a_pack_is_its_own_wandb_run(tmp_path, monkeypatch):
+    """Three points trained together in one process: three wandb runs, each with its run id,
+    config and every row of its own metrics.csv (wandb.init(reinit='create_new'))."""
+    from pipeline.train import train_pack
+    from tests.conftest import make_cfg
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = ["sweep=toy", "train.max_steps=40", "train.progress=none", "logger=wandb"]
+    cfgs = [make_cfg(base + [f"optim.beta={b}"], runs=tmp_path) for b in (0.5, 0.9, 0.95)]
+    assert all(v[0] == "completed" for v in train_pack(cfgs).values())
+    for c in cfgs:
+        run = RunDir(c.paths.runs, run_id(c))
+        files = find_run_files(run.path)
+        assert len(files) == 1
+        wb = read_finished_run(files[0])
+        assert wb["finished"] and wb["id"] == run.id and wb["config"]["optim"]["beta"] == c.optim.beta
+        m = pd.read_csv(run.metrics)
+        assert [h["_step"] for h in wb["history"]] == m.step.tolist()
+        assert [h["loss"] for h in wb["history"]] == m.loss.tolist()

@@ -34,10 +34,12 @@ def intents(sweep: Path) -> list[Path]:
     return sorted((Path(sweep) / FOLDER).glob("*.json"))
 
 
-def write_intent(sweep: Path, runs: list[RunDir], profile: str, job_name: str) -> dict:
-    """Record, durably, what is about to be submitted; the intent (with its marker's token)."""
+def write_intent(sweep: Path, runs: list, profile: str, job_name: str) -> dict:
+    """Record, durably, what is about to be submitted (array task i: runs[i], a RunDir or the
+    list of a pack's); the intent (with its marker's token)."""
     folder = private_folder(Path(sweep) / FOLDER)
-    intent = dict(token=secrets.token_hex(6), runs=[str(r.path) for r in runs], profile=profile,
+    paths = [[str(r.path) for r in u] if isinstance(u, list) else str(u.path) for u in runs]
+    intent = dict(token=secrets.token_hex(6), runs=paths, profile=profile,
                   job_name=job_name, created_at=time.time(), host=socket.gethostname(), pid=os.getpid())
     atomic_write_text(folder / f"{intent['token']}.json", json.dumps(intent, indent=1) + "\n")
     return intent
@@ -63,8 +65,10 @@ def adopt(sweep: Path) -> list[str]:
     for path in intents(sweep):
         intent, why = read_json_object(path, FIELDS)
         if intent is not None and not (intent.get("token") and intent.get("runs") is not None
-                                       and all(isinstance(r, str) for r in intent["runs"])):
-            intent, why = None, f"{path.name}: fields token and runs (a list of run folders) are required"
+                                       and all(isinstance(r, str) or isinstance(r, list)
+                                               and all(isinstance(x, str) for x in r) for r in intent["runs"])):
+            intent, why = None, (f"{path.name}: fields token and runs (a list of run folders, or of lists of them "
+                                 "for packs) are required")
         if intent is None:
             lines.append(f"warning: {path}: {why or 'empty'}; an interrupted submission's record cannot be read "
                          f"(check `squeue --me` for jobs of {Path(sweep).name} that no run knows; then remove it)")
@@ -80,10 +84,11 @@ def adopt(sweep: Path) -> list[str]:
                          "its runs are planned as usual")
             continue
         for job_id in jobs:
-            i = int(job_id.split("_")[1]) if "_" in job_id else 0  # array task i trains the i-th run
+            i = int(job_id.split("_")[1]) if "_" in job_id else 0  # array task i trains the i-th run (or pack)
             if i < len(intent["runs"]):
-                run = Path(intent["runs"][i])
-                RunDir(run.parent, run.name).write_job(handle(job_id, intent, sweep))
+                unit = intent["runs"][i]
+                for run in map(Path, unit if isinstance(unit, list) else [unit]):
+                    RunDir(run.parent, run.name).write_job(handle(job_id, intent, sweep))
         path.unlink(missing_ok=True)
         array = sorted(jobs)[0].split("_")[0]
         lines.append(f"note: adopted Slurm {'array' if len(jobs) > 1 else 'job'} {array} ({len(jobs)} queued or "

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ..catalog import missing_data
 from ..config.compose import Composer
+from ..config.pack import packs, refusal
 from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError
 from ..runs import lease
@@ -55,9 +56,27 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # damaged files that were read around
     earlier: list[dict] = field(default_factory=list)  # the points of the sweep's plan.json before this plan
 
+    grouped: list[list[Point]] | None = None  # set by `pack`
+
     @property
     def todo(self) -> list[Point]:
         return [p for p in self.points if p.decision.launch]
+
+    @property
+    def units(self) -> list[list[Point]]:
+        """What each job runs: one run, or a pack of runs trained in one process."""
+        return self.grouped if self.grouped is not None else [[p] for p in self.todo]
+
+    def pack(self, size: int | str, slots: int = 1) -> None:
+        """Group the runs to launch into packs of at most `size` (an integer, or 'auto' spread
+        over `slots` jobs at a time): pipeline/config/pack.py. A run that cannot pack with an
+        integer size > 1 is ConfigError, one line naming it and why."""
+        todo = self.todo
+        for p in todo if size not in (1, "auto") else ():
+            why = refusal(p.cfg)
+            if why:
+                raise ConfigError(f"PACK={size}: run {p.run.id} ({p.shown}): {why}")
+        self.grouped = [[todo[i] for i in g] for g in packs([p.cfg for p in todo], size, slots)]
 
     def missing_data(self) -> list[tuple[str, str, bool, str]]:
         """(dataset, root, data.download, why) for each dataset of the runs to launch that cannot

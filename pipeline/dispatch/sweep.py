@@ -44,7 +44,7 @@ from ..runs.files import private_folder, read_json_object
 from ..runs.integrity import check
 from ..runs.rundir import FINISHED, RunDir
 from ..threads import child_env
-from ..train import TrainJob
+from ..train import PackJob, TrainJob
 from . import orphans, slurm
 from .plan import Plan, make_plan, register, sweep_runs, table
 
@@ -102,28 +102,45 @@ def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
         extra["requeue"] = True  # where JobRequeue=0, a preempted or timed-out job could not come back
     ex = submitit.SlurmExecutor(folder=plan.folder / ".submitit" / "%j",
                                 max_num_timeout=prof.pop("max_num_timeout", 3))
-    todo = plan.todo
-    # -- no orphans: the intent (runs in order, a marker in the jobs' comment) is on disk before
-    # sbatch and resolved once every job.json is written; a crash in between is adopted later --
-    intent = orphans.write_intent(plan.folder, [p.run for p in todo], profile, plan.name)
+    units = plan.units
+    # -- no orphans: the intent (array task i: the i-th run, or pack of runs; a marker in the jobs'
+    # comment) is on disk before sbatch and resolved once every job.json is written; a crash in
+    # between is adopted later --
+    intent = orphans.write_intent(plan.folder, [[p.run for p in u] if len(u) > 1 else u[0].run for u in units],
+                                  profile, plan.name)
     comment = " ".join(filter(None, (str(prof.pop("comment", "") or ""), orphans.marker(intent["token"]))))
     ex.update_parameters(job_name=plan.name, additional_parameters=extra, comment=comment, **prof)
     try:
-        with ex.batch():
-            jobs = [ex.submit(TrainJob(launched_by=sys.argv), p.cfg) for p in todo]
+        with ex.batch():  # one array task per run, or per pack of runs
+            jobs = [ex.submit(*_job(plan, u, outcomes=False)) for u in units]
     except Exception as e:  # sbatch refused (it said so): nothing submitted, the runs stay "pending (no job)"
         orphans.resolve(plan.folder, intent)
         _fail(f"Slurm refused the submission ({type(e).__name__}: "
               f"{(str(e).strip().splitlines() or [''])[0][:300]}); nothing was submitted", 1)
     faults.point("sbatch.done")
-    for p, job in zip(todo, jobs):
-        p.run.write_job(dict(backend="slurm", job_id=job.job_id, sweep=plan.name, profile=profile,
-                             submitted_at=time.time(), log=str(job.paths.stderr)))
+    for u, job in zip(units, jobs):
+        for p in u:
+            p.run.write_job(dict(backend="slurm", job_id=job.job_id, sweep=plan.name, profile=profile,
+                                 submitted_at=time.time(), log=str(job.paths.stderr),
+                                 pack=len(u) if len(u) > 1 else None))
     orphans.resolve(plan.folder, intent)
     array = jobs[0].job_id.split("_")[0]
-    print(f"submitted {len(todo)} runs as Slurm {'array' if len(jobs) > 1 else 'job'} {array} "
+    packed = f" in {_n(len(units), 'pack')}" if len(units) < len(plan.todo) else ""
+    print(f"submitted {len(plan.todo)} runs{packed} as Slurm {'array' if len(jobs) > 1 else 'job'} {array} "
           f"(job name {plan.name}); `make status SWEEP={plan.name}` to follow")
     return 0
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'s' * (k != 1)}"
+
+
+def _job(plan: Plan, unit: list, outcomes: bool = True) -> tuple:
+    """(the callable, its argument) that a job runs: TrainJob for one run, PackJob for a pack."""
+    paths = [str(outcome_path(plan, p.run)) if outcomes else None for p in unit]
+    if len(unit) == 1:
+        return TrainJob(paths[0], sys.argv), unit[0].cfg
+    return PackJob(paths, sys.argv), [p.cfg for p in unit]
 
 
 # -- what became of a run: its run directory's status.json, and the job's own outcome.json ----------
@@ -213,9 +230,10 @@ def stop_local(jobs) -> None:
 
 
 def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
-    """JOBS runs at a time with submitit's LocalExecutor (each of `GPUS`/`TASKS` processes when
-    given): a line per run as it starts and as it ends (its state, or its one-line reason), and a
-    progress bar on a terminal. Ctrl-C stops them: they are pending and resume next time."""
+    """JOBS jobs at a time with submitit's LocalExecutor -- a job is one run, or a pack of runs
+    in one process (`PACK=`); each of `GPUS`/`TASKS` processes when given: a line per run as it
+    starts and as it ends (its state, or its one-line reason), and a progress bar on a terminal.
+    Ctrl-C stops them: they are pending and resume next time."""
     from tqdm import tqdm
 
     folder = private_folder(plan.folder / ".submitit")
@@ -227,43 +245,47 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
               sweep=plan.name)
     for p in plan.todo:  # waiting for a slot: `make status` says "queued (local)"
         p.run.write_job(dict(me, submitted_at=time.time(), queued=True))
-    pending, running, outcomes = list(plan.todo), [], Counter()
+    pending, running, outcomes = list(plan.units), [], Counter()
     tty = sys.stderr.isatty()
-    bar = tqdm(total=len(pending), desc=f"sweep {plan.name}", unit="run", disable=not tty)
+    bar = tqdm(total=len(plan.todo), desc=f"sweep {plan.name}", unit="run", disable=not tty)
     say = bar.write if tty else (lambda line: print(line, flush=True))
     procs = min(jobs, len(pending)) * (gpus or tasks or 1)
     share = threads.share(procs)  # pipeline/threads.py: never more threads than cores
-    say(f"  {min(jobs, len(pending))} runs at a time, {share} thread{'s' * (share > 1)} per process "
-        f"({threads.cores()} cores)")
+    packed = f" ({len(plan.todo)} runs in {_n(len(pending), 'pack')})" if len(pending) < len(plan.todo) else ""
+    say(f"  {min(jobs, len(pending))} {'jobs' if packed else 'runs'} at a time{packed}, {share} "
+        f"thread{'s' * (share > 1)} per process ({threads.cores()} cores)")
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                p = pending.pop(0)
-                out = outcome_path(plan, p.run)
+                unit = pending.pop(0)
                 t0 = time.time()
                 detached = _Detached(folder / "controllers.log", share)
                 with mock.patch.object(submitit.local.local, "subprocess", detached):
-                    job = ex.submit(TrainJob(str(out), sys.argv), p.cfg)
-                p.run.write_job(dict(me, job_id=job.job_id, submitted_at=t0, log=str(job.paths.stderr)))
-                running.append((p, job, t0))
-                say(f"  start {p.run.id} {_params(p)}")
+                    job = ex.submit(*_job(plan, unit))
+                for p in unit:
+                    p.run.write_job(dict(me, job_id=job.job_id, submitted_at=t0, log=str(job.paths.stderr),
+                                         pack=len(unit) if len(unit) > 1 else None))
+                    say(f"  start {p.run.id} {_params(p)}{f' (pack of {len(unit)})' if len(unit) > 1 else ''}")
+                running.append((unit, job, t0))
             time.sleep(0.2)
             for item in [r for r in running if r[1].done()]:
                 running.remove(item)
-                p, job, t0 = item
-                result, last = _outcome(p.run, outcome_path(plan, p.run), t0)
-                outcomes[result.split(" (")[0]] += 1
-                bar.update(1)
-                say(f"  end   {p.run.id} {_params(p)}: {result}"
-                    f"{f', loss {last:.4g}' if last is not None else ''}, {time.time() - t0:.0f} s")
+                unit, job, t0 = item
+                for p in unit:
+                    result, last = _outcome(p.run, outcome_path(plan, p.run), t0)
+                    outcomes[result.split(" (")[0]] += 1
+                    bar.update(1)
+                    say(f"  end   {p.run.id} {_params(p)}: {result}"
+                        f"{f', loss {last:.4g}' if last is not None else ''}, {time.time() - t0:.0f} s")
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted: stopping {len(running)} running runs ...", file=sys.stderr, flush=True)
+        stopped = [p for unit, _, _ in running for p in unit]
+        print(f"interrupted: stopping {len(stopped)} running runs ...", file=sys.stderr, flush=True)
         stop_local([job for _, job, _ in running])
-        for p, _, _ in running:
+        for p in stopped:
             p.run.write_job(dict(me, job_id=None, submitted_at=time.time(), stopped=True))
-        print(f"interrupted: {len(running)} runs stopped, {len(pending)} not started; they are pending "
-              "and resume at the next `make sweep`", file=sys.stderr)
+        print(f"interrupted: {len(stopped)} runs stopped, {sum(len(u) for u in pending)} not started; they are "
+              "pending and resume at the next `make sweep`", file=sys.stderr)
         return 130
     bar.close()
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
@@ -272,15 +294,16 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
 
 def run_basic(plan: Plan) -> int:
     outcomes = Counter()
-    for p in plan.todo:
-        out = outcome_path(plan, p.run)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(private_folder(plan.folder / ".submitit") / "outcomes")
+    for unit in plan.units:
         t0 = time.time()
+        job, arg = _job(plan, unit)
         with contextlib.suppress(Exception):  # one run's failure does not stop the sweep; its reason is in its outcome
-            TrainJob(str(out), sys.argv)(p.cfg)
-        result, _ = _outcome(p.run, out, t0)
-        print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
-        outcomes[result.split(" (")[0]] += 1
+            job(arg)
+        for p in unit:
+            result, _ = _outcome(p.run, outcome_path(plan, p.run), t0)
+            print(f"  {p.run.id} {p.shown}: {result}", file=sys.stderr if " (" in result else sys.stdout)
+            outcomes[result.split(" (")[0]] += 1
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
     return 1 if set(outcomes) - {*FINISHED, "live"} else 0
 
@@ -362,16 +385,27 @@ def _tell(plan: Plan) -> None:
 
 
 def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, extra=(),
-        gpus=None, tasks=None) -> int:
+        gpus=None, tasks=None, pack=1) -> int:
     """`make sweep`: every input checked first (one line each, exit 2), then plan, register, launch.
-    `profile` None: the default site profile for Slurm, none otherwise."""
+    `profile` None: the default site profile for Slurm, none otherwise. `pack`: at most this many
+    runs per job, trained together in one process (pipeline/config/pack.py), or 'auto'."""
     faults.arm()  # the crash tests' failpoints (sbatch.done), from $ADAM_FAULTS
     _check_arguments(preset, launcher, jobs, gpus, tasks)
+    if (gpus or tasks) and pack not in (1, "auto"):
+        _fail(f"PACK={pack}: a pack is one process, a run with GPUS/TASKS is several; use PACK=1")
     plan = _planned(preset, launcher, profile, retry, dry, extra)
+    try:
+        plan.pack(1 if gpus or tasks else pack, jobs if launcher == "local" else 1)
+    except ConfigError as e:
+        _fail(e)
     if profile and launcher != "slurm":
         print(f"note: PROFILE={profile} is ignored with LAUNCHER={launcher}: a site profile holds sbatch "
               "options (partition, time, memory, ...); GPUS=/TASKS=/JOBS= set what applies here", file=sys.stderr)
     _tell(plan)
+    if len(plan.units) < len(plan.todo):
+        print(f"  PACK={pack}: {len(plan.todo)} runs in {_n(len(plan.units), 'pack')} of "
+              f"{'/'.join(str(n) for n in sorted({len(u) for u in plan.units}, reverse=True))} "
+              "(each pack trains its runs together in one process; each run is still its own)")
     if dry:
         _print_table(table(plan))
         print("dry run: nothing created, nothing submitted")
@@ -530,6 +564,16 @@ def count(name: str, value, empty=None) -> int | None:
     return int(v)
 
 
+def pack_size(value) -> int | str:
+    """PACK=: a whole number >= 1, or auto (empty: 1)."""
+    v = str(value if value is not None else "").strip().lower()
+    if v in ("auto", ""):
+        return v or 1
+    if not v.isdigit() or int(v) < 1:
+        _fail(f"PACK={value}: allowed values are whole numbers >= 1 (runs per process) or auto")
+    return int(v)
+
+
 def sweep_name(value: str) -> str:
     if not NAME.fullmatch(value or ""):
         _fail(f"SWEEP={value!r}: a sweep name is one word of letters, digits, '_', '.' and '-' "
@@ -550,6 +594,7 @@ def main(argv=None):
     r.add_argument("--dry", default="0", help="1/true/yes: print the plan; create and submit nothing")
     r.add_argument("--gpus", default="", help="GPUs per run (one task each): distributed runs")
     r.add_argument("--tasks", default="", help="processes per run (e.g. CPU ranks, gloo)")
+    r.add_argument("--pack", default="1", help="runs per process (trained together), or auto")
     s = sub.add_parser("status")
     s.add_argument("preset")
     s.add_argument("--watch", default="", help="seconds: print the table again until no run is live")
@@ -565,7 +610,7 @@ def main(argv=None):
     extra = [x for x in extra if x]
     if a.cmd == "run":
         return run(a.preset, a.launcher, count("JOBS", a.jobs, 2), a.profile or None, flag("RETRY", a.retry),
-                   flag("DRY", a.dry), extra, count("GPUS", a.gpus), count("TASKS", a.tasks))
+                   flag("DRY", a.dry), extra, count("GPUS", a.gpus), count("TASKS", a.tasks), pack_size(a.pack))
     if a.cmd == "where":
         try:
             print(where(a.preset, extra)[1 if a.runs else 0])

@@ -17,8 +17,10 @@ import contextlib
 import logging
 import math
 import time
+from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 
 from models import build_model
 
@@ -147,12 +149,13 @@ def _open_record(cfg, run: RunDir, ranks: dist.Ranks, start: int, columns: list[
     rows 0..start-1, what is missing there is flagged; the log says how many threads compute."""
     if not ranks.main:
         return None, NullLogger()
+    tag = {"run_id": run.id}  # in a pack, the line goes to this run's train.log only
     log.info("run %s: %d CPU threads per process (%s)", run.id, torch.get_num_threads(),
-             threads.budget(cfg.train.get("threads"))[1])
+             threads.budget(cfg.train.get("threads"))[1], extra=tag)
     writer = run.open_metrics(columns, start)
     if writer.holes:
         log.warning("run %s: metrics.csv of steps 0..%d is not whole (%s): the run goes on from its checkpoint "
-                    "and is flagged; retry=true recomputes it from step 0", run.id, start - 1, writer.holes)
+                    "and is flagged; retry=true recomputes it from step 0", run.id, start - 1, writer.holes, extra=tag)
     run.write_status(step=start, holes=writer.holes or None)
     return writer, make_logger(cfg, run.path, run.id, sent_before=writer.last_written, fence=run.fence)
 
@@ -214,8 +217,13 @@ def _stop(state: TrainState, n: int, saved: set, checkpoint, writer, run, ranks,
     preemption.hand_over(n, ranks.main)
 
 
+def plain(node) -> SimpleNamespace:
+    """A config group as plain attributes: read every step, an OmegaConf lookup costs ~50 us."""
+    return SimpleNamespace(**OmegaConf.to_container(node, resolve=True))
+
+
 def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ranks: dist.Ranks) -> str:
-    tc, eps = cfg.train, float(cfg.optim.eps)
+    tc, eps = plain(cfg.train), float(cfg.optim.eps)
     model, fwd, opt = build(cfg, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params, bns = sum(p.numel() for p in params), bn_layers(model)
@@ -293,6 +301,7 @@ def _finish(outcome: str, n: int, row: dict, run: RunDir, ranks: dist.Ranks, wri
     if ranks.main:
         writer.close()
         run.write_status(state=outcome, step=n, final_loss=row["loss"])
-        log.info("run %s %s at step %d (loss %.6g) in %s", run.id, outcome, n, row["loss"], run.path)
+        log.info("run %s %s at step %d (loss %.6g) in %s", run.id, outcome, n, row["loss"], run.path,
+                 extra={"run_id": run.id})
     logger.finish(outcome)
     return outcome

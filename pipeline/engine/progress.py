@@ -17,12 +17,12 @@ def _fmt(row: dict) -> str:
 
 
 class Progress:
-    def __init__(self, mode: str, start: int, total: int, every: int, name: str):
+    def __init__(self, mode: str, start: int, total: int, every: int, name: str, extra: dict | None = None):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode, self.total, self.every, self.name = mode, total, every, name
         self.t_last, self.n0, self.t0 = time.perf_counter(), start, time.perf_counter()
-        self.last_test = None
+        self.last_test, self.extra = None, extra  # extra: the log record's run_id in a pack
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
@@ -43,7 +43,7 @@ class Progress:
             done = n + 1 - self.n0
             eta = (now - self.t0) / max(done, 1) * (self.total - n - 1)
             log.info("%s step %d/%d %s step_time=%.3fs eta=%.0fs", self.name, n,
-                     self.total - 1, _fmt(shown), step_s, eta)
+                     self.total - 1, _fmt(shown), step_s, eta, extra=self.extra)
 
     def close(self) -> None:
         if self.bar is not None:
