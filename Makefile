@@ -71,12 +71,13 @@ data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for 
 migrate: $(VENV)/.installed ## rename run directories to their current ids (runs made before the micro-batch left the id)
 	$(PY) -m pipeline.runs.migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"
 
-bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-end run cost, W=1 vs W=2, thread budget, start-up (ARGS=--all-precisions: every switch)
+bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-end run cost, W=1 vs W=2, thread budget, start-up, packed runs and whole sweeps (ARGS=--all-precisions: every switch)
 	$(PY) -m bench.step_bench $(ARGS)
 	$(if $(ARGS),,$(PY) -m bench.run_bench)
 	$(if $(ARGS),,$(PY) -m bench.dist_bench)
 	$(if $(ARGS),,$(PY) -m bench.threads_bench)
 	$(if $(ARGS),,$(PY) -m bench.startup_bench)
+	$(if $(ARGS),,$(PY) -m bench.pack_bench --busy --regime)
 
 fidelity: $(VENV)/.installed ## each precision against fp64 beside an fp32 ensemble perturbed by one ulp (CASES=mlp-spike ...; ARGS="--ensemble 4") -> fidelity/
 	$(PY) -m analysis.fidelity $(CASES) $(ARGS)

@@ -16,7 +16,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
 import matplotlib.lines  # noqa: E402
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -301,12 +303,91 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
     return _save(fig, out, name or f"trajectories_by_{param}", sel[cols].assign(minima=minima))
 
 
+REGIMES = {"stable": "#009E73", "spiky": "#E69F00", "diverged": "#000000"}  # Okabe-Ito: colour-blind safe
+MAP_MIN = 3  # a beta x rho map needs at least this many values of each
+MAP_LOG_SPAN = 5.0  # a heatmap's colours are logarithmic when its positive values span more than this factor
+NO_VALUE = "0.85"  # the colour of a cell without a value
+
+
+def regime_map_figure(summary: pd.DataFrame, threshold: float, out: Path, name: str = "regime_map") -> list[Path]:
+    """The phase diagram of a dense beta x rho grid (conf/sweep/regime.yaml): heatmaps over
+    beta (rows) and rho (columns), one cell per run, of its regime (stable / spiky / diverged,
+    analysis.summary.regime), the hill height of the perturbed one-norm, and the perturbed
+    one-norm and test accuracy at the first step with loss < `threshold`; the line beta = rho
+    drawn; a grey cell: no value (the loss never went below the threshold, or no run). One
+    figure per combination of the other swept hyperparameters; none unless beta and rho each
+    take MAP_MIN values or more."""
+    if not {"beta", "rho"} <= set(summary) or min(summary["beta"].nunique(), summary["rho"].nunique()) < MAP_MIN:
+        return []
+    others = [c for c in _others(summary, "beta") if c != "rho"]
+    made = []
+    for key, g in (summary.groupby(others, dropna=False) if others else [(None, summary)]):
+        suffix = "" if key is None else "_" + "_".join(f"{o}{v:g}" for o, v in zip(others, np.atleast_1d(key)))
+        made += _regime_map(g, threshold, out, name + suffix, None if key is None else _combo_label(others, key))
+    return made
+
+
+def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: str | None) -> list[Path]:
+    betas, rhos = np.sort(g["beta"].dropna().unique()), np.sort(g["rho"].dropna().unique())
+    where = {(b, r): i for i, (b, r) in enumerate(zip(g["beta"], g["rho"]))}
+    panels = [("regime", "regime"), ("hill_height", LABEL["hill_height"]),
+              (f"at_loss_{threshold:g}_pert_norm", LABEL["pert_norm"] + f" at loss < {threshold:g}"),
+              (f"at_loss_{threshold:g}_test_acc", f"test accuracy at loss < {threshold:g}")]
+    panels = [(c, t) for c, t in panels
+              if c in g and (c == "regime" or pd.to_numeric(g[c], errors="coerce").notna().any())]
+    rows = 1 if len(panels) < 3 else 2
+    cols = -(-len(panels) // rows)
+    fig, axes = plt.subplots(rows, cols, figsize=_size(3.3 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    seen = set()
+    for ax, (col, label) in zip(axes.flat, panels):
+        grid = np.full((len(betas), len(rhos)), np.nan)
+        for (b, r), i in where.items():
+            v = g[col].iloc[i]
+            grid[np.searchsorted(betas, b), np.searchsorted(rhos, r)] = (
+                list(REGIMES).index(v) if col == "regime" and v in REGIMES else
+                np.nan if col == "regime" else pd.to_numeric(v, errors="coerce"))
+        if col == "regime":
+            cmap = matplotlib.colors.ListedColormap(list(REGIMES.values()))
+            ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=len(REGIMES) - 0.5)
+            seen |= {list(REGIMES)[int(v)] for v in grid[np.isfinite(grid)]}
+        else:
+            finite = grid[np.isfinite(grid)]
+            log = "acc" not in col and len(finite) and finite.min() > 0 and finite.max() / finite.min() > MAP_LOG_SPAN
+            mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap="viridis",
+                                 norm=matplotlib.colors.LogNorm() if log else None)
+            fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
+        ax.set_facecolor(NO_VALUE)
+        same = [(list(rhos).index(v) + 0.5, list(betas).index(v) + 0.5) for v in betas if v in set(rhos)]
+        if len(same) > 1:
+            ax.plot(*zip(*same), color="white", lw=1.6)
+            ax.plot(*zip(*same), color="0.2", lw=0.8, ls="--")
+        ax.set_xticks(np.arange(len(rhos)) + 0.5, [f"{v:g}" for v in rhos], rotation=90)
+        ax.set_yticks(np.arange(len(betas)) + 0.5, [f"{v:g}" for v in betas])
+        ax.tick_params(length=0)
+        ax.grid(False)
+        ax.set_xlabel(SYMBOL["rho"])
+        ax.set_ylabel(SYMBOL["beta"])
+        ax.set_title(label)
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    legend = [(matplotlib.patches.Patch(color=c), r) for r, c in REGIMES.items() if r in seen]
+    legend.append((matplotlib.patches.Patch(color=NO_VALUE), f"no value (loss never < {threshold:g}, or no run)"))
+    legend.append((matplotlib.lines.Line2D([], [], color="0.2", ls="--", lw=0.8), r"$\beta = \rho$"))
+    fig.legend(*zip(*legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(legend))
+    data = g[[c for c in ("run_id", "h", "eps", "beta", "rho", "state", *[c for c, _ in panels]) if c in g]]
+    return _save(fig, out, name, data.sort_values(["beta", "rho"]))
+
+
 def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, thresholds,
                 params: list[str], style: str = "paper", limit_reference: float | None = None) -> list[Path]:
     """Every figure of a sweep. `limit_reference`: the smallest one-norm a limit point can have
     (the bilinear toy: 2 sqrt(y/x) on the hyperbola of minima), drawn in the limit figures."""
     use_style(style)
-    made = []
+    made = regime_map_figure(summary, min(thresholds), out) if thresholds else []
     for param in params:
         for t in thresholds:
             made += threshold_figure(summary, param, t, out)

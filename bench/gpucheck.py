@@ -180,6 +180,18 @@ def fidelity(dry: bool, out: Path) -> dict:
     return dict(markdown=(out / "fidelity" / "fidelity.md").read_text())
 
 
+def packed(dry: bool) -> dict:
+    """K small CNNs stacked on one device (bench/pack_bench.py's step section): ms per point per
+    step against one unpacked run. A failure is recorded, not fatal."""
+    from bench.pack_bench import step_times
+
+    try:
+        return dict(rows=step_times("cnn", (1, 2) if dry else (1, 8, 32, 128), 0.3 if dry else 3.0,
+                                    "cpu" if dry else "cuda"))
+    except Exception as e:
+        return dict(rows=[], error=f"{type(e).__name__}: {e}")
+
+
 def markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"# gpucheck — {env['device']}", "",
@@ -217,6 +229,12 @@ def markdown(res: dict) -> str:
     fid = res.get("fidelity") or {}
     lines += ["## 6. Precision fidelity (analysis.fidelity: deviation from fp64 beside an fp32 ensemble "
               "perturbed by one ulp)", "", fid.get("markdown") or f"failed: {fid.get('error')}", ""]
+    pk = res.get("packed") or {}
+    lines += ["## 7. Packed runs: K small CNNs (width 8, 256 images 16x16) stacked on one device", "",
+              "| K | unpacked ms/point | packed ms/point | speed-up |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['k']} | {r['unpacked_s'] * 1e3:.2f} | {r['packed_s'] * 1e3:.2f} | "
+              f"{r['unpacked_s'] / r['packed_s']:.2f}x |" for r in pk.get("rows", [])]
+    lines += [f"failed: {pk['error']}"] if pk.get("error") else []
     return "\n".join(lines)
 
 
@@ -252,6 +270,8 @@ def main(argv=None):
     res["data_parallel"] = data_parallel(a.dry)
     print("6. precision fidelity", flush=True)
     res["fidelity"] = fidelity(a.dry, Path(a.out))
+    print("7. packed runs", flush=True)
+    res["packed"] = packed(a.dry)
     res["seconds"] = time.perf_counter() - start
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -307,3 +307,29 @@ def test_redraw_draws_every_figure_again_from_its_csv(tmp_path, capsys):
         assert p.read_text() == before[p]
     assert redraw_main([str(paths["summary"])]) == 2
     assert "not a figure's CSV" in capsys.readouterr().err
+
+
+def test_a_dense_beta_rho_grid_gets_its_phase_diagram(tmp_path):
+    """regime_map: one cell per run over beta x rho, its regime, hill height and the metrics at
+    the threshold; the CSV holds exactly the runs' values; a grid of fewer than 3 x 3 gets none."""
+    from analysis.figures import regime_map_figure
+
+    vals = [0.5, 0.9, 0.99]
+    rows = [dict(run_id=f"{i:012x}", h=0.1, beta=b, rho=r, state="diverged" if (b, r) == (0.99, 0.5) else "completed",
+                 regime="diverged" if (b, r) == (0.99, 0.5) else "spiky" if r < b else "stable",
+                 hill_height=10.0 * (1 + i), **{"at_loss_0.01_pert_norm": float("nan") if r < b else 0.1 * (1 + i),
+                                                "at_loss_0.01_test_acc": 0.9 + 0.001 * i})
+            for i, (b, r) in enumerate((b, r) for b in vals for r in vals)]
+    summary = pd.DataFrame(rows)
+    paths = regime_map_figure(summary, 0.01, tmp_path)
+    assert [p.name for p in paths] == ["regime_map.png", "regime_map.pdf", "regime_map.csv"]
+    assert paths[0].stat().st_size > 10_000
+    data = pd.read_csv(paths[2])
+    assert len(data) == 9 and list(data[["beta", "rho"]].itertuples(index=False, name=None)) == \
+        [(b, r) for b in vals for r in vals]
+    assert data.set_index(["beta", "rho"]).loc[(0.99, 0.5), "regime"] == "diverged"
+    assert (data["regime"] == "spiky").sum() == 2 and data["at_loss_0.01_pert_norm"].isna().sum() == 3
+    assert regime_map_figure(summary[summary.rho < 0.99], 0.01, tmp_path / "small") == []
+    two_h = pd.concat([summary, summary.assign(h=0.01, run_id=summary.run_id + "x")])
+    assert sorted(p.name for p in regime_map_figure(two_h, 0.01, tmp_path / "h") if p.suffix == ".png") == \
+        ["regime_map_h0.01.png", "regime_map_h0.1.png"]

@@ -79,14 +79,15 @@ def test_gpucheck_dry_run_writes_its_report(tmp_path):
     main(["--dry", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpucheck.json").read_text())
     assert set(res) >= {"exactness", "speed", "auto_micro_batch", "contest", "data_parallel", "environment",
-                        "fidelity"}
+                        "fidelity", "packed"}
+    assert [r["k"] for r in res["packed"]["rows"]] == [1, 2] and "error" not in res["packed"]
     assert max(res["exactness"]["max_rel_diff"].values()) < 1e-5  # fp32 against fp64
     assert all("ms" in r for r in res["speed"]) and res["auto_micro_batch"][0]["chosen"] % 100 == 0
     c = res["contest"][0]
     assert set(c["ratio"]) == {"bare", "authors aug off", "authors aug on"}
     md = (tmp_path / "gpucheck.md").read_text()
     for head in ("## 1. Exactness", "## 2. Step time", "## 3. train.micro_batch=auto", "## 4. Pipeline against",
-                 "## 5. Data-parallel", "## 6. Precision fidelity"):
+                 "## 5. Data-parallel", "## 6. Precision fidelity", "## 7. Packed runs"):
         assert head in md
     assert "error" not in res["fidelity"] and "| `hill_height` |" in md  # the fidelity table itself
     assert (tmp_path / "fidelity" / "tiny-mlp" / "deviation.png").exists()
@@ -109,3 +110,18 @@ def test_the_thread_and_start_up_benchmarks_measure_what_they_say(capsys):
     for point in ("toy", "digits"):
         first, whole = map(float, re.search(rf"{point} +this checkout +([\d.]+) / +([\d.]+)", out).groups())
         assert 0 < first < whole, out
+
+
+@pytest.mark.slow
+def test_the_pack_benchmark_reports_each_figure(capsys):
+    """bench/pack_bench.py --quick: the step section for both models and K = 1, 4, and the heap line."""
+    import re
+
+    from bench.pack_bench import main
+
+    main(["--quick"])
+    out = capsys.readouterr().out
+    for model in ("mlp", "cnn"):
+        for k in (1, 4):
+            assert re.search(rf"^  {model} +{k} +[0-9.]+ +[0-9.]+ +[0-9.]+x$", out, re.M), out
+    assert re.search(r"^heap: a digits pack of 6, .*: [0-9.]+x$", out, re.M), out
