@@ -295,3 +295,25 @@ def test_status_shows_the_metrics_sorted_by_hyperparameters_and_watch_ends_when_
     assert s.stdout.count("run_id") == 1  # nothing live: the table once, then done
     bad = make("status", tmp_path, "synthetic", "basic", "", 0, 600, "WATCH=soon")
     assert bad.returncode != 0 and "error: WATCH=soon: allowed values are a number of seconds" in bad.stderr
+
+
+def test_a_running_job_is_shown_with_its_step_loss_and_time_left(tmp_path):
+    """Between a run's start and end line, the local sweep prints where it is: the last whole
+    row of its metrics.csv (a torn last piece is ignored) and the time left at its rate so far."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.dispatch.sweep import progress_line
+    from pipeline.runs.rundir import RunDir
+
+    run = RunDir(tmp_path, "0123456789ab")
+    run.path.mkdir()
+    cfg = OmegaConf.create(dict(train=dict(max_steps=400), optim=dict(h=0.01, beta=0.9, rho=0.99)))
+    p = SimpleNamespace(run=run, cfg=cfg, shown="")
+    assert progress_line([p], time.time() - 3).endswith(": starting (3 s)")
+    run.metrics.write_text("step,loss,acc\n0,2.5,\n1,2.25,\n100,0.125,\n10")  # "10": a row being written
+    run.write_status(state="running", step=0, first_step_at=time.time() - 10.0)
+    line = progress_line([p, p], time.time())
+    assert line.startswith("  ...   0123456789ab h=0.01 beta=0.9 rho=0.99 (pack of 2): step 100/400, loss 0.125, ~3")
+    assert line.endswith(" s left") and 29 <= float(line.split("~")[1].split()[0]) <= 31

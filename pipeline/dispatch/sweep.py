@@ -53,6 +53,7 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 YES, NO = ("1", "true", "yes"), ("", "0", "false", "no")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 STOP_GRACE_S = 30  # how long Ctrl-C waits for the running runs to mark themselves pending
+PROGRESS_S = 20.0  # a local sweep says where each running job is this often
 
 
 def presets() -> list[str]:
@@ -254,6 +255,7 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
     packed = f" ({len(plan.todo)} runs in {_n(len(pending), 'pack')})" if len(pending) < len(plan.todo) else ""
     say(f"  {min(jobs, len(pending))} {'jobs' if packed else 'runs'} at a time{packed}, {share} "
         f"thread{'s' * (share > 1)} per process ({threads.cores()} cores)")
+    shown = time.time()
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -268,6 +270,10 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
                     say(f"  start {p.run.id} {_params(p)}{f' (pack of {len(unit)})' if len(unit) > 1 else ''}")
                 running.append((unit, job, t0))
             time.sleep(0.2)
+            if time.time() - shown >= PROGRESS_S:  # between a run's start and end: where it is
+                for unit, _, t0 in running:
+                    say(progress_line(unit, t0))
+                shown = time.time()
             for item in [r for r in running if r[1].done()]:
                 running.remove(item)
                 unit, job, t0 = item
@@ -290,6 +296,40 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
     bar.close()
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
     return 1 if set(outcomes) - {*FINISHED, "live"} else 0
+
+
+def progress_line(unit: list, t0: float) -> str:
+    """`  ...   <run id> h=.. beta=.. rho=..: step n/N, loss L, ~S s left` for a running job (its
+    first run, from the last row of its metrics.csv and the time of its step 0)."""
+    p = unit[0]
+    last = _last_row(p.run.metrics)
+    pack = f" (pack of {len(unit)})" if len(unit) > 1 else ""
+    if last is None:
+        return f"  ...   {p.run.id} {_params(p)}{pack}: starting ({time.time() - t0:.0f} s)"
+    n, loss, total = last[0], last[1], int(p.cfg.train.max_steps)
+    first = p.run.status().get("first_step_at")
+    left = (time.time() - first) / max(n, 1) * (total - n) if isinstance(first, (int, float)) and n else None
+    eta = f", ~{left:.0f} s left" if left is not None else ""
+    return f"  ...   {p.run.id} {_params(p)}{pack}: step {n}/{total}, loss {loss:.4g}{eta}"
+
+
+def _last_row(path: Path) -> tuple[int, float] | None:
+    """(step, loss) of the last complete row of a metrics.csv (its columns begin step, loss), read
+    from its end; None before the first row."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode("utf-8", "replace").split("\n")[:-1]  # the last piece may be torn
+    except OSError:
+        return None
+    for line in reversed(lines):
+        cells = line.split(",")
+        try:
+            return int(cells[0]), float(cells[1])
+        except (ValueError, IndexError):
+            continue
+    return None
 
 
 def run_basic(plan: Plan) -> int:
