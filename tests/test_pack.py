@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -277,3 +278,34 @@ def test_a_point_that_cannot_pack_is_refused_before_anything_is_created(tmp_path
     assert r.returncode == 2 and line.startswith("error: PACK=2: run ") and \
         "model.norm=bn: BatchNorm's running statistics" in line, line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sigusr2_checkpoints_every_point_of_a_pack_and_each_resumes_identical(tmp_path):
+    """Slurm's warning signal to a pack: every point still going checkpoints its theta_n and is
+    pending; the rerun resumes each from there and ends like an uninterrupted unpacked run."""
+    from tests.conftest import proc_state
+
+    base = [*TOY, "train.max_steps=600", "train.checkpoint_every=1000"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ADAM_FAULTS="row@30:stop", OMP_NUM_THREADS="1", SLURM_JOB_ID="")
+    p = subprocess.Popen([sys.executable, "-c", PACK_SCRIPT, json.dumps(GRID), json.dumps(base), str(tmp_path / "k")],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc_state(p.pid) != "T":
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR2)
+    while p.poll() is None:  # each point's row 30 is a stop: go on until the pack has handed over
+        if proc_state(p.pid) == "T":
+            p.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    err = p.stderr.read()
+    assert p.returncode != 0 and "preempted at step" in err, err[-2000:]
+    packed = cfgs(tmp_path / "k", base)
+    steps = {status(tmp_path / "k", c)["step"] for c in packed}
+    assert {status(tmp_path / "k", c)["state"] for c in packed} == {"pending"} and min(steps) >= 30
+    again = run_pack(tmp_path / "k", base, GRID)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for c in cfgs(tmp_path / "s", base):
+        train(c)
+        assert_same_history(tmp_path / "k", tmp_path / "s", c, 1e-12)
+        assert status(tmp_path / "k", c)["state"] == "completed"

@@ -52,10 +52,11 @@ def slurm(tmp_path_factory):
         del os.environ["SLURM_CONF"]
 
 
-def make(tmp_path, target="sweep", extra="", sweep="synthetic", env=None, timeout=SLOW, more=(), **kw):
+def make(tmp_path, target="sweep", extra="", sweep="synthetic", env=None, timeout=SLOW, more=(), pack="1", **kw):
+    """`make <target>` on the cluster; one job (array task) per run unless `pack` says otherwise."""
     return subprocess.run(["make", "-s", "-C", str(ROOT), target, f"SWEEP={sweep}", "LAUNCHER=slurm",
                            f"PROFILE={PROFILE}", f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps",
-                           f"EXTRA={extra}", *more], capture_output=True, text=True, timeout=timeout,
+                           f"EXTRA={extra}", f"PACK={pack}", *more], capture_output=True, text=True, timeout=timeout,
                           cwd=tmp_path, env=dict(os.environ, **(env or {})), **kw)
 
 
@@ -145,6 +146,25 @@ def test_2x2_sweep_on_slurm(slurm, tmp_path):
     again = make(tmp_path)
     assert again.returncode == 0 and "0 to launch, 4 skipped" in again.stdout
     assert submissions() <= before  # nothing submitted
+
+
+def test_a_packed_sweep_is_one_array_task_per_pack(slurm, tmp_path):
+    """PACK=2: the 2x2 grid is two array tasks of two runs each; every run is its own (job.json,
+    status, metrics) and equals the same run done alone here (fp64: to 1e-12)."""
+    r = make(tmp_path, extra="precision=fp64", pack="2")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "submitted 4 runs in 2 packs as Slurm array" in r.stdout, r.stdout
+    jobs = handles(tmp_path)
+    assert len(jobs) == 4 and len(set(jobs.values())) == 2 and len({j.split("_")[0] for j in jobs.values()}) == 1
+    states = wait_states(tmp_path, list(jobs), {"completed"})
+    assert set(states.values()) == {"completed"}
+    plan = json.loads((tmp_path / "sweeps/synthetic/plan.json").read_text())["points"]
+    for rid in jobs:
+        overrides = [p for p in plan if p["run_id"] == rid][0]["overrides"]
+        ours = pd.read_csv(RunDir(tmp_path / "runs", rid).metrics).drop(columns="time_s")
+        ref = reference_metrics(tmp_path, ["precision=fp64", *[o for o in overrides if o.startswith("optim.")]])
+        pd.testing.assert_frame_equal(ours, ref, check_exact=False, rtol=1e-12)
+        assert RunDir(tmp_path / "runs", rid).status()["slurm_job"] == jobs[rid]
 
 
 LONG = "optim.beta=0.9 optim.rho=0.99 train.max_steps=400 train.checkpoint_every=1000"

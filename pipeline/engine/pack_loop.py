@@ -94,7 +94,7 @@ def pack_loop(cfgs, runs: list[RunDir], data, device, autocast, owners, outcomes
                 if pt.owner is not None and pt.owner.lost:
                     _fenced(pt, pt.owner.lost_error(), outcomes)
             if preemption.signalled():
-                _hand_over(active, checkpoint, preemption)
+                _hand_over(active, checkpoint, preemption, outcomes)
             active = _narrow(stack, active)
             if not active:
                 break
@@ -194,11 +194,9 @@ def _narrow(stack: Stack, active: list[Point]) -> list[Point]:
     return [active[slot] for slot in going]
 
 
-def _hand_over(active: list[Point], checkpoint, preemption) -> None:
+def _hand_over(active: list[Point], checkpoint, preemption, outcomes: dict) -> None:
     """A preemption signal: every point's checkpoint of theta_n, its run pending; then hand over."""
-    for slot, pt in enumerate(active):
-        if pt.done:
-            continue
+    def stop(pt, slot):
         n = pt.state.step
         if n not in pt.saved:
             checkpoint(pt, slot, n)
@@ -206,6 +204,11 @@ def _hand_over(active: list[Point], checkpoint, preemption) -> None:
         pt.run.write_status(state="pending", step=n)
         pt.progress.close()
         pt.logger.finish("pending")
+        pt.done = "pending"
+
+    for slot, pt in enumerate(active):
+        if not pt.done:
+            _fenced_ok(pt, outcomes, lambda pt=pt, slot=slot: stop(pt, slot))
     preemption.hand_over(min(pt.state.step for pt in active), True)
 
 
@@ -214,17 +217,11 @@ def _finish_on_error(still_active):
     """A crash or an interruption still closes the points' wandb runs (failed / pending)."""
     try:
         yield
-    except Exception:
+    except BaseException as e:  # a crash: failed; preemption, Ctrl-C, kill: pending (resumable)
         for pt in still_active():
             if not pt.done:
                 pt.progress.close()
-                pt.logger.finish("failed")
-        raise
-    except BaseException:
-        for pt in still_active():
-            if not pt.done:
-                pt.progress.close()
-                pt.logger.finish("pending")
+                pt.logger.finish("failed" if isinstance(e, Exception) else "pending")
         raise
 
 
