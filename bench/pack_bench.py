@@ -3,8 +3,8 @@
 1. step: the time per grid point of one full-batch step -- unpacked (the loop's step:
    full_batch_step + Adam + one host sync) against K points stacked (Stack.gradients, the norms,
    the stacked Adam, one host sync), K = 1, 4, 16, 64, for the digits MLP and a small CNN.
-2. heap: a digits pack of 6 in a fresh process with glibc's default heap thresholds and with
-   pipeline/engine/heap.py's (what every run sets).
+2. heap: a digits pack of 6 runs (train_pack, 300 steps) in a fresh process with glibc's default
+   heap thresholds and with pipeline/engine/heap.py's (what every run sets).
 3. sweeps: `make sweep` end to end, PACK=auto against PACK=1, for the toy and digits presets
    (each in a fresh folder); with --busy the digits sweep again beside a CPU-bound process;
    with --regime the 144-run regime preset (PACK=auto only).
@@ -77,24 +77,32 @@ def step_times(model: str, ks, seconds: float, device: str = "cpu") -> list[dict
 
 
 HEAP_CHILD = """
-import json, sys
+import json, sys, tempfile, time
 import pipeline.engine.numerics
-from bench.pack_bench import step_times
+from pipeline.config.compose import Composer
+from pipeline.train import train_pack
 if sys.argv[1] == "0":  # glibc's defaults: the run's setup must not change them
     pipeline.engine.numerics.keep_freed_memory = lambda: False
-print(json.dumps(step_times("mlp", [6], float(sys.argv[2]))[0]))
+with tempfile.TemporaryDirectory() as tmp, Composer() as c:
+    cfgs = [c.compose(["sweep=digits", f"optim.beta={b}", f"optim.rho={r}", f"train.max_steps={sys.argv[2]}",
+                       "train.progress=none", f"paths.runs={tmp}"]) for b in (0.5, 0.9) for r in (0.9, 0.99, 0.999)]
+    t = time.perf_counter()
+    train_pack(cfgs)
+    print(json.dumps(dict(seconds=time.perf_counter() - t)))
 """
 
 
-def heap(seconds: float) -> dict:
-    """A digits pack of 6: seconds per point with glibc's defaults and with engine/heap.py's thresholds."""
+def heap(steps: int) -> dict:
+    """A digits pack of 6 runs of `steps` steps (pipeline.train.train_pack, with its evaluations
+    and checkpoints), in a fresh process each, with glibc's default heap thresholds and with
+    engine/heap.py's, alternating; the fastest of two each."""
     out = {}
     for keep in ("0", "1", "0", "1"):  # alternating: the machine's load falls on both alike
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        r = subprocess.run([sys.executable, "-c", HEAP_CHILD, keep, str(seconds)], env=env, capture_output=True,
-                           text=True, check=True)
-        out.setdefault(keep, []).append(json.loads(r.stdout.strip().splitlines()[-1])["packed_s"])
-    return dict(default_s=min(out["0"]), tuned_s=min(out["1"]))
+        r = subprocess.run([sys.executable, "-c", HEAP_CHILD, keep, str(steps)], env=env, capture_output=True,
+                           text=True, check=True, cwd=ROOT)
+        out.setdefault(keep, []).append(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
+    return dict(default_s=min(out["0"]), tuned_s=min(out["1"]), steps=steps)
 
 
 def sweep_seconds(preset: str, pack: str, extra=(), busy: bool = False) -> float:
@@ -149,9 +157,9 @@ def main(argv=None) -> None:
                   f"{r['unpacked_s'] / r['packed_s']:>8.2f}x")
     for model, (_, label) in MODELS.items():
         print(f"  ({model}: {label})")
-    h = heap(seconds)
-    print(f"heap: a digits pack of 6, ms per point per step: glibc defaults {h['default_s'] * 1e3:.2f}, "
-          f"engine/heap.py {h['tuned_s'] * 1e3:.2f}: {h['default_s'] / h['tuned_s']:.2f}x")
+    h = heap(20 if a.quick else 300)
+    print(f"heap: a digits pack of 6 runs of {h['steps']} steps: glibc defaults {h['default_s']:.1f} s, "
+          f"engine/heap.py {h['tuned_s']:.1f} s: {h['default_s'] / h['tuned_s']:.2f}x")
     if a.no_sweeps or a.quick:
         return
     print("make sweep end to end (wall clock, fresh folders, JOBS=2):")

@@ -124,4 +124,4 @@ def test_the_pack_benchmark_reports_each_figure(capsys):
     for model in ("mlp", "cnn"):
         for k in (1, 4):
             assert re.search(rf"^  {model} +{k} +[0-9.]+ +[0-9.]+ +[0-9.]+x$", out, re.M), out
-    assert re.search(r"^heap: a digits pack of 6, .*: [0-9.]+x$", out, re.M), out
+    assert re.search(r"^heap: a digits pack of 6 runs of 20 steps: .*: [0-9.]+x$", out, re.M), out
