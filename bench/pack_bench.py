@@ -65,11 +65,10 @@ def step_times(model: str, ks, seconds: float, device: str = "cpu") -> list[dict
         parts = partition(data.x_train.shape[0], cfg.train.micro_batch)
         for k in ks:
             stack = Stack(net, [cfg.optim] * k, data.task)
-            eps = [float(cfg.optim.eps)] * k
 
-            def packed(stack=stack, eps=eps):
+            def packed(stack=stack):
                 loss, correct = stack.gradients(data.x_train, data.y_train, parts, autocast)
-                torch.cat([loss[:, None], correct.double()[:, None], stack.grad_norms(eps)], 1).tolist()
+                torch.cat([loss[:, None], correct.double()[:, None], stack.grad_norms()], 1).tolist()
                 stack.step()
 
             rows.append(dict(model=model, k=k, unpacked_s=alone, packed_s=_median_time(packed, seconds) / k))

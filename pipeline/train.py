@@ -258,8 +258,9 @@ class TrainJob:
 
         return DelayedSubmission(self, *args, **kwargs)
 
-    def _say(self, result: str | None, error: str | None = None) -> None:
-        path = getattr(self, "outcome", None)  # jobs pickled before outcomes existed have none
+    def _say(self, result: str | None, error: str | None = None, path: str | None = None) -> None:
+        """Write the outcome file `path` (default: this job's; jobs pickled before outcomes existed have none)."""
+        path = path or getattr(self, "outcome", None)
         if path:
             with contextlib.suppress(OSError):
                 atomic_write_text(Path(path), json.dumps(dict(result=result, error=error, written_at=time.time(),
@@ -298,9 +299,9 @@ class PackJob(TrainJob):
         self.outcomes = outcomes
 
     def _say_each(self, ended: dict, n: int, result: str | None, error: str | None) -> None:
+        """Each run's outcome: how it ended (`ended`), else `result`/`error` (what ended the pack)."""
         for i in range(n):
-            self.outcome = self.outcomes[i]
-            self._say(*ended.get(i, (result, error)))
+            self._say(*ended.get(i, (result, error)), path=self.outcomes[i])
 
     def __call__(self, cfgs: list[DictConfig]) -> dict:
         ended: dict = {}

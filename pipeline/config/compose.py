@@ -55,6 +55,7 @@ class Composer:
     """A Hydra context for composing many configs (one initialisation for all of them)."""
 
     def __enter__(self):
+        self._composed: dict[tuple, DictConfig] = {}  # config groups' overrides -> their config (_by_values)
         self._ctx = initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
         self._ctx.__enter__()
         return self
@@ -122,7 +123,7 @@ class Composer:
             key = o.key_or_group
             plain = plain and not (repo.group_exists(key) or repo.group_exists(key.replace(".", "/")))
             (values if plain else others).append(o)
-        cache = self.__dict__.setdefault("_composed", {})
+        cache = self._composed
         base_key = tuple(o.input_line for o in others)
         if base_key not in cache:
             try:

@@ -35,13 +35,18 @@ def refusal(cfg: DictConfig) -> str | None:
     return None
 
 
-def key(cfg: DictConfig) -> str:
-    """Points with equal keys may share a pack: the semantic config without optim's per-point
+def shared(cfg: DictConfig) -> dict:
+    """What a pack's points must have in common: the semantic config without optim's per-point
     numbers, with how the process computes (device, micro-batch, checkpoint period, threads)."""
     sem = semantic_config(cfg)
     sem["optim"] = {k: v for k, v in sem.get("optim", {}).items() if k not in PER_POINT}
     sem["_how"] = {k: OmegaConf.select(cfg, k) for k in SHARED_HOW}
-    return json.dumps(sem, sort_keys=True, default=str)
+    return sem
+
+
+def key(cfg: DictConfig) -> str:
+    """Points with equal keys may share a pack (`shared`, as canonical JSON)."""
+    return json.dumps(shared(cfg), sort_keys=True, default=str)
 
 
 def problem(cfgs: list[DictConfig]) -> str | None:
@@ -50,9 +55,9 @@ def problem(cfgs: list[DictConfig]) -> str | None:
         why = refusal(c)
         if why:
             return why
-    first = json.loads(key(cfgs[0]))
+    first = shared(cfgs[0])
     for c in cfgs[1:]:
-        other = json.loads(key(c))
+        other = shared(c)
         if other != first:
             diff = sorted(_differing(first, other))
             return (f"a pack's points differ only in optim.{'/'.join(PER_POINT)}; these differ in "

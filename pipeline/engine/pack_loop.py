@@ -56,6 +56,7 @@ class Point:
     newly: list = field(default_factory=list)
     done: str | None = None  # why it leaves the pack: completed, diverged, fenced
     eps: float = 0.0  # its optim.eps (read every step: not through OmegaConf)
+    evaluate: bool = False  # this tick: the test set at its theta_n
 
     @property
     def tag(self) -> dict:
@@ -85,6 +86,7 @@ def pack_loop(cfgs, runs: list[RunDir], data, device, autocast, owners, outcomes
         pt.run.write_status(step=step)
         pt.saved.add(step)
 
+    parts = partition(data.x_train.shape[0], mb, None, device)  # fixed: a pack has no reshuffle
     active = points
     with preempt.guard() as preemption, _finish_on_error(lambda: active):
         while active:
@@ -99,24 +101,22 @@ def pack_loop(cfgs, runs: list[RunDir], data, device, autocast, owners, outcomes
             if not active:
                 break
             # -- step: grad E(theta_n) of every point, the metrics at theta_n, one host sync --
-            parts = partition(data.x_train.shape[0], mb, None, device)
             loss, correct = stack.gradients(data.x_train, data.y_train, parts, autocast)
-            eps = [pt.eps for pt in active]
-            metrics = [loss[:, None], correct.double()[:, None], stack.grad_norms(eps)]
+            metrics = [loss[:, None], correct.double()[:, None], stack.grad_norms()]
             metrics += [stack.theta().double()] if record else []
             host = torch.cat(metrics, 1).tolist()  # host sync: every point's metrics at its theta_n
             # -- each point judged; the test set at theta_n where a point needs it --
-            for pt, h, e in zip(active, host, eps):
+            for pt, h in zip(active, host):
                 values = dict(loss=h[0], correct=h[1], pert_norm=h[2], l1_norm=h[3], l2_norm=h[4], theta=h[5:])
-                pt.row = metrics_row(pt.state.step, values, data, n_params, e)
+                pt.row = metrics_row(pt.state.step, values, data, n_params, pt.eps)
                 finite, pt.newly, diverged = _judge(pt.state, pt.row, thresholds, tc)
                 pt.done = "diverged" if diverged else None
                 n = pt.state.step
-                pt.row["evaluate"] = finite and (n % tc.eval_every == 0 or bool(pt.newly) or n == tc.max_steps)
-            if any(pt.row["evaluate"] for pt in active):
+                pt.evaluate = finite and (n % tc.eval_every == 0 or bool(pt.newly) or n == tc.max_steps)
+            if any(pt.evaluate for pt in active):
                 test_loss, test_acc = stack.evaluate(data.x_test, data.y_test, mb, autocast)
                 for pt, tl, ta in zip(active, test_loss, test_acc):
-                    if pt.row["evaluate"]:
+                    if pt.evaluate:
                         pt.row["test_loss"], pt.row["test_acc"] = tl, ta if data.task == "classification" else None
             # -- each point's row; the points that end leave the stacks --
             for slot, pt in enumerate(active):
@@ -154,7 +154,6 @@ def _record(pt: Point, slot: int, tc, outcomes: dict, checkpoint) -> None:
     """Point `pt`'s row of this tick (metrics.csv first, then its mirror and progress line); when
     it ends here (diverged, the last step, below stop_loss): its checkpoint, status and mirror."""
     row, n = pt.row, pt.state.step
-    row.pop("evaluate")
     row["time_s"] = time.perf_counter() - pt.t0
 
     def write():

@@ -75,11 +75,11 @@ class Stack:
         return total / n, correct
 
     @torch.no_grad()
-    def grad_norms(self, eps: list[float]) -> torch.Tensor:
+    def grad_norms(self) -> torch.Tensor:
         """[K, 3]: each point's [perturbed one-norm (its own eps), one-norm, two-norm] of its
         gradient in float64, as step.grad_norms: ||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)."""
         g = [p.grad.double().flatten(1) for p in self.params]
-        e = torch.tensor(eps, dtype=torch.float64, device=g[0].device).view(-1, 1)
+        e = self._cols(g[0])["eps"]  # [K, 1] float64
         pert = torch.stack([(t * t + e).sqrt().sum(1) for t in g]).sum(0)
         l1 = torch.stack([t.abs().sum(1) for t in g]).sum(0)
         l2 = torch.stack([t.square().sum(1) for t in g]).sum(0).sqrt()
@@ -127,9 +127,8 @@ class Stack:
         if name == "adam":  # the bias corrections 1 - beta^(n+1), 1 - rho^(n+1) of each point (float64)
             on = [c.get("bias_correction", True) for c in hy]
             bc1 = [1 - c["beta"] ** (k + 1) if b else 1.0 for c, k, b in zip(hy, n, on)]
-            bc2 = [1 - c["rho"] ** (k + 1) if b else 1.0 for c, k, b in zip(hy, n, on)]
-            step_size, bc2 = [-c["h"] / b1 for c, b1 in zip(hy, bc1)], torch.tensor(bc2, dtype=torch.float64)
-            step_size = torch.tensor(step_size, dtype=torch.float64)
+            bc2 = _col([1 - c["rho"] ** (k + 1) if b else 1.0 for c, k, b in zip(hy, n, on)], self.params[0])
+            step_size = _col([-c["h"] / b1 for c, b1 in zip(hy, bc1)], self.params[0])
         for i, (p, g) in enumerate(zip(self.params, (q.grad for q in self.params))):
             c = self._cols(p)
             if name == "gd":
@@ -146,8 +145,7 @@ class Stack:
                 m = self.state["m"][i]
                 m.mul_(c["beta"]).add_(g * c["one_beta"])
                 shape = (-1, *[1] * (p.dim() - 1))
-                denom = nu / bc2.to(p.device, p.dtype).view(shape)
-                num = m * step_size.to(p.device, p.dtype).view(shape)
+                denom, num = nu / bc2.view(shape), m * step_size.view(shape)
             else:
                 denom, num = nu.clone(), g * -c["h"]
             denom = (denom + c["eps"]).sqrt_() if hy[0].get("eps_inside", True) else denom.sqrt_().add_(c["eps"])

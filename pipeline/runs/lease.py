@@ -226,11 +226,9 @@ class Lease:
         links a new file; any write or touch changes ctime) -- without reading it again: the
         fence of every write (pipeline/runs/rundir.py) then costs one stat."""
         path = self.path / RECORD
-        if cached:
-            st = os.stat(path)
-            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._seen:
-                return True
         st = os.stat(path) if cached else None
+        if st is not None and (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._seen:
+            return True
         rec = read_file(path)
         mine = bool(rec) and rec.get("token") == self.record["token"] and \
             rec.get("pid") == self.record["pid"] and rec.get("host") == self.record["host"]
