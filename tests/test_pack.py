@@ -79,6 +79,26 @@ def test_packed_points_equal_their_unpacked_runs_in_fp64(tmp_path, base):
             sorted(p.name for p in (tmp_path / "s" / run_id(c)).iterdir())
 
 
+@pytest.mark.parametrize("optim,grid", [
+    (["optim=rmsprop"], [["optim.rho=0.5"], ["optim.rho=0.99", "optim.h=1e-2"], ["optim.eps=1e-4"]]),
+    (["optim=rmsprop", "optim.eps_inside=false"], [["optim.rho=0.9"], ["optim.rho=0.99", "optim.h=3e-3"]]),
+    (["optim=momentum"], [["optim.beta=0.5", "optim.h=1e-3"], ["optim.beta=0.9", "optim.h=3e-3"]]),
+    (["optim=gd"], [["optim.h=1e-3"], ["optim.h=3e-3", "optim.eps=1e-6"]]),
+    (["optim.eps_inside=false"], GRID[:2]),
+    (["optim.bias_correction=false"], GRID[:2]),
+], ids=["rmsprop", "rmsprop-eps-outside", "momentum", "gd", "adam-eps-outside", "adam-no-bias-correction"])
+def test_every_optimizer_packs_to_its_unpacked_runs(tmp_path, optim, grid):
+    """The stacked update of each optimizer and variant (Definitions 2.1, 4.1, momentum, GD)
+    against the unpacked optimizer of pipeline/engine/optim.py: fp64 histories to 1e-12."""
+    base = [*TOY, "train.max_steps=200", *optim]
+    packed, single = cfgs(tmp_path / "p", base, grid), cfgs(tmp_path / "s", base, grid)
+    assert all(v[0] in ("completed", "diverged") for v in train_pack(packed).values())
+    for c in single:
+        train(c)
+    for c in packed:
+        assert_same_history(tmp_path / "p", tmp_path / "s", c, 1e-12)
+
+
 def test_fp32_packed_points_agree_with_unpacked_runs_to_float32_rounding(tmp_path):
     """A smooth model (tanh): step 0 to summation order, the first steps within float32 tolerance."""
     base = [*MLP, "train.max_steps=5"]
@@ -205,7 +225,7 @@ def test_which_points_pack_and_why_not(tmp_path):
     with pytest.raises(ValueError, match="model.norm=bn"):
         packs([bn, bn], 2)
     assert packs([bn, bn], "auto") == [[0], [1]]  # auto: what cannot pack runs alone
-    for flag in ("train.reshuffle=true", "train.bias_term=true", "compile=true"):
+    for flag in ("train.reshuffle=true", "train.bias_term=true", "compile=true", "channels_last=true"):
         assert refusal(make_cfg(TOY + [flag])).startswith(flag), flag
     other = make_cfg(TOY + ["seed=3"])
     assert problem([toy[0], other]) == "a pack's points differ only in optim.h/beta/rho/eps; these differ in seed"

@@ -115,7 +115,8 @@ class Stack:
             hy = self.hyper
             get = {name: [float(c.get(name, 0.0)) for c in hy] for name in ("h", "beta", "rho", "eps")}
             self._columns[key] = dict(
-                h=_col(get["h"], p), beta=_col(get["beta"], p), one_beta=_col([1 - b for b in get["beta"]], p),
+                neg_h=_col([-v for v in get["h"]], p),
+                beta=_col(get["beta"], p), one_beta=_col([1 - b for b in get["beta"]], p),
                 rho=_col(get["rho"], p), one_rho=_col([1 - r for r in get["rho"]], p), eps=_col(get["eps"], p))
         return self._columns[key]
 
@@ -131,13 +132,13 @@ class Stack:
             step_size = _col([-c["h"] / b1 for c, b1 in zip(hy, bc1)], self.params[0])
         for i, (p, g) in enumerate(zip(self.params, (q.grad for q in self.params))):
             c = self._cols(p)
-            if name == "gd":
-                p.sub_(c["h"] * g)
+            if name == "gd":  # theta + (-h) g, as torch._foreach_add_(alpha=-h)
+                p.addcmul_(g, c["neg_h"])
                 continue
             if name == "momentum":
                 b = self.state["b"][i]
                 b.mul_(c["beta"]).add_(g)
-                p.sub_(c["h"] * b)
+                p.addcmul_(b, c["neg_h"])
                 continue
             nu = self.state["nu"][i]
             nu.mul_(c["rho"]).addcmul_(g * c["one_rho"], g)
@@ -147,7 +148,7 @@ class Stack:
                 shape = (-1, *[1] * (p.dim() - 1))
                 denom, num = nu / bc2.view(shape), m * step_size.view(shape)
             else:
-                denom, num = nu.clone(), g * -c["h"]
+                denom, num = nu.clone(), g * c["neg_h"]
             denom = (denom + c["eps"]).sqrt_() if hy[0].get("eps_inside", True) else denom.sqrt_().add_(c["eps"])
             p.add_(num / denom)
         self.n = [k + 1 for k in n]
