@@ -15,7 +15,7 @@ from pathlib import Path
 from .columns import write_columns
 from .figures import all_figures
 from .runs import curves_frame, load_runs
-from .summary import summary_frame, varying
+from .summary import summary_frame, varying, without_empty, write_summary
 
 
 def configured_thresholds(runs) -> list[float]:
@@ -53,11 +53,11 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
                             spike_factor=spike_factor)
     curves = curves_frame(runs)
     paths = dict(summary=out / "summary.csv", curves=out / "curves.csv", columns=out / "columns.md")
-    summary.to_csv(paths["summary"], index=False)
-    write_columns(summary.columns, paths["columns"])
+    summary, empty = without_empty(summary)
+    write_summary(summary, paths["summary"], out / "summary.parquet" if parquet else None)
+    write_columns(summary.columns, paths["columns"], empty)
     curves.to_csv(paths["curves"], index=False)
     if parquet:
-        summary.to_parquet(out / "summary.parquet", index=False)
         curves.to_parquet(out / "curves.parquet", index=False)
     shown = summary[summary["damaged"].isna()] if "damaged" in summary else summary  # damaged runs: no values
     if figures and len(shown):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .summary import CSV_DIGITS
+
 FIXED = {
     "run_id": "the run's id: 12 hex digits of the hash of its semantic config (its folder under paths.runs)",
     "h": "step size h", "beta": "β, the momentum of the gradient's average (Adam, momentum GD)",
@@ -58,11 +60,16 @@ def describe(column: str) -> str:
     return ""
 
 
-def write_columns(columns, path: Path) -> Path:
+def write_columns(columns, path: Path, left_out=()) -> Path:
+    """columns.md: a line per column of summary.csv, and the columns left out as empty."""
     lines = ["# summary.csv: its columns", "",
              "One row per run. An empty cell is a value that does not exist (a threshold never crossed, a run "
-             "not finished), never an invented number; summary.parquet holds the same table.", "",
+             f"not finished), never an invented number. Numbers have {CSV_DIGITS} significant digits; "
+             "summary.parquet holds the same table with every digit.", "",
              "| column | meaning |", "| --- | --- |"]
     lines += [f"| `{c}` | {describe(c) or 'see the README, Analysis'} |" for c in columns]
+    if len(left_out):
+        lines += ["", "Left out, empty for every run (e.g. test columns of a model without a test set): "
+                  + ", ".join(f"`{c}`" for c in left_out) + "."]
     path.write_text("\n".join(lines) + "\n")
     return path

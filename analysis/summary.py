@@ -6,6 +6,8 @@ invented number.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -159,6 +161,27 @@ def summary_frame(runs, **kw) -> pd.DataFrame:
         df = df.sort_values([c for c in ("model", "data", "optim", "h", "beta", "rho", "eps", "seed")
                              if c in df and df[c].notna().any()], na_position="last", kind="stable")
     return df.reset_index(drop=True)
+
+
+CSV_DIGITS = 7  # summary.csv's significant digits (float32's); summary.parquet keeps every digit
+KEPT_EMPTY = re.compile(r"run_id|state|steps|holes|last_loss|final_loss|at_loss_.+_step|at_step_\d+_.+")
+
+
+def without_empty(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The summary less the columns that are empty for every run (a model without a test set
+    has no test columns, an MLP no `norm`), and their names. Kept even when empty, since there
+    an empty cell is a finding: the crossing steps (never crossed), the requested steps, the
+    final loss (not finished), `holes` (whole)."""
+    empty = [c for c in df.columns if df[c].isna().all() and not KEPT_EMPTY.fullmatch(c)]
+    return df.drop(columns=empty), empty
+
+
+def write_summary(df: pd.DataFrame, csv_path, parquet_path=None) -> None:
+    """summary.csv with CSV_DIGITS significant digits (what a float32 run supports, and what a
+    table needs); summary.parquet beside it, when asked, with every digit."""
+    df.to_csv(csv_path, index=False, float_format=f"%.{CSV_DIGITS}g")
+    if parquet_path is not None:
+        df.to_parquet(parquet_path, index=False)
 
 
 def varying(df: pd.DataFrame, candidates=("beta", "rho", "h", "eps")) -> list[str]:

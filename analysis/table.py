@@ -73,7 +73,8 @@ def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str
     cells hold a run that has not finished: running, pending, failed)."""
     for name, col in (("--rows", rows), ("--cols", cols), ("--value", value)):
         if col not in df:
-            raise TableError(f"{name} {col}: not a column of the summary; columns: {', '.join(df.columns)}")
+            raise TableError(f"{name} {col}: not a column of the summary (a column empty for every run is left "
+                             f"out: columns.md names them); columns: {', '.join(df.columns)}")
     df = _where(df, list(where))
     counts = df.groupby([rows, cols]).size()
     if agg is None and (counts > 1).any():
