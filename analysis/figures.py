@@ -68,7 +68,7 @@ def _save(fig, out: Path, name: str, data: pd.DataFrame) -> list[Path]:
     for p in paths[:2]:
         fig.savefig(p, bbox_inches="tight")
     plt.close(fig)
-    data.to_csv(paths[2], index=False)
+    data.to_csv(paths[2], index=False, float_format="%.7g")  # what a figure can show, and summary.csv's digits
     return paths
 
 
@@ -202,8 +202,10 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     rows = len(combos)
     fig, axes = plt.subplots(rows, len(metrics), figsize=_size(3.2 * len(metrics), min(1.9 * rows + 0.7, 11.0)),
                              squeeze=False, sharex=True, sharey="col")
-    shown = curves[curves["metric"].isin([*metrics, "pert_norm_floor"])]
-    clipped = False
+    keys = [c for c in ("run_id", *others, param) if c in curves]
+    shown = pd.concat([envelope(curves[curves["metric"].isin(metrics)], keys),
+                       curves[curves["metric"] == "pert_norm_floor"].drop_duplicates(keys)], ignore_index=True)
+    clipped = banded = False
     for i, key in enumerate(combos):
         sel = shown
         for o, v in zip(others, np.atleast_1d(key) if key is not None else []):
@@ -211,11 +213,15 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
         for ax, metric in zip(axes[i], metrics):
             sub = sel[sel["metric"] == metric]
             for (_rid, v), g in sub.groupby(["run_id", param], dropna=False):
-                ax.plot(g["step"], g["value"], color=color.get(v, "gray"), lw=0.8, rasterized=len(g) > 2000)
+                c = color.get(v, "gray")
+                if _visible_band(g, metric in LOG_METRICS):
+                    ax.fill_between(g["step"], g["lo"], g["hi"], color=c, alpha=0.22, lw=0)
+                    banded = True
+                ax.plot(g["step"], g["value"], color=c, lw=0.8)
             floor = sel.loc[sel["metric"] == "pert_norm_floor", "value"]
             if metric == "pert_norm" and len(floor):
                 ax.axhline(float(floor.iloc[0]), color="gray", ls=":", lw=1)
-            if metric in ("loss", "pert_norm", "l1_norm", "l2_norm") and (sub["value"] > 0).any():
+            if metric in LOG_METRICS and (sub["value"] > 0).any():
                 ax.set_yscale("log")  # zeros are dropped
                 if metric == "loss" and (sub["value"] < LOSS_FLOOR).any():
                     ax.set_ylim(bottom=LOSS_FLOOR)
@@ -232,13 +238,56 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     if "pert_norm" in metrics and (shown["metric"] == "pert_norm_floor").any():
         handles.append(matplotlib.lines.Line2D([], [], color="gray", ls=":", lw=1))
         labels.append(r"floor $p\sqrt{\varepsilon}$")
+    if banded:
+        handles.append(matplotlib.patches.Patch(color="0.5", alpha=0.3, lw=0))
+        labels.append(f"band: min to max over each of ≤{CURVE_POINTS} windows of steps")
     if clipped:
         handles.append(matplotlib.lines.Line2D([], [], ls=""))
         labels.append(f"loss axis cut at {LOSS_FLOOR:g}")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False)
-    cols = [c for c in ("run_id", *others, param, "step", "metric", "value") if c in shown]
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), frameon=False)
+    cols = [c for c in (*keys, "metric", "step", "value", "lo", "hi") if c in shown]
     return _save(fig, out, name or f"curves_by_{param}", shown[cols])
+
+
+CURVE_POINTS = 500  # a curve of more steps is drawn (and saved) as this many windows: median, min, max
+LOG_METRICS = ("loss", "pert_norm", "l1_norm", "l2_norm")
+
+
+def envelope(curves: pd.DataFrame, keys: list[str], points: int = CURVE_POINTS) -> pd.DataFrame:
+    """Each (run, metric) curve in at most `points` windows of consecutive steps: the window's
+    middle step, its median value and its min and max (`lo`, `hi`: the band an oscillation fills,
+    which a line at print resolution would render as a solid block). A curve of `points` steps or
+    fewer is kept as it is (lo = hi = value); `lo`/`hi` already there (a figure's own CSV) are kept."""
+    out = []
+    for _, g in curves.groupby([*keys, "metric"], dropna=False, sort=False):
+        g = g.sort_values("step")
+        lo = g["lo"] if "lo" in g else g["value"]
+        hi = g["hi"] if "hi" in g else g["value"]
+        if len(g) <= points:
+            out.append(g.assign(lo=lo.to_numpy(), hi=hi.to_numpy()))
+            continue
+        window = np.arange(len(g)) * points // len(g)
+        w = pd.DataFrame(dict(step=g["step"].to_numpy(), value=g["value"].to_numpy(), lo=lo.to_numpy(),
+                              hi=hi.to_numpy(), window=window)).groupby("window")
+        binned = pd.DataFrame(dict(step=w["step"].median(), value=w["value"].median(), lo=w["lo"].min(),
+                                   hi=w["hi"].max()))
+        first = g.iloc[0]
+        out.append(binned.assign(**{k: first[k] for k in (*keys, "metric")}).reset_index(drop=True))
+    cols = [*keys, "metric", "step", "value", "lo", "hi"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def _visible_band(g: pd.DataFrame, log: bool) -> bool:
+    """Whether a curve's min-max band is wider than its line: on a log axis more than 10% of the
+    value in some window, on a linear one more than 1% of the curve's range."""
+    if "lo" not in g or not len(g):
+        return False
+    if log:
+        lo, hi = g["lo"].clip(lower=1e-300), g["hi"].clip(lower=1e-300)
+        return bool((np.log10(hi) - np.log10(lo) > 0.04).any())
+    span = float(g["value"].max() - g["value"].min()) or 1.0
+    return bool(((g["hi"] - g["lo"]) > 0.01 * span).any())
 
 
 def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: float | None = None,
@@ -250,6 +299,7 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
     sel = curves[curves["metric"].isin(["theta_0", "theta_1"])]
     if sel.empty:
         return []
+    sel = _thinned(sel)
     others = _others(curves, param)
     combos = (list(sel[others].drop_duplicates().sort_values(others).itertuples(index=False, name=None))
               if others else [None])
@@ -301,6 +351,28 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False)
     cols = [c for c in ("run_id", *others, param, "step", "metric", "value") if c in sel]
     return _save(fig, out, name or f"trajectories_by_{param}", sel[cols].assign(minima=minima))
+
+
+PATH_POINTS = 500  # a path is drawn (and saved) with a point every 1/PATH_POINTS of its box's diagonal
+
+
+def _thinned(sel: pd.DataFrame, points: int = PATH_POINTS) -> pd.DataFrame:
+    """The θ-paths (long: metric theta_0/theta_1) with a point kept each time a path is more than
+    1/`points` of the paths' box diagonal (a pixel or two) from the last point kept, and every
+    path's first and last point: what a figure can show of 4,000 steps, in a CSV that stays small."""
+    wide = sel.pivot_table(index=["run_id", "step"], columns="metric", values="value").sort_index()
+    step = float(np.hypot(np.ptp(wide["theta_0"]), np.ptp(wide["theta_1"]))) / points or 1.0
+    keep = []
+    for rid, g in wide.groupby(level="run_id"):
+        xy, steps = g[["theta_0", "theta_1"]].to_numpy(), g.index.get_level_values("step")
+        last = 0
+        keep.append((rid, steps[0]))
+        for i in range(1, len(xy)):
+            if i == len(xy) - 1 or np.hypot(*(xy[i] - xy[last])) > step:
+                keep.append((rid, steps[i]))
+                last = i
+    index = pd.MultiIndex.from_tuples(keep, names=["run_id", "step"])
+    return sel[pd.MultiIndex.from_frame(sel[["run_id", "step"]]).isin(index)]
 
 
 REGIMES = {"stable": "#009E73", "spiky": "#E69F00", "diverged": "#000000"}  # Okabe-Ito: colour-blind safe

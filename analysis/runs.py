@@ -136,18 +136,23 @@ def load_runs(root) -> list[dict]:
     return runs
 
 
+CURVE_KEYS = ("h", "beta", "rho", "eps", "seed")  # beside each curve row; the rest of a run's config: summary.csv
+
+
 def curves_frame(runs: list[dict]) -> pd.DataFrame:
-    """Long format: run_id, hyperparameters, step, metric, value (NaN cells dropped)."""
+    """Long format: run_id, h, beta, rho, eps, seed, step, metric, value (NaN cells dropped;
+    the run's other settings are in summary.csv, by run_id)."""
     frames = []
     for r in runs:
         m = r["metrics"]
         if m.empty or "step" not in m or r.get("damaged"):  # a damaged run: not the run it claims to be
             continue
         long = m.melt(id_vars="step", var_name="metric", value_name="value").dropna(subset=["value"])
-        for k, v in reversed(list(hyperparameters(r["config"]).items())):
-            long.insert(0, k, v)
+        hyper = hyperparameters(r["config"])
+        for k in reversed(CURVE_KEYS):
+            long.insert(0, k, hyper[k])
         long.insert(0, "run_id", r["run_id"])
         frames.append(long)
     if not frames:
-        return pd.DataFrame(columns=["run_id", *HYPER, "step", "metric", "value"])
+        return pd.DataFrame(columns=["run_id", *CURVE_KEYS, "step", "metric", "value"])
     return pd.concat(frames, ignore_index=True)

@@ -110,15 +110,37 @@ def test_summary_with_known_answers(tmp_path):
     assert b["last_loss"] == 1.0
     with open(tmp_path / "analysis" / "summary.csv", newline="") as f:  # empty cells, not invented numbers
         raw = {r["run_id"]: r for r in csv.DictReader(f)}
-    assert raw[ID["aaa"]]["at_loss_1e-05_step"] == raw[ID["aaa"]]["at_loss_1e-05_pert_norm"] == ""
+    assert raw[ID["aaa"]]["at_loss_1e-05_step"] == ""  # never crossed: the step column stays, empty
+    # a column empty for every run is left out, and columns.md says so
+    for gone in ("at_loss_1e-05_pert_norm", "norm", "subset"):
+        assert gone not in raw[ID["aaa"]], gone
+    assert "`at_loss_1e-05_pert_norm`" in (tmp_path / "analysis" / "columns.md").read_text().split("Left out")[1]
     assert raw[ID["aaa"]]["holes"] == "" and raw[ID["aaa"]]["at_loss_0.1_step"] == "10"
     for col in ("final_loss", "at_loss_0.1_step", "at_loss_0.1_pert_norm", "at_loss_0.01_test_acc", "max_test_acc"):
         assert raw[ID["bbb"]][col] == "", col
-    assert raw[ID["bbb"]]["last_loss"] == "1.0" and raw[ID["bbb"]]["state"] == "running"
+    assert raw[ID["bbb"]]["last_loss"] == "1" and raw[ID["bbb"]]["state"] == "running"
     c = pd.read_csv(paths["curves"])
     assert set(c.columns) >= {"run_id", "h", "beta", "rho", "step", "metric", "value"}
     assert len(c[(c.run_id == ID["aaa"]) & (c.metric == "test_acc")]) == 4
     assert (tmp_path / "analysis" / "summary.parquet").exists()
+
+
+def test_summary_csv_has_the_digits_the_data_supports_and_parquet_every_digit(tmp_path):
+    """summary.csv: 7 significant digits (float32's), an integer step as an integer; the same
+    table in summary.parquet to the last bit."""
+    loss = 1 / 3 + np.geomspace(2, 1e-9, 30)
+    pert = np.pi * np.linspace(1, 3, 30)
+    write_run(tmp_path, "aaa", loss, pert=pert)
+    paths = analyze(tmp_path, thresholds=(0.5,), figures=False)
+    with open(paths["summary"], newline="") as f:
+        raw = next(csv.DictReader(f))
+    full = pd.read_parquet(tmp_path / "analysis" / "summary.parquet").iloc[0]
+    assert full["last_loss"] == loss[-1] and raw["last_loss"] == f"{loss[-1]:.7g}"
+    for col in ("last_loss", "final_loss", "at_loss_0.5_pert_norm", "hill_height"):
+        digits = raw[col].split("e")[0].replace("-", "").replace(".", "").lstrip("0")
+        assert 0 < len(digits) <= 7, (col, raw[col])
+        assert float(raw[col]) == pytest.approx(full[col], rel=5e-7), col
+    assert raw["steps"] == "29" and raw["at_loss_0.5_step"] == str(int(full["at_loss_0.5_step"]))
 
 
 def test_broken_inputs_give_messages_not_tracebacks(tmp_path, capsys):
@@ -173,7 +195,7 @@ def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_pa
     limit = pd.read_csv(tmp_path / "analysis" / "limit_one_norm_vs_beta.csv")
     assert "climb" not in set(limit.run_id) and len(limit) == 4
     curves = pd.read_csv(tmp_path / "analysis" / "curves_by_beta.csv")
-    assert set(curves.columns) == {"run_id", "rho", "beta", "step", "metric", "value"}
+    assert set(curves.columns) == {"run_id", "rho", "beta", "step", "metric", "value", "lo", "hi"}
     assert set(curves.metric) == {"loss", "pert_norm", "pert_norm_floor"}
     assert sorted(curves.groupby("rho").run_id.nunique()) == [2, 3]  # rho=0.5: 2 runs, 0.99: 3
     import matplotlib.pyplot as plt
@@ -198,6 +220,43 @@ def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_pa
     assert [len(ax.lines) for ax in axes[:, 0]] == [2, 3]
     assert [ax.get_title() for ax in axes[:, 0]] == [r"$\rho$=0.5", r"$\rho$=0.99"]
     assert any(ln.get_linestyle() == ":" for ln in axes[0, 1].lines)  # the floor p sqrt(eps)
+
+
+def test_long_curves_are_drawn_and_saved_as_envelopes_and_paths_thinned(tmp_path):
+    """A run of 4,000 steps whose loss oscillates: its curve is saved (and drawn) as at most
+    CURVE_POINTS windows whose band [lo, hi] holds every value of the window (the extremes of
+    the whole curve exactly), a short curve as it is; the θ-path keeps its first and last point
+    and far fewer rows; the figures' CSVs together are a fraction of curves.csv; redrawn from
+    its CSV, the curves figure saves the same CSV again."""
+    from analysis import figures
+    from analysis.redraw import redraw
+
+    n = 4000
+    k = np.arange(n)
+    loss = np.geomspace(2, 1e-6, n) * (1 + 0.9 * np.sin(k * 2.1))  # an oscillation: a solid block as a line
+    theta = dict(theta_0=2.8 - 2 * k / n + 0.001 * np.sin(k), theta_1=3.5 - 2.5 * k / n)  # a sub-pixel wiggle
+    for i, b in enumerate((0.5, 0.9)):
+        write_run(tmp_path, f"o{i}", loss * (1 + i), extra=theta, data=dict(name="bilinear", x=2.0, y=1.5), beta=b)
+    write_run(tmp_path, "short", np.geomspace(2, 1e-3, 50), beta=0.95)
+    paths = analyze(tmp_path)
+    out = tmp_path / "analysis"
+    drawn = pd.read_csv(out / "curves_by_beta.csv")
+    per = drawn.groupby(["run_id", "metric"]).size()
+    assert per.max() <= figures.CURVE_POINTS and per[(ID["short"], "loss")] == 50
+    o0 = drawn[(drawn.run_id == ID["o0"]) & (drawn.metric == "loss")]
+    assert (o0.lo <= o0.value).all() and (o0.value <= o0.hi).all()
+    assert o0.lo.min() == pytest.approx(loss.min(), rel=1e-6) and o0.hi.max() == pytest.approx(loss.max(), rel=1e-6)
+    assert (o0.hi / o0.lo).max() > 5  # the band is there to be drawn
+    short = drawn[(drawn.run_id == ID["short"]) & (drawn.metric == "loss")]
+    assert (short.lo == short.value).all() and (short.hi == short.value).all()
+    path = pd.read_csv(out / "trajectories_by_beta.csv")
+    p0 = path[(path.run_id == ID["o0"]) & (path.metric == "theta_0")].sort_values("step")
+    assert len(p0) < n / 3 and p0.step.iloc[0] == 0 and p0.step.iloc[-1] == n - 1
+    assert p0.value.iloc[-1] == pytest.approx(theta["theta_0"][-1], rel=1e-6)
+    figure_csvs = sum(p.stat().st_size for p in paths["figures"] if p.suffix == ".csv")
+    assert figure_csvs < paths["curves"].stat().st_size / 2
+    again = redraw(out / "curves_by_beta.csv", tmp_path / "again")
+    assert again[2].read_text() == (out / "curves_by_beta.csv").read_text()
 
 
 def test_real_run_through_analysis(cfg_factory, tmp_path):
