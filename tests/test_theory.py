@@ -144,6 +144,12 @@ def test_theory_figures_are_written(tmp_path):
     # rho = 0.99 at h = 0.02: kappa = 1.99, the whole ODE is drawn as outside its regime
     far = rows[(rows.h == 0.02) & (rows.rho == 0.99)]
     assert set(far.kind) == {"iterate", "ode_outside"}
+    # at T = 0.4 no run reaches its limit: each is marked as not converged, in the CSV and the legend
+    assert not its.converged.any()
+    one = pd.read_csv(tmp_path / "fig1_penalty.csv")  # Figure 1: five cases, each also near 0 (|x| <= 3 sqrt(eps))
+    assert one.groupby("panel")[["beta", "rho"]].apply(lambda g: len(g.drop_duplicates())).to_dict() == \
+        {"case": 5, "near_zero": 5}
+    assert one[one.panel == "near_zero"].x.abs().max() == pytest.approx(3 * math.sqrt(0.01))
 
 
 def test_trajectories_run_to_their_limits():

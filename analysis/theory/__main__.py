@@ -40,13 +40,14 @@ def main(argv=None):
     f.add_argument("--hs", type=float, nargs="+", default=[3e-3, 1e-2, 2e-2], help="Figure 3")
     f.add_argument("--eps", type=float, default=1e-8)
     f.add_argument("--ode-budget", type=float, default=15.0, help="seconds of ODE integration per trajectory")
+    f.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
     a = ap.parse_args(argv)
     if a.cmd == "verify":
         verify(a.beta, a.rho, a.eps, a.net_eps, a.T, a.hs, a.batches, a.algos, a.models, a.forms)
     elif a.cmd == "example23":
         example_2_3(a.beta, a.rho, T=a.T)
     else:
-        made = figures(a.out, a.eps, a.T, a.gtol, a.h, a.betas, a.rhos, a.hs, a.max_steps, a.ode_budget)
+        made = figures(a.out, a.eps, a.T, a.gtol, a.h, a.betas, a.rhos, a.hs, a.max_steps, a.ode_budget, a.style)
         print(f"wrote {len(made)} files under {a.out}")
 
 

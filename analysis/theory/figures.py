@@ -54,102 +54,171 @@ def _saver(out: Path, made: list):
 
     def save(fig, name, rows=None):
         for ext in ("png", "pdf"):
-            fig.savefig(out / f"{name}.{ext}", dpi=150, bbox_inches="tight")
+            fig.savefig(out / f"{name}.{ext}", bbox_inches="tight")
             made.append(out / f"{name}.{ext}")
         plt.close(fig)
         if rows is not None:
-            pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
+            pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False, float_format="%.10g")
             made.append(out / f"{name}.csv")
     return save
 
 
-def _figure1(save) -> None:
-    """Figure 1: the function of one variable that the modified loss penalises."""
+CASES_FIG1 = [(0.9, 0.5), (0.9, 0.9), (0.5, 0.9), (0.95, 0.99), (0.99, 0.95)]
+
+
+def _figure1(save, eps: float = 0.01) -> None:
+    """Figure 1: the function of one variable that the modified loss penalises, one panel per
+    (beta, rho) (their scales differ by 100x: one shared axis flattens three of them), and a
+    last panel near 0, where eps smooths |x| into a parabola of width ~sqrt(eps)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    x = np.linspace(-1, 1, 401)
+    fig, axes = plt.subplots(2, 3, figsize=(6.6, 3.9))
+    x = np.linspace(-1, 1, 801)
+    near = np.linspace(-3 * math.sqrt(eps), 3 * math.sqrt(eps), 401)
     rows = []
-    for b, r in [(0.9, 0.5), (0.9, 0.9), (0.5, 0.9), (0.95, 0.99), (0.99, 0.95)]:
-        y = penalty_1d(x, b, r, 0.01)
-        ax.plot(x, y, label=rf"$\beta$={b}, $\rho$={r}")
-        rows += [dict(beta=b, rho=r, x=xi, penalty=yi) for xi, yi in zip(x, y)]
-    ax.set_xlabel("x")
-    ax.set_ylabel(r"$\int_0^x \{\ldots\}\, d\sqrt{\varepsilon + y^2}$ (penalty)")
-    ax.set_title(r"penalised function of one variable ($\varepsilon$ = 0.01)", fontsize=9)
-    ax.legend(fontsize=7)
+    zoom = axes.flat[-1]
+    for i, ((b, r), ax) in enumerate(zip(CASES_FIG1, axes.flat)):
+        y = penalty_1d(x, b, r, eps)
+        ax.plot(x, y, color=f"C{i}")
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_title(rf"$\beta$ = {b}, $\rho$ = {r}")
+        ax.set_xticks([-1, -0.5, 0, 0.5, 1])
+        if i % 3 == 0:
+            ax.set_ylabel(r"penalty $P(x)$")
+        if i >= 3:
+            ax.set_xlabel(r"$x$")
+        yz = penalty_1d(near, b, r, eps)
+        zoom.plot(near / math.sqrt(eps), yz / np.abs(yz).max(), color=f"C{i}", label=rf"$\beta$={b}, $\rho$={r}")
+        rows += [dict(beta=b, rho=r, eps=eps, x=xi, penalty=yi, panel="case") for xi, yi in zip(x, y)]
+        rows += [dict(beta=b, rho=r, eps=eps, x=xi, penalty=yi, panel="near_zero") for xi, yi in zip(near, yz)]
+    zoom.set_title(r"near 0: $|x| \leq 3\sqrt{\varepsilon}$, each scaled to 1")
+    zoom.set_xlabel(r"$x / \sqrt{\varepsilon}$")
+    zoom.set_ylabel(r"$P(x) / \max |P|$")
+    zoom.axhline(0, color="0.6", lw=0.5)
+    fig.suptitle(r"Figure 1: $P(x) = \int_0^x \{\frac{1+\beta}{1-\beta} - \frac{1+\rho}{1-\rho} + "
+                 r"\frac{1+\rho}{1-\rho}\frac{\varepsilon}{y^2+\varepsilon}\}\, d\sqrt{\varepsilon+y^2}$, "
+                 rf"$\varepsilon$ = {eps:g}: the modified loss adds $h\,\sum_i P(\partial_i E)/2$ (Eq. (5))")
+    fig.tight_layout()
     save(fig, "fig1_penalty", rows)
 
 
 def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, budget_s) -> None:
-    """One panel of Figures 2-3: the iterates of each setting from (2.8, 3.5), its modified ODE
-    (9) (dashed where outside its regime), the hyperbola of minima; the data into `rows`."""
+    """One panel of Figures 2-3: the iterates of each setting from (2.8, 3.5) (dots), its
+    modified ODE (9) above them (a line; dashed where outside its regime), the hyperbola of
+    minima and its point of smallest one-norm; an inset zoomed on the end points; a run that
+    reached the horizon before its gradient vanished marked as not converged. Data into `rows`."""
     loss = [bilinear_loss()]
     th0 = torch.tensor([2.8, 3.5], dtype=torch.float64)
-    xs = np.linspace(0.3, 3.2, 300)
-    ax.plot(xs, 0.75 / xs, color="violet", lw=2, label=r"minima $\theta_1\theta_2 = y/x$")
-    ax.plot([math.sqrt(0.75)], [math.sqrt(0.75)], "kx", ms=9, label="minimal one-norm of the gradient")
-    any_outside = False
-    for s, lab in zip(settings, labels):
+    xs = np.geomspace(0.05, 12, 600)
+    inset = ax.inset_axes([0.5, 0.05, 0.47, 0.47])
+    ends, series = [], []
+    for k, (s, lab) in enumerate(zip(settings, labels)):
+        c = f"C{k}"
         it, ode, outside = trajectory(loss, th0, s, T, gtol, max_steps, budget_s)
+        steps = min(int(math.ceil(T / s.h - 1e-9)), max_steps)
+        converged = len(it) - 1 < steps
+        for a in (ax, inset):
+            a.plot(it[:, 0], it[:, 1], ".", ms=1.2, color=c, alpha=0.45, zorder=2)
+            if outside > 0:
+                a.plot(ode[: outside + 1, 0], ode[: outside + 1, 1], "-", lw=1.0, color=c, zorder=3)
+            if outside < len(ode) - 1:
+                a.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=1.0, color=c, zorder=3)
+            a.plot(*it[-1], "o" if converged else "^", ms=5, mfc="white", color=c, zorder=4)
+        ends.append(it[-1])
         lim = np.abs(it[-1]).sum()
-        line, = ax.plot(it[:, 0], it[:, 1], ".", ms=1.5,
-                        label=f"{lab}: {len(it) - 1} steps, " + r"$|\theta|_1$" + f" = {lim:.3f}")
-        c = line.get_color()
-        if outside > 0:
-            ax.plot(ode[: outside + 1, 0], ode[: outside + 1, 1], "-", lw=0.9, color=c)
-        if outside < len(ode) - 1:
-            any_outside = True
-            ax.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=0.9, color=c)
-        ax.plot(*it[-1], "o", ms=5, mfc="none", color=c)
-        rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="iterate", n=n, theta_1=p[0], theta_2=p[1])
-                 for n, p in enumerate(it)]
+        series.append((_line(c), f"{lab}: {len(it) - 1} steps, " + r"$|\theta|_1$" + f" = {lim:.3f}"
+                       + ("" if converged else " (not converged)")))
+        rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="iterate", n=n, theta_1=p[0], theta_2=p[1],
+                      converged=converged) for n, p in enumerate(it)]
         rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="ode" if n < outside else "ode_outside",
-                      n=n, theta_1=p[0], theta_2=p[1]) for n, p in enumerate(ode)]
-    ax.plot([], [], "k-", lw=0.9, label="modified ODE (9)")
-    if any_outside:
-        ax.plot([], [], "k--", lw=0.9, label=rf"ODE outside its regime ($\kappa \geq$ {REGIME_KAPPA} "
-                                              f"or > {REGIME_DIST} from the iterates)")
-    ax.plot([], [], "ko", ms=5, mfc="none", label="last iterate")
-    ax.set_xlim(0.3, 3.0)
-    ax.set_ylim(0.2, 3.6)
+                      n=n, theta_1=p[0], theta_2=p[1], converged=converged) for n, p in enumerate(ode)]
+    # the panel: every iterate (a run may cross to the branch theta_1, theta_2 < 0) and the minima near them
+    every = np.array([(r["theta_1"], r["theta_2"]) for r in rows if r["kind"] == "iterate" and r["h"] in
+                      {st.h for st in settings} and (r["beta"], r["rho"]) in {(st.beta, st.rho) for st in settings}])
+    box_lo, box_hi = np.minimum(every.min(0), 0.2), np.maximum(every.max(0), [3.1, 3.7])
+    margin = 0.03 * (box_hi - box_lo)
+    ax.set_xlim(box_lo[0] - margin[0], box_hi[0] + margin[0])
+    ax.set_ylim(box_lo[1] - margin[1], box_hi[1] + margin[1])
+    ends = np.array(ends + [[math.sqrt(0.75)] * 2])
+    lo, hi = ends.min(0), ends.max(0)
+    pad = np.maximum(0.15 * (hi - lo).max(), 0.05)
+    for a in (ax, inset):
+        for branch in (xs, -xs[::-1]):  # theta_1 theta_2 = 0.75: both branches, where the panel shows them
+            a.plot(branch, 0.75 / branch, color="0.45", lw=1.2, ls=(0, (4, 2)), zorder=1)
+        a.plot([math.sqrt(0.75)], [math.sqrt(0.75)], "kx", ms=6, mew=1.2, zorder=5)
+    ax.set_xlim(box_lo[0] - margin[0], box_hi[0] + margin[0])
+    ax.set_ylim(box_lo[1] - margin[1], box_hi[1] + margin[1])
+    if ((hi - lo + 2 * pad) < 0.4 * (box_hi - box_lo)).all():  # a zoom only where the end points lie close
+        inset.set_xlim(lo[0] - pad, hi[0] + pad)
+        inset.set_ylim(lo[1] - pad, hi[1] + pad)
+        inset.tick_params(labelsize=6, length=2)
+        inset.grid(False)
+        ax.indicate_inset_zoom(inset, edgecolor="0.5")
+    else:
+        inset.remove()
     ax.set_xlabel(r"$\theta_1$")
     ax.set_ylabel(r"$\theta_2$")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=5.5, loc="upper left")
+    ax.set_title(title)
+    ax.legend(*zip(*series), loc="upper center", bbox_to_anchor=(0.5, -0.2), handlelength=1.2)
+
+
+def _line(colour, **kw):
+    import matplotlib.lines
+
+    return matplotlib.lines.Line2D([], [], color=colour, **kw)
+
+
+def _common_legend(fig, any_outside: bool) -> None:
+    """The elements both panels share, once, under the figure."""
+    h = [(_line("0.3", marker=".", ls="", ms=4), "iterates of Adam"),
+         (_line("0.3", lw=1.0), "modified ODE (9)"),
+         (_line("0.3", marker="o", mfc="white", ls=""), "last iterate"),
+         (_line("0.3", marker="^", mfc="white", ls=""), "last iterate, not converged by the horizon"),
+         (_line("0.45", lw=1.2, ls=(0, (4, 2))), r"minima $\theta_1\theta_2 = y/x = 0.75$"),
+         (_line("k", marker="x", ls=""),
+          r"smallest $|\theta|_1$ among the minima, $(\sqrt{.75}, \sqrt{.75})$")]
+    if any_outside:
+        h.insert(2, (_line("0.3", lw=1.0, ls="--"),
+                     rf"ODE outside its regime ($\kappa \geq$ {REGIME_KAPPA} or > {REGIME_DIST} from the iterates)"))
+    fig.legend(*zip(*h), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+
+
+def _trajectory_figure(save, name, panels, T, gtol, max_steps, budget_s) -> None:
+    """Figures 2 and 3: two panels (settings, labels, title), one legend of what they share."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(6.8, 3.5))
+    rows = []
+    for ax, (settings, labels, title) in zip(axes, panels):
+        _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, budget_s)
+    fig.tight_layout()
+    _common_legend(fig, any(r["kind"] == "ode_outside" for r in rows))
+    save(fig, name, rows)
 
 
 def figures(out="figures/theory", eps=1e-8, T=15.0, gtol=1e-6, h=1e-2, betas=(0.5, 0.9, 0.95),
-            rhos=(0.5, 0.9, 0.99), hs=(3e-3, 1e-2, 2e-2), max_steps=200_000, budget_s=15.0):
+            rhos=(0.5, 0.9, 0.99), hs=(3e-3, 1e-2, 2e-2), max_steps=200_000, budget_s=15.0, style="paper"):
     """Figures 1-3 of the paper. Figures 2-3 run every trajectory until the horizon `T` (T/h
     steps) or until its gradient one-norm is below `gtol`, so that they end at their limit
     points; the data of every panel is written beside it as CSV."""
-    import matplotlib
+    from ..figures import use_style  # the sweep figures' style file (Agg backend)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    use_style(style)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     made = []
     save = _saver(out, made)
     _figure1(save)
     run = dict(T=T, gtol=gtol, max_steps=max_steps, budget_s=budget_s)
-
     # Figure 2: several beta, several rho
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    rows = []
-    _trajectory_panel(axes[0], [Setting("adam", h, b, 0.9, eps) for b in betas], [rf"$\beta$={b}" for b in betas],
-                      rf"Adam, $\rho$ = 0.9, h = {h:g}: iterates (dots), modified ODE (9) (lines)", rows, **run)
-    _trajectory_panel(axes[1], [Setting("adam", h, 0.9, r, eps) for r in rhos], [rf"$\rho$={r}" for r in rhos],
-                      rf"Adam, $\beta$ = 0.9, h = {h:g}", rows, **run)
-    save(fig, "fig2_trajectories_beta_rho", rows)
-
+    _trajectory_figure(save, "fig2_trajectories_beta_rho", [
+        ([Setting("adam", h, b, 0.9, eps) for b in betas], [rf"$\beta$={b}" for b in betas],
+         rf"Figure 2: Adam, $\rho$ = 0.9, h = {h:g}"),
+        ([Setting("adam", h, 0.9, r, eps) for r in rhos], [rf"$\rho$={r}" for r in rhos],
+         rf"Adam, $\beta$ = 0.9, h = {h:g}")], **run)
     # Figure 3: several step sizes, beta >> rho and rho > beta
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    rows = []
-    for ax, (b, r) in zip(axes, [(0.95, 0.5), (0.5, 0.99)]):
-        _trajectory_panel(ax, [Setting("adam", hh, b, r, eps) for hh in hs], [f"h={hh:g}" for hh in hs],
-                          rf"Adam, $\beta$ = {b}, $\rho$ = {r}", rows, **run)
-    save(fig, "fig3_trajectories_h", rows)
+    _trajectory_figure(save, "fig3_trajectories_h", [
+        ([Setting("adam", hh, b, r, eps) for hh in hs], [f"h={hh:g}" for hh in hs],
+         rf"{'Figure 3: ' if k == 0 else ''}Adam, $\beta$ = {b}, $\rho$ = {r}")
+        for k, (b, r) in enumerate([(0.95, 0.5), (0.5, 0.99)])], **run)
     return made
