@@ -29,14 +29,13 @@ from torch.nn import functional as F
 
 from bench import authors
 from pipeline.config.compose import Composer
+from pipeline.dispatch.cost import PEAK_TFLOPS  # H100/H200 SXM dense, per GPU (torch_default: TF32 convolutions)
 from pipeline.engine.data import load_dataset, synthetic
 from pipeline.engine.loop import build
 from pipeline.engine.numerics import numerics
 from pipeline.engine.step import bn_layers, evaluate, full_batch_step, partition, to_host
 from pipeline.engine.theory_metrics import bias_term_norm
 
-# H100/H200 SXM dense, per GPU (torch_default: TF32 convolutions, where a CNN spends its FLOPs)
-PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0, "fp64": 67.0, "torch_default": 495.0}
 SWITCHES = {"fp32": [], "tf32": ["precision=tf32"], "bf16": ["precision=bf16"], "fp64": ["precision=fp64"],
             "torch_default": ["precision=torch_default"],
             "channels_last": ["channels_last=true"], "compile": ["compile=true"],

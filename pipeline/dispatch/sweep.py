@@ -46,6 +46,7 @@ from ..runs.rundir import FINISHED, RunDir
 from ..threads import child_env
 from ..train import PackJob, TrainJob
 from . import orphans, slurm
+from .cost import cost_lines
 from .plan import Plan, make_plan, register, sweep_runs, table
 
 LAUNCHERS = ("local", "basic", "slurm")
@@ -448,6 +449,8 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
               "(each pack trains its runs together in one process; each run is still its own)")
     if dry:
         _print_table(table(plan))
+        for line in cost_lines([p.cfg for p in plan.todo]):
+            print(line)
         print("dry run: nothing created, nothing submitted")
         return 0
     register(plan)
