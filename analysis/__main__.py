@@ -53,7 +53,8 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
                             spike_factor=spike_factor)
     curves = curves_frame(runs)
     paths = dict(summary=out / "summary.csv", curves=out / "curves.csv", columns=out / "columns.md")
-    summary, empty = without_empty(summary)
+    recorded = {c for r in runs if not r.get("damaged") for c in r["metrics"].columns if r["metrics"][c].notna().any()}
+    summary, empty = without_empty(summary, recorded)
     write_summary(summary, paths["summary"], out / "summary.parquet" if parquet else None)
     write_columns(summary.columns, paths["columns"], empty)
     curves.to_csv(paths["curves"], index=False)

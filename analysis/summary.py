@@ -164,15 +164,29 @@ def summary_frame(runs, **kw) -> pd.DataFrame:
 
 
 CSV_DIGITS = 7  # summary.csv's significant digits (float32's); summary.parquet keeps every digit
-KEPT_EMPTY = re.compile(r"run_id|state|steps|holes|last_loss|final_loss|at_loss_.+_step|at_step_\d+_.+")
+CONFIG_COLUMNS = ("h", "beta", "rho", "eps", "optim", "model", "norm", "data", "subset", "seed", "max_steps",
+                  "micro_batch", "eps_inside", "bias_correction", "precision")
 
 
-def without_empty(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The summary less the columns that are empty for every run (a model without a test set
-    has no test columns, an MLP no `norm`), and their names. Kept even when empty, since there
-    an empty cell is a finding: the crossing steps (never crossed), the requested steps, the
-    final loss (not finished), `holes` (whole)."""
-    empty = [c for c in df.columns if df[c].isna().all() and not KEPT_EMPTY.fullmatch(c)]
+def needs(column: str) -> str | None:
+    """The metric (a metrics.csv column) a summary column is made from, or None."""
+    for pattern, metric in ((r"at_(?:loss|step)_.+?_(pert_norm|test_acc|test_loss|acc|l1_norm|l2_norm|bias_norm|loss)",
+                             None), (r"max_test_acc", "test_acc"), (r"hill_height_rel_floor", "pert_norm_floor"),
+                            (r"hill_.+", "pert_norm"), (r"limit_grad_one_norm", "l1_norm"), (r"limit_.+", "theta_0")):
+        m = re.fullmatch(pattern, column)
+        if m:
+            return metric or m.group(1)
+    return None
+
+
+def without_empty(df: pd.DataFrame, metrics: set[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The summary less the columns that cannot have a value for any run, and their names: a
+    setting no run has (an MLP's `norm`, `subset` when no run took one) and the values of a
+    metric no run recorded (`metrics`: the metrics.csv columns with a value in some run; a model
+    without a test set has no test columns). An empty cell of any other column is a finding (a
+    threshold never crossed, a history with holes, a run not finished) and stays."""
+    empty = [c for c in df.columns if df[c].isna().all()
+             and (c in CONFIG_COLUMNS or (needs(c) is not None and needs(c) not in metrics))]
     return df.drop(columns=empty), empty
 
 

@@ -110,11 +110,11 @@ def test_summary_with_known_answers(tmp_path):
     assert b["last_loss"] == 1.0
     with open(tmp_path / "analysis" / "summary.csv", newline="") as f:  # empty cells, not invented numbers
         raw = {r["run_id"]: r for r in csv.DictReader(f)}
-    assert raw[ID["aaa"]]["at_loss_1e-05_step"] == ""  # never crossed: the step column stays, empty
-    # a column empty for every run is left out, and columns.md says so
-    for gone in ("at_loss_1e-05_pert_norm", "norm", "subset"):
+    assert raw[ID["aaa"]]["at_loss_1e-05_step"] == raw[ID["aaa"]]["at_loss_1e-05_pert_norm"] == ""  # never crossed
+    # a setting no run has is left out (and named in columns.md); test columns stay: "aaa" was tested
+    for gone in ("norm", "subset"):
         assert gone not in raw[ID["aaa"]], gone
-    assert "`at_loss_1e-05_pert_norm`" in (tmp_path / "analysis" / "columns.md").read_text().split("Left out")[1]
+    assert "`norm`" in (tmp_path / "analysis" / "columns.md").read_text().split("Left out")[1]
     assert raw[ID["aaa"]]["holes"] == "" and raw[ID["aaa"]]["at_loss_0.1_step"] == "10"
     for col in ("final_loss", "at_loss_0.1_step", "at_loss_0.1_pert_norm", "at_loss_0.01_test_acc", "max_test_acc"):
         assert raw[ID["bbb"]][col] == "", col
@@ -141,6 +141,8 @@ def test_summary_csv_has_the_digits_the_data_supports_and_parquet_every_digit(tm
         assert 0 < len(digits) <= 7, (col, raw[col])
         assert float(raw[col]) == pytest.approx(full[col], rel=5e-7), col
     assert raw["steps"] == "29" and raw["at_loss_0.5_step"] == str(int(full["at_loss_0.5_step"]))
+    # no test set: no test columns (a metric no run recorded); the crossing's other values stay
+    assert not [c for c in raw if "test" in c] and "at_loss_0.5_acc" in raw
 
 
 def test_broken_inputs_give_messages_not_tracebacks(tmp_path, capsys):
