@@ -67,7 +67,7 @@ def write_columns(columns, path: Path, left_out=()) -> Path:
              f"not finished), never an invented number. Numbers have {CSV_DIGITS} significant digits; "
              "summary.parquet holds the same table with every digit.", "",
              "| column | meaning |", "| --- | --- |"]
-    lines += [f"| `{c}` | {describe(c) or 'see the README, Analysis'} |" for c in columns]
+    lines += [f"| `{c}` | {describe(c) or 'see docs/analysis.md'} |" for c in columns]
     if len(left_out):
         lines += ["", "Left out, empty for every run (e.g. test columns of a model without a test set): "
                   + ", ".join(f"`{c}`" for c in left_out) + "."]

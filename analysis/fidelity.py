@@ -49,7 +49,7 @@ from .summary import summarize_run, tkey
 
 log = logging.getLogger("analysis.fidelity")
 
-# -- the cases of the README's "Which precision" table ------------------------------------------
+# -- the cases of docs/speed.md's "Which precision" table ------------------------------------------
 # Regimes as in Ma et al. (the paper's Section 7): oscillation when rho is close to beta, spikes
 # when rho is much larger than beta (the MLP spikes at steps 103-107; the BatchNorm CNN does not
 # spike at these hyperparameters, nor at h up to 3e-2, within 400 steps). Every case passes the

@@ -1,6 +1,6 @@
 """The thread budget, in one place: a training process uses its share of the cores, never all of
 them beside other runs. torch's default is every core per process; two such processes on 2 cores,
-or one beside any other work, run 10-20x slower (README "Threads").
+or one beside any other work, run 10-20x slower (docs/sweeps.md, "Threads").
 
 The share of a run, first that applies:
   train.threads           explicit (non-semantic: it changes the speed, and on a CPU the summation

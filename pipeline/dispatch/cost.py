@@ -4,7 +4,7 @@
 A step is the forward and backward of N training examples (`data.subset` or the whole set),
 plus a forward of the test set every `train.eval_every` steps; FLOPs are counted once per model
 by torch.utils.flop_counter on the meta device (no memory, no data, under a second for a
-ResNet-101). The peak and the MFU are assumptions (README, "Expected GPU time per run"):
+ResNet-101). The peak and the MFU are assumptions (docs/speed.md, "Expected GPU time per run"):
 `make gpucheck` measures the real MFU on a GPU.
 """
 

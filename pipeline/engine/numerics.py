@@ -1,6 +1,6 @@
 """The numerics of a run: its device, its CPU threads (pipeline/threads.py: on a CPU they also set
 the summation order), the TF32 and determinism switches of `precision` and `deterministic`, and
-bf16 autocast (what each precision does and when to use which: README
+bf16 autocast (what each precision does and when to use which: docs/speed.md
 "Which precision", docs/fidelity.md)."""
 
 from __future__ import annotations
