@@ -412,7 +412,7 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
     fig, axes = plt.subplots(rows, cols, figsize=_size(3.3 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    seen = set()
+    seen, blank = set(), False
     for ax, (col, label) in zip(axes.flat, panels):
         grid = np.full((len(betas), len(rhos)), np.nan)
         for (b, r), i in where.items():
@@ -429,7 +429,12 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
             log = "acc" not in col and len(finite) and finite.min() > 0 and finite.max() / finite.min() > MAP_LOG_SPAN
             mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap="viridis",
                                  norm=matplotlib.colors.LogNorm() if log else None)
-            fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
+            bar = fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
+            if log:  # plain numbers (2, 5, 20), not 2 x 10^0
+                bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+                    lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        blank |= bool(np.isnan(grid).any())
         ax.set_facecolor(NO_VALUE)
         same = [(list(rhos).index(v) + 0.5, list(betas).index(v) + 0.5) for v in betas if v in set(rhos)]
         if len(same) > 1:
@@ -447,7 +452,8 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
         fig.suptitle(title)
     fig.tight_layout()
     legend = [(matplotlib.patches.Patch(color=c), r) for r, c in REGIMES.items() if r in seen]
-    legend.append((matplotlib.patches.Patch(color=NO_VALUE), f"no value (loss never < {threshold:g}, or no run)"))
+    if blank:  # no legend entry without a cell to show it
+        legend.append((matplotlib.patches.Patch(color=NO_VALUE), f"no value (loss never < {threshold:g}, or no run)"))
     legend.append((matplotlib.lines.Line2D([], [], color="0.2", ls="--", lw=0.8), r"$\beta = \rho$"))
     fig.legend(*zip(*legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(legend))
     data = g[[c for c in ("run_id", "h", "eps", "beta", "rho", "state", *[c for c, _ in panels]) if c in g]]
