@@ -117,8 +117,16 @@ def _yscale(ax, metric: str, y: np.ndarray) -> None:
     if "acc" in metric:
         mid, span = (y.min() + y.max()) / 2, max(y.max() - y.min(), ACC_SPAN)
         ax.set_ylim(max(0.0, mid - 0.6 * span), min(1.0, mid + 0.6 * span))
-    elif y.min() > 0 and y.max() / y.min() > LOG_SPAN:
-        ax.set_yscale("log")
+    elif y.min() >= 0 and (y > 0).any() and y.max() / y[y > 0].min() > LOG_SPAN:
+        if y.min() > 0:
+            ax.set_yscale("log")
+        else:  # exact zeros (a hill of height 0): linear up to the smallest positive value, log above
+            low, high = int(np.floor(np.log10(y[y > 0].min()))), int(np.ceil(np.log10(y.max())))
+            ax.set_yscale("symlog", linthresh=10.0**low, linscale=0.5)
+            ax.set_ylim(-0.1 * 10.0**low, 1.5 * y.max())
+            decades = [10.0**k for k in range(low + 1, high + 1)]
+            ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.0, *decades]))
+            ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def _finished(frame: pd.DataFrame) -> pd.Series:

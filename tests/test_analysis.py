@@ -394,3 +394,33 @@ def test_a_dense_beta_rho_grid_gets_its_phase_diagram(tmp_path):
     two_h = pd.concat([summary, summary.assign(h=0.01, run_id=summary.run_id + "x")])
     assert sorted(p.name for p in regime_map_figure(two_h, 0.01, tmp_path / "h") if p.suffix == ".png") == \
         ["regime_map_h0.01.png", "regime_map_h0.1.png"]
+
+
+def test_a_metric_over_decades_with_zeros_gets_a_symlog_axis(tmp_path):
+    """Hill heights from 0 to 6 across six decades (the toy's): not a linear axis where all but
+    two lines lie on zero; a log axis above the smallest positive value, 0 itself still drawn."""
+    import matplotlib.pyplot as plt
+
+    from analysis import figures
+
+    figures.use_style("paper")
+    heights = [0.0, 8e-6, 0.005, 0.03, 0.5, 6.4]
+    s = pd.DataFrame(dict(run_id=[f"r{i}" for i in range(6)], h=[0.003, 0.01] * 3,
+                          beta=[0.5, 0.5, 0.9, 0.9, 0.95, 0.95], state="completed", hill_height=heights))
+    seen = {}
+    real = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        seen["axes"] = axes
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        figures.threshold_figure(s, "h", None, tmp_path, metrics=("hill_height",), name="hill")
+    finally:
+        plt.subplots = real
+    ax = seen["axes"][0, 0]
+    assert ax.get_yscale() == "symlog" and ax.get_ylim()[0] < 0 < 1e-5 < ax.get_ylim()[1]
+    ticks = list(ax.get_yticks())
+    assert ticks[0] == 0 and 1e-5 in ticks and 1.0 in ticks and 1e-6 not in ticks  # no label crowding 0
