@@ -164,8 +164,7 @@ def summary_frame(runs, **kw) -> pd.DataFrame:
 
 
 CSV_DIGITS = 7  # summary.csv's significant digits (float32's); summary.parquet keeps every digit
-CONFIG_COLUMNS = ("h", "beta", "rho", "eps", "optim", "model", "norm", "data", "subset", "seed", "max_steps",
-                  "micro_batch", "eps_inside", "bias_correction", "precision")
+OPTIONAL_SETTINGS = ("norm", "subset", "micro_batch", "eps_inside", "bias_correction")  # only some runs have them
 
 
 def needs(column: str) -> str | None:
@@ -180,13 +179,13 @@ def needs(column: str) -> str | None:
 
 
 def without_empty(df: pd.DataFrame, metrics: set[str]) -> tuple[pd.DataFrame, list[str]]:
-    """The summary less the columns that cannot have a value for any run, and their names: a
-    setting no run has (an MLP's `norm`, `subset` when no run took one) and the values of a
+    """The summary less the columns that cannot have a value for any run, and their names: an
+    optional setting no run has (an MLP's `norm`, `subset` when no run took one) and the values of a
     metric no run recorded (`metrics`: the metrics.csv columns with a value in some run; a model
     without a test set has no test columns). An empty cell of any other column is a finding (a
     threshold never crossed, a history with holes, a run not finished) and stays."""
     empty = [c for c in df.columns if df[c].isna().all()
-             and (c in CONFIG_COLUMNS or (needs(c) is not None and needs(c) not in metrics))]
+             and (c in OPTIONAL_SETTINGS or (needs(c) is not None and needs(c) not in metrics))]
     return df.drop(columns=empty), empty
 
 

@@ -96,17 +96,17 @@ def test_summary_with_known_answers(tmp_path):
     write_run(tmp_path, "aaa", loss, pert=pert, test_acc=acc)
     write_run(tmp_path, "bbb", np.linspace(2, 1, 5), state="running", beta=0.95)
     paths = analyze(tmp_path, thresholds=(0.1, 0.01, 1e-5), steps_at=(20,), figures=False)
-    s = pd.read_csv(paths["summary"]).set_index("run_id")
+    s = pd.read_parquet(paths["summary"].with_suffix(".parquet")).set_index("run_id")  # every digit
     a = s.loc[ID["aaa"]]
     assert a["at_loss_0.1_step"] == 10 and a["at_loss_0.01_step"] == 20
     assert a["at_loss_0.1_pert_norm"] == pert[10] and a["at_loss_0.1_test_acc"] == 0.7
     assert a["at_loss_0.01_test_acc"] == 0.8 and a["at_step_20_pert_norm"] == pert[20]
-    assert np.isnan(a["at_loss_1e-05_step"])  # never reached: an empty cell
+    assert pd.isna(a["at_loss_1e-05_step"])  # never reached: an empty cell
     assert a["max_test_acc"] == 0.85 and a["final_loss"] == loss[-1] and a["steps"] == 24
     assert a["regime"] == "stable" and a["state"] == "completed"
     assert a["h"] == 1e-4 and a["beta"] == 0.9 and a["rho"] == 0.999
     b = s.loc[ID["bbb"]]
-    assert b["state"] == "running" and np.isnan(b["final_loss"]) and np.isnan(b["at_loss_0.1_step"])
+    assert b["state"] == "running" and pd.isna(b["final_loss"]) and pd.isna(b["at_loss_0.1_step"])
     assert b["last_loss"] == 1.0
     with open(tmp_path / "analysis" / "summary.csv", newline="") as f:  # empty cells, not invented numbers
         raw = {r["run_id"]: r for r in csv.DictReader(f)}
@@ -267,7 +267,7 @@ def test_real_run_through_analysis(cfg_factory, tmp_path):
     run = RunDir(cfg.paths.runs, run_id(cfg))
     assert find_runs(cfg.paths.runs) == [run.path]
     paths = analyze(cfg.paths.runs, out=tmp_path / "out", thresholds=(1.9,))
-    s = pd.read_csv(paths["summary"]).iloc[0]
+    s = pd.read_parquet(paths["summary"].with_suffix(".parquet")).iloc[0]  # every digit
     m = pd.read_csv(run.metrics)
     first = int(m.step[m.loss < 1.9].iloc[0])
     assert s["at_loss_1.9_step"] == first

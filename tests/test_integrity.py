@@ -267,7 +267,8 @@ def test_hole_is_flagged_everywhere_and_retry_makes_it_whole(tmp_path, damage):
     from pipeline.dispatch.sweep import view
 
     assert view(check(run), None, None, None, None) == f"completed (metrics.csv: {missing})"
-    s = pd.read_csv(analyze(tmp_path / "runs", figures=False, thresholds=(2.0, 1e-9))["summary"]).iloc[0]
+    summary = analyze(tmp_path / "runs", figures=False, thresholds=(2.0, 1e-9))["summary"]
+    s = pd.read_parquet(summary.with_suffix(".parquet")).iloc[0]  # every digit (summary.csv has 7)
     assert s["holes"] == missing
     for col in ("hill_height", "max_test_acc", "regime", "at_loss_1e-09_step"):
         assert pd.isna(s[col]), col  # unknown: maybe in the missing rows
