@@ -95,9 +95,9 @@ def _figure1(save, eps: float = 0.01) -> None:
     zoom.set_xlabel(r"$x / \sqrt{\varepsilon}$")
     zoom.set_ylabel(r"$P(x) / \max |P|$")
     zoom.axhline(0, color="0.6", lw=0.5)
-    fig.suptitle(r"Figure 1: $P(x) = \int_0^x \{\frac{1+\beta}{1-\beta} - \frac{1+\rho}{1-\rho} + "
-                 r"\frac{1+\rho}{1-\rho}\frac{\varepsilon}{y^2+\varepsilon}\}\, d\sqrt{\varepsilon+y^2}$, "
-                 rf"$\varepsilon$ = {eps:g}: the modified loss adds $h\,\sum_i P(\partial_i E)/2$ (Eq. (5))")
+    fig.suptitle(rf"Figure 1: what the modified loss penalises, in one dimension (Section 3), $\varepsilon$ = {eps:g}"
+                 "\n" + r"$P(x) = \int_0^x \{\frac{1+\beta}{1-\beta} - \frac{1+\rho}{1-\rho} + "
+                 r"\frac{1+\rho}{1-\rho}\frac{\varepsilon}{y^2+\varepsilon}\}\, d\sqrt{\varepsilon+y^2}$")
     fig.tight_layout()
     save(fig, "fig1_penalty", rows)
 
