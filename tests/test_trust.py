@@ -117,10 +117,12 @@ WRITES = {
 }
 
 
-@pytest.mark.parametrize("write", list(WRITES) + ["metrics row", "metrics sync"])
+@pytest.mark.parametrize("write", list(WRITES) + ["metrics row", "metrics sync", "metrics close"])
 def test_every_write_path_of_a_run_is_fenced(tmp_path, write):
     """Once the lease record is another holder's, each way a run directory is written raises
-    LeaseLost before it touches anything: no file appears, changes or disappears."""
+    LeaseLost before it touches anything: no file appears, changes or disappears. (A metrics
+    row is held in memory until the writer's next flush, at most FLUSH_S later, at a checkpoint's
+    sync or at close: each of those is fenced.)"""
     from pipeline.runs.lease import Lease, LeaseLost
 
     path = tmp_path / "run"
@@ -138,8 +140,15 @@ def test_every_write_path_of_a_run_is_fenced(tmp_path, write):
         with pytest.raises(LeaseLost, match="taken over by node-b"):
             if write == "metrics row":
                 writer.write(dict(step=2, loss=0.25))
+                assert files_of(path) == before  # held, not written
+                writer.flushed_at -= writer.flush_s  # the row of FLUSH_S later: it goes to the file
+                writer.write(dict(step=3, loss=0.125))
             elif write == "metrics sync":
+                writer.write(dict(step=2, loss=0.25))
                 writer.sync()
+            elif write == "metrics close":
+                writer.write(dict(step=2, loss=0.25))
+                writer.close()
             else:
                 WRITES[write](run)
         assert files_of(path) == before
