@@ -229,11 +229,7 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
             floor = sel.loc[sel["metric"] == "pert_norm_floor", "value"]
             if metric == "pert_norm" and len(floor):
                 ax.axhline(float(floor.iloc[0]), color="gray", ls=":", lw=1)
-            if metric in LOG_METRICS and (sub["value"] > 0).any():
-                ax.set_yscale("log")  # zeros are dropped
-                if metric == "loss" and (sub["value"] < LOSS_FLOOR).any():
-                    ax.set_ylim(bottom=LOSS_FLOOR)
-                    clipped = True
+            clipped |= _curve_yscale(ax, metric, sub["value"])
             if i == 0 or key is not None:
                 ax.set_title(_combo_label(others, key) if key is not None else "")
             if i == len(combos) - 1:
@@ -287,15 +283,45 @@ def envelope(curves: pd.DataFrame, keys: list[str], points: int = CURVE_POINTS) 
 
 
 def _visible_band(g: pd.DataFrame, log: bool) -> bool:
-    """Whether a curve's min-max band is wider than its line: on a log axis more than 10% of the
-    value in some window, on a linear one more than 1% of the curve's range."""
-    if "lo" not in g or not len(g):
+    """Whether a curve oscillates within its windows: in some window the min-max band is wider
+    than its line (10% of the value on a log axis, 1% of the curve's range on a linear one) and
+    more than twice the change of the median to the neighbouring windows (a steep but steady
+    descent also spans a range within a window; that is the line's own slope, not a band)."""
+    if "lo" not in g or len(g) < 3:
         return False
-    if log:
-        lo, hi = g["lo"].clip(lower=1e-300), g["hi"].clip(lower=1e-300)
-        return bool((np.log10(hi) - np.log10(lo) > 0.04).any())
-    span = float(g["value"].max() - g["value"].min()) or 1.0
-    return bool(((g["hi"] - g["lo"]) > 0.01 * span).any())
+    f = (lambda v: np.log10(np.clip(v.to_numpy(float), 1e-300, None))) if log else (lambda v: v.to_numpy(float))
+    lo, hi, mid = f(g["lo"]), f(g["hi"]), f(g["value"])
+    width = hi - lo
+    trend = np.abs(np.diff(mid))
+    slope = np.maximum(np.r_[trend, 0.0], np.r_[0.0, trend])  # the larger step to a neighbour
+    floor = 0.04 if log else 0.01 * (float(np.ptp(mid)) or 1.0)
+    return bool(((width > floor) & (width > 2 * slope)).any())
+
+
+def _curve_yscale(ax, metric: str, values: pd.Series) -> bool:
+    """A log axis for the norms and the loss (zeros dropped), the loss cut at LOSS_FLOOR; whether
+    it was cut."""
+    if metric not in LOG_METRICS or not (values > 0).any():
+        return False
+    ax.set_yscale("log")
+    if metric != "loss":  # the loss spans many decades: its 10^k labels are the readable ones
+        _plain_log_labels(ax)
+        return False
+    if (values < LOSS_FLOOR).any():
+        ax.set_ylim(bottom=LOSS_FLOOR)
+        return True
+    return False
+
+
+def _plain_log_labels(ax) -> None:
+    """A log y axis labelled 0.01, 3, 20 rather than 10^-2, 3x10^0, 2x10^1; where it spans less
+    than two decades, its 2s and 5s labelled too."""
+    lo, hi = ax.get_ylim()
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if 1e-4 <= v < 1e5 else f"$10^{{{np.log10(v):.0f}}}$")
+    ax.yaxis.set_major_formatter(plain)
+    few = lo > 0 and hi / lo < 100
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if few and f"{v:.0e}"[0] in "25" and 1e-4 <= v < 1e5 else ""))
 
 
 def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: float | None = None,

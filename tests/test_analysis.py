@@ -249,6 +249,10 @@ def test_long_curves_are_drawn_and_saved_as_envelopes_and_paths_thinned(tmp_path
     assert (o0.lo <= o0.value).all() and (o0.value <= o0.hi).all()
     assert o0.lo.min() == pytest.approx(loss.min(), rel=1e-6) and o0.hi.max() == pytest.approx(loss.max(), rel=1e-6)
     assert (o0.hi / o0.lo).max() > 5  # the band is there to be drawn
+    assert figures._visible_band(o0, log=True)
+    steep = figures.envelope(pd.DataFrame(dict(run_id="s", step=k, metric="loss", value=np.geomspace(2, 1e-12, n))),
+                             ["run_id"])
+    assert not figures._visible_band(steep, log=True)  # a steady descent spans a range per window: no band
     short = drawn[(drawn.run_id == ID["short"]) & (drawn.metric == "loss")]
     assert (short.lo == short.value).all() and (short.hi == short.value).all()
     path = pd.read_csv(out / "trajectories_by_beta.csv")
