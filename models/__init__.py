@@ -9,7 +9,7 @@ from pipeline.catalog import MODELS
 from .bilinear import Bilinear
 from .norm import set_bn_group
 from .resnet import DEPTHS, resnet
-from .small import CNN, MLP
+from .small import CNN, MLP, AuthorsCNN
 
 
 def build_model(cfg, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
@@ -24,6 +24,8 @@ def build_model(cfg, num_classes: int, input_shape: tuple[int, ...]) -> nn.Modul
         model = CNN(num_classes, norm=cfg.norm, width=cfg.width, in_channels=input_shape[0])
         set_bn_group(model, cfg.get("bn_group"))
         return model
+    if name == "authors_cnn":
+        return AuthorsCNN(num_classes, in_channels=input_shape[0], image_size=tuple(input_shape[1:]))
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes, width=cfg.width, depth=cfg.depth,
                    activation=cfg.activation)

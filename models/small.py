@@ -1,4 +1,4 @@
-"""Small models for quick runs and tests: a CNN and an MLP."""
+"""Small models for quick runs and tests: a CNN and an MLP; the paper authors' plain CNN."""
 
 from torch import nn
 
@@ -33,6 +33,29 @@ class MLP(nn.Module):
             layers += [nn.Linear(cin, width), act()]
             cin = width
         layers.append(nn.Linear(cin, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class AuthorsCNN(nn.Module):
+    """The plain CNN of the paper's authors' script (train_on_real_datasets.py, `--model cnn`):
+    three blocks of two 3x3 convolutions ('same' padding) with ReLU and a 2x2 max-pool, 32, 64
+    and 128 channels, then a 512-unit dense layer with ReLU and the class layer; no
+    normalisation, PyTorch's default initialisation. Its layers are built in their order, so a
+    seed gives the same theta_0 as theirs. On 32x32 images the dense layer sees 128 x 4 x 4 = 2048
+    features, as theirs; other sizes (8x8 digits: 128) are allowed."""
+
+    def __init__(self, num_classes=10, in_channels=3, image_size=(32, 32)):
+        super().__init__()
+        layers, cin = [], in_channels
+        for c in (32, 64, 128):
+            layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                       nn.MaxPool2d(2, 2)]
+            cin = c
+        h, w = image_size[0] // 8, image_size[1] // 8
+        layers += [nn.Flatten(), nn.Linear(128 * h * w, 512), nn.ReLU(), nn.Linear(512, num_classes)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "mlp", "bilinear")
+MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "authors_cnn", "mlp", "bilinear")
 NORMS = ("bn", "gn", "none")
 GN_GROUPS = 32
 ACTIVATIONS = ("relu", "tanh", "gelu")

@@ -43,7 +43,9 @@ CATALOGUE = [
     (["optim.beta=0.9,0.99"], "optim.beta=0.9,0.99: ", "a grid of values"),
     (["optim.eps_inside=maybe"], "optim.eps_inside=maybe: ", "allowed values are true, false"),
     # model
-    (["model=resnet9000"], "model=resnet9000: ", "available: bilinear, cnn, mlp, resnet101, resnet18, resnet50"),
+    (["model=resnet9000"], "model=resnet9000: ", "available: authors_cnn, bilinear, cnn, mlp, resnet101, resnet18, "
+                                                 "resnet50"),
+    (["model=authors_cnn", "data.image_size=4"], "data.image_size=4: ", "model=authors_cnn halves the image three"),
     (["model.width=-4"], "model.width=-4: ", "integers >= 1"),
     (["model.width=0"], "model.width=0: ", "integers >= 1"),
     (["model.norm=ln"], "model.norm=ln: ", "allowed values are bn, gn, none"),

@@ -57,3 +57,31 @@ def test_bilinear_model_is_the_paper_loss():
     r = 1.5 - t1 * t2 * 2
     assert abs(loss.item() - 0.5 * r * r) < 1e-4
     assert torch.allclose(m.theta.grad, torch.tensor([-r * t2 * 2, -r * t1 * 2]), rtol=1e-5)
+
+
+def test_the_authors_cnn_has_their_layers_and_parameter_count():
+    """Their script's `cnn` (train_on_real_datasets.py): Conv(3,32) Conv(32,32) pool Conv(32,64)
+    Conv(64,64) pool Conv(64,128) Conv(128,128) pool Linear(2048,512) Linear(512,10), counted by
+    hand; and, built from the same seed in the same layer order, the same theta_0 as theirs."""
+    convs = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+    by_hand = sum(a * b * 9 + b for a, b in convs) + (2048 * 512 + 512) + (512 * 10 + 10)
+    assert by_hand == 1_341_226
+    m = build_model(OmegaConf.create(dict(name="authors_cnn")), 10, (3, 32, 32))
+    assert sum(p.numel() for p in m.parameters()) == by_hand
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    torch.manual_seed(0)
+    ours = build_model(OmegaConf.create(dict(name="authors_cnn")), 10, (3, 32, 32))
+    torch.manual_seed(0)
+    theirs = nn.Sequential(  # their listing, transcribed
+        nn.Conv2d(3, 32, 3, padding="same"), nn.ReLU(), nn.Conv2d(32, 32, 3, padding="same"), nn.ReLU(),
+        nn.MaxPool2d(2, 2), nn.Conv2d(32, 64, 3, padding="same"), nn.ReLU(), nn.Conv2d(64, 64, 3, padding="same"),
+        nn.ReLU(), nn.MaxPool2d(2, 2), nn.Conv2d(64, 128, 3, padding="same"), nn.ReLU(),
+        nn.Conv2d(128, 128, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
+        nn.Linear(128 * 4 * 4, 512), nn.ReLU(), nn.Linear(512, 10))
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(ours(x), theirs(x))
+    digits = build_model(OmegaConf.create(dict(name="authors_cnn")), 10, (1, 8, 8))  # 8x8 -> 1x1
+    assert digits(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -168,8 +168,8 @@ def _data(cfg, model: str) -> None:
         integer(cfg, "data.subset", 1, n_train, null=True)
         integer(cfg, "data.per_class", 1, n_train // classes if data != "synthetic" else n_train, null=True)
         integer(cfg, "data.test_subset", 1, n_test, null=True)
-        if model == "cnn" and size < 8:
-            raise ConfigError(f"data.image_size={size}: model=cnn halves the image three times; "
+        if model in ("cnn", "authors_cnn") and size < 8:
+            raise ConfigError(f"data.image_size={size}: model={model} halves the image three times; "
                               "allowed values are integers >= 8")
 
 
