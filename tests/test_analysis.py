@@ -42,6 +42,25 @@ def write_run(root, label, loss, pert=None, state="completed", test_acc=None, be
     return d
 
 
+def axes_drawn_by(draw):
+    """The axes of the figure that `draw()` makes (plt.subplots watched while it runs)."""
+    import matplotlib.pyplot as plt
+
+    seen, real = {}, plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        seen["axes"] = axes
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        draw()
+    finally:
+        plt.subplots = real
+    return seen["axes"]
+
+
 def test_hill_of_known_height_and_position():
     steps = pd.Series(range(100))
     p = 10 * np.exp(-np.arange(100) / 5.0)  # decline ...
@@ -200,24 +219,9 @@ def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_pa
     assert set(curves.columns) == {"run_id", "rho", "beta", "step", "metric", "value", "lo", "hi"}
     assert set(curves.metric) == {"loss", "pert_norm", "pert_norm_floor"}
     assert sorted(curves.groupby("rho").run_id.nunique()) == [2, 3]  # rho=0.5: 2 runs, 0.99: 3
-    import matplotlib.pyplot as plt
-
     from analysis.figures import curves_figure
 
-    shown = {}
-    real_subplots = plt.subplots
-
-    def spy(*a, **k):
-        fig, axes = real_subplots(*a, **k)
-        shown["axes"] = axes
-        return fig, axes
-
-    plt.subplots = spy
-    try:
-        curves_figure(pd.read_csv(paths["curves"]), "beta", tmp_path / "again")
-    finally:
-        plt.subplots = real_subplots
-    axes = shown["axes"]
+    axes = axes_drawn_by(lambda: curves_figure(pd.read_csv(paths["curves"]), "beta", tmp_path / "again"))
     assert axes.shape == (2, 2)  # rows: rho = 0.5, 0.99; columns: loss, perturbed norm
     assert [len(ax.lines) for ax in axes[:, 0]] == [2, 3]
     assert [ax.get_title() for ax in axes[:, 0]] == [r"$\rho$=0.5", r"$\rho$=0.99"]
@@ -403,28 +407,14 @@ def test_a_dense_beta_rho_grid_gets_its_phase_diagram(tmp_path):
 def test_a_metric_over_decades_with_zeros_gets_a_symlog_axis(tmp_path):
     """Hill heights from 0 to 6 across six decades (the toy's): not a linear axis where all but
     two lines lie on zero; a log axis above the smallest positive value, 0 itself still drawn."""
-    import matplotlib.pyplot as plt
-
     from analysis import figures
 
     figures.use_style("paper")
     heights = [0.0, 8e-6, 0.005, 0.03, 0.5, 6.4]
     s = pd.DataFrame(dict(run_id=[f"r{i}" for i in range(6)], h=[0.003, 0.01] * 3,
                           beta=[0.5, 0.5, 0.9, 0.9, 0.95, 0.95], state="completed", hill_height=heights))
-    seen = {}
-    real = plt.subplots
-
-    def spy(*a, **k):
-        fig, axes = real(*a, **k)
-        seen["axes"] = axes
-        return fig, axes
-
-    plt.subplots = spy
-    try:
-        figures.threshold_figure(s, "h", None, tmp_path, metrics=("hill_height",), name="hill")
-    finally:
-        plt.subplots = real
-    ax = seen["axes"][0, 0]
+    ax = axes_drawn_by(lambda: figures.threshold_figure(s, "h", None, tmp_path, metrics=("hill_height",),
+                                                        name="hill"))[0, 0]
     assert ax.get_yscale() == "symlog" and ax.get_ylim()[0] < 0 < 1e-5 < ax.get_ylim()[1]
     ticks = list(ax.get_yticks())
     assert ticks[0] == 0 and 1e-5 in ticks and 1.0 in ticks and 1e-6 not in ticks  # no label crowding 0
