@@ -35,6 +35,7 @@ def test_a_paper_preset_costs_steps_times_flops_at_the_assumed_mfu():
     assert 0.3e15 < c["flops_per_step"] < 0.5e15  # ResNet-50 on CIFAR: ~7.8 GFLOP an image, forward and backward
     small = run_cost(make_cfg(["sweep=fig4", "data.subset=1000", "precision=bf16"]))
     assert small["n"] == 1000 and small["gpu_hours"] < c["gpu_hours"] / 50 / 10
+    assert run_cost(make_cfg(["sweep=fig7", "data.per_class=10"]))["n"] == 1000  # CIFAR-100: 10 x 100 classes
     assert run_cost(make_cfg(["sweep=digits"])) is None  # a CPU preset: no GPU cost
 
 

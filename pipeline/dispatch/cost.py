@@ -1,7 +1,8 @@
 """The expected GPU time of the runs a sweep would launch on CIFAR (the paper's presets), for
 `DRY=1`: each run costs  steps x FLOPs of a full-batch step / (MFU x the GPU's dense peak).
 
-A step is the forward and backward of N training examples (`data.subset` or the whole set),
+A step is the forward and backward of N training examples (`data.subset`, `data.per_class` x
+the classes, or the whole set),
 plus a forward of the test set every `train.eval_every` steps; FLOPs are counted once per model
 by torch.utils.flop_counter on the meta device (no memory, no data, under a second for a
 ResNet-101). The peak and the MFU are assumptions (docs/speed.md, "Expected GPU time per run"):
@@ -50,7 +51,8 @@ def run_cost(cfg) -> dict | None:
     spec = CIFAR.get(cfg.data.name)
     if spec is None:
         return None
-    n = int(cfg.data.get("subset") or spec["n_train"])
+    per_class = cfg.data.get("per_class")
+    n = int(cfg.data.get("subset") or (per_class and per_class * spec["classes"]) or spec["n_train"])
     n_test = int(cfg.data.get("test_subset") or spec["n_test"])
     fb, f = flops_per_example(OmegaConf.to_yaml(cfg.model), spec["classes"], (3, 32, 32))
     steps = int(cfg.train.max_steps) + 1  # theta_0 .. theta_max_steps each get a gradient
