@@ -90,16 +90,34 @@ def _xscale(ax, param, values):
     elif param in ("beta", "rho") and len(values) and values.min() >= 0 and values.max() < 1:
         ax.set_xscale("function", functions=(lambda x: -np.log10(np.clip(1 - x, 1e-12, None)),
                                              lambda y: 1 - 10.0 ** (-y)))
-    if 0 < len(values) <= 12:
-        ax.set_xticks(values, [f"{v:g}" for v in values], minor=False)
+    if len(values):  # a margin in the axis' own scale, so the end points are not on the frame
+        ax.set_xlim(*_padded(ax, values.min(), values.max()))
+    if 0 < len(values) <= 16:
+        shown = _spaced(ax, values, LABEL_GAP if len(values) > 4 else 1.6 * LABEL_GAP)
+        ax.set_xticks(values, [f"{v:g}" if keep else "" for v, keep in zip(values, shown)], minor=False)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if len(values) > 4:
             ax.tick_params(axis="x", labelrotation=45)
             for lab in ax.get_xticklabels():
                 lab.set_horizontalalignment("right")
-    if len(values):  # a margin in the axis' own scale, so the end points are not on the frame
-        ax.set_xlim(*_padded(ax, values.min(), values.max()))
+
+
+LABEL_GAP = 0.075  # the least distance between two tick labels, as a share of a panel's width
+
+
+def _spaced(ax, values: np.ndarray, gap: float) -> list[bool]:
+    """Which swept values get a label: from the right (where the 1 - x axis puts 0.99, 0.999 far
+    apart), each value at least `gap` of the axis' width from the last one labelled; every value
+    keeps its tick. Labels that would print over each other are left out, never squeezed."""
+    fwd = ax.xaxis.get_transform()
+    lo, hi = fwd.transform(list(ax.get_xlim()))
+    at = (fwd.transform(values) - lo) / ((hi - lo) or 1.0)
+    keep, last = [False] * len(values), None
+    for i in range(len(values) - 1, -1, -1):
+        if last is None or last - at[i] >= gap:
+            keep[i], last = True, at[i]
+    return keep
 
 
 def _padded(ax, lo, hi):

@@ -418,3 +418,24 @@ def test_a_metric_over_decades_with_zeros_gets_a_symlog_axis(tmp_path):
     assert ax.get_yscale() == "symlog" and ax.get_ylim()[0] < 0 < 1e-5 < ax.get_ylim()[1]
     ticks = list(ax.get_yticks())
     assert ticks[0] == 0 and 1e-5 in ticks and 1.0 in ticks and 1e-6 not in ticks  # no label crowding 0
+
+
+def test_tick_labels_of_a_dense_grid_never_print_over_each_other(tmp_path):
+    """The regime preset's twelve beta values (0.5 ... 0.999) on the 1 - x axis: every value has
+    its tick; labels are left out where they would collide (the crowded left end), the last one is
+    always labelled, and any two labels are LABEL_GAP of the panel apart."""
+    from analysis import figures
+
+    figures.use_style("paper")
+    betas = [0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+    s = pd.DataFrame(dict(run_id=[f"r{i}" for i in range(12)], beta=betas, state="completed",
+                          **{"at_loss_0.01_pert_norm": np.linspace(1, 2, 12)}))
+    ax = axes_drawn_by(lambda: figures.threshold_figure(s, "beta", 0.01, tmp_path, metrics=("pert_norm",)))[0, 0]
+    assert list(ax.get_xticks()) == pytest.approx(betas)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    shown = [b for b, t in zip(betas, labels) if t]
+    assert labels[-1] == "0.999" and 6 <= len(shown) < 12 and all(t in ("", f"{b:g}") for b, t in zip(betas, labels))
+    fwd = ax.xaxis.get_transform()
+    lo, hi = fwd.transform(list(ax.get_xlim()))
+    at = (fwd.transform(shown) - lo) / (hi - lo)
+    assert np.diff(at).min() >= figures.LABEL_GAP - 1e-9
