@@ -93,7 +93,8 @@ def test_unknown_model_lists_the_choices(tmp_path):
     r = make("sweep", tmp_path, extra=f"{FAST} model=vgg")
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode != 0 and len(err) == 1
-    assert err[0] == "error: model=vgg: unknown option; available: bilinear, cnn, mlp, resnet101, resnet18, resnet50"
+    assert err[0] == ("error: model=vgg: unknown option; available: authors_cnn, bilinear, cnn, mlp, resnet101, "
+                      "resnet18, resnet50")
     assert not (tmp_path / "runs").exists()
 
 
