@@ -111,7 +111,7 @@ def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, bud
     th0 = torch.tensor([2.8, 3.5], dtype=torch.float64)
     xs = np.geomspace(0.05, 12, 600)
     inset = ax.inset_axes([0.5, 0.05, 0.47, 0.47])
-    ends, series = [], []
+    paths, series = [], []
     for k, (s, lab) in enumerate(zip(settings, labels)):
         c = f"C{k}"
         it, ode, outside = trajectory(loss, th0, s, T, gtol, max_steps, budget_s)
@@ -124,7 +124,7 @@ def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, bud
             if outside < len(ode) - 1:
                 a.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=1.0, color=c, zorder=3)
             a.plot(*it[-1], "o" if converged else "^", ms=5, mfc="white", color=c, zorder=4)
-        ends.append(it[-1])
+        paths.append(it)
         lim = np.abs(it[-1]).sum()
         series.append((_line(c), f"{lab}: {len(it) - 1} steps, " + r"$|\theta|_1$" + f" = {lim:.3f}"
                        + ("" if converged else " (not converged)")))
@@ -133,13 +133,10 @@ def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, bud
         rows += [dict(h=s.h, beta=s.beta, rho=s.rho, eps=s.eps, kind="ode" if n < outside else "ode_outside",
                       n=n, theta_1=p[0], theta_2=p[1], converged=converged) for n, p in enumerate(ode)]
     # the panel: every iterate (a run may cross to the branch theta_1, theta_2 < 0) and the minima near them
-    every = np.array([(r["theta_1"], r["theta_2"]) for r in rows if r["kind"] == "iterate" and r["h"] in
-                      {st.h for st in settings} and (r["beta"], r["rho"]) in {(st.beta, st.rho) for st in settings}])
+    every = np.concatenate(paths)
     box_lo, box_hi = np.minimum(every.min(0), 0.2), np.maximum(every.max(0), [3.1, 3.7])
     margin = 0.03 * (box_hi - box_lo)
-    ax.set_xlim(box_lo[0] - margin[0], box_hi[0] + margin[0])
-    ax.set_ylim(box_lo[1] - margin[1], box_hi[1] + margin[1])
-    ends = np.array(ends + [[math.sqrt(0.75)] * 2])
+    ends = np.array([p[-1] for p in paths] + [[math.sqrt(0.75)] * 2])
     lo, hi = ends.min(0), ends.max(0)
     pad = np.maximum(0.15 * (hi - lo).max(), 0.05)
     for a in (ax, inset):
