@@ -483,9 +483,7 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
                                  norm=matplotlib.colors.LogNorm() if log else None)
             bar = fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
             if log:  # plain numbers (2, 5, 20), not 2 x 10^0
-                bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-                bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
-                    lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+                _plain_log_labels(bar.ax)
         blank |= bool(np.isnan(grid).any())
         ax.set_facecolor(NO_VALUE)
         same = [(list(rhos).index(v) + 0.5, list(betas).index(v) + 0.5) for v in betas if v in set(rhos)]

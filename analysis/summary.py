@@ -169,9 +169,10 @@ OPTIONAL_SETTINGS = ("norm", "subset", "micro_batch", "eps_inside", "bias_correc
 
 def needs(column: str) -> str | None:
     """The metric (a metrics.csv column) a summary column is made from, or None."""
-    for pattern, metric in ((r"at_(?:loss|step)_.+?_(pert_norm|test_acc|test_loss|acc|l1_norm|l2_norm|bias_norm|loss)",
-                             None), (r"max_test_acc", "test_acc"), (r"hill_height_rel_floor", "pert_norm_floor"),
-                            (r"hill_.+", "pert_norm"), (r"limit_grad_one_norm", "l1_norm"), (r"limit_.+", "theta_0")):
+    crossing = rf"at_(?:loss|step)_.+?_({'|'.join((*CROSSING_METRICS, 'loss'))})"  # first_crossing's, at_step's
+    for pattern, metric in ((crossing, None), (r"max_test_acc", "test_acc"),
+                            (r"hill_height_rel_floor", "pert_norm_floor"), (r"hill_.+", "pert_norm"),
+                            (r"limit_grad_one_norm", "l1_norm"), (r"limit_.+", "theta_0")):
         m = re.fullmatch(pattern, column)
         if m:
             return metric or m.group(1)

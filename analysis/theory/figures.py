@@ -31,13 +31,18 @@ def kappa(s: Setting) -> float:
     return s.h / 2 * max((1 + s.beta) / (1 - s.beta), (1 + s.rho) / (1 - s.rho))
 
 
+def horizon(T: float, h: float, max_steps: int) -> int:
+    """The steps of a trajectory run to the horizon T: T/h, at most max_steps."""
+    return min(int(math.ceil(T / h - 1e-9)), max_steps)
+
+
 def trajectory(loss, theta0, s: Setting, T: float, gtol: float, max_steps: int = 200_000, budget_s: float = 15):
     """Iterates until the horizon T (T/h steps) or a gradient one-norm below `gtol`, and the
     modified ODE (9) over the approach to the minima (until E < 1e-2: near the minima the
     gradient is ~0 and, with a small eps, (9) is so stiff that no integrator keeps up,
     Section 8). Returns (iterates, ode, index from which the ODE is outside its regime: kappa
     >= REGIME_KAPPA (all of it), or from where it is REGIME_DIST away from the iterates)."""
-    steps = min(int(math.ceil(T / s.h - 1e-9)), max_steps)
+    steps = horizon(T, s.h, max_steps)
     it = iterates(loss, theta0, s, steps, gtol=gtol)
     E = np.array([loss[0](torch.tensor(x)).item() for x in it])
     k = int(np.argmax(E < 1e-2)) if (E < 1e-2).any() else len(it) - 1
@@ -115,8 +120,7 @@ def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, bud
     for k, (s, lab) in enumerate(zip(settings, labels)):
         c = f"C{k}"
         it, ode, outside = trajectory(loss, th0, s, T, gtol, max_steps, budget_s)
-        steps = min(int(math.ceil(T / s.h - 1e-9)), max_steps)
-        converged = len(it) - 1 < steps
+        converged = len(it) - 1 < horizon(T, s.h, max_steps)  # stopped by gtol before the horizon
         for a in (ax, inset):
             a.plot(it[:, 0], it[:, 1], ".", ms=1.2, color=c, alpha=0.45, zorder=2)
             if outside > 0:
