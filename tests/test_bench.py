@@ -14,8 +14,8 @@ from pipeline.engine.data import synthetic
 def test_authors_loop_without_augmentation_computes_the_full_batch_step():
     """The contender is faithful: with augmentation off its loss and gradient norms at theta_0
     are the pipeline's (only the summation order differs), and both move theta the same way."""
-    cfg = compose("cnn", 256, 8, ["model.norm=none", "data.image_size=32", "optim.h=1e-3"], device="cpu",
-                  micro_batch=100)
+    cfg = compose("cnn", 256, 8, ["model.norm=none", "data.image_size=32", "optim.h=1e-3", "data.std=population"],
+                  device="cpu", micro_batch=100)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
         from pipeline.engine.step import bn_layers, full_batch_step, partition
 
@@ -125,3 +125,39 @@ def test_the_pack_benchmark_reports_each_figure(capsys):
         for k in (1, 4):
             assert re.search(rf"^  {model} +{k} +[0-9.]+ +[0-9.]+ +[0-9.]+x$", out, re.M), out
     assert re.search(r"^heap: a digits pack of 6 runs of 20 steps: .*: [0-9.]+x$", out, re.M), out
+
+
+def test_authors_adam_is_their_update_with_eps_inside_the_root():
+    """Their MyAdam (eps inside the root, bias correction), in float64 by hand, for three steps."""
+    torch.manual_seed(0)
+    p = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    opt = authors.AuthorsAdam([p], lr=0.1, betas=(0.8, 0.95), eps=1e-3)
+    theta, m, v = p.detach().numpy().copy(), np.zeros(7), np.zeros(7)
+    for n in range(1, 4):
+        g = np.cos(np.arange(7.0) * n)
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        m, v = 0.8 * m + 0.2 * g, 0.95 * v + 0.05 * g * g
+        theta = theta - 0.1 / (1 - 0.8 ** n) * m / np.sqrt(v / (1 - 0.95 ** n) + 1e-3)
+        np.testing.assert_allclose(p.detach().numpy(), theta, rtol=1e-14)
+
+
+def test_authors_loaders_follow_their_script():
+    """persistent workers, their batch size and prefetching, and their transform order: Resize,
+    then (with augmentation) flip before crop, then ToTensor and Normalize with numpy's std."""
+    from torchvision import transforms as T
+
+    hwc = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(40) % 10
+    tl, sl = authors.loaders(hwc, y, hwc, y, augment=True, workers=2, pin_memory=False)
+    for loader, shuffled in ((tl, True), (sl, False)):
+        assert loader.persistent_workers and loader.prefetch_factor == 8 and loader.num_workers == 2
+        assert loader.batch_size == 500 and isinstance(loader.sampler, torch.utils.data.RandomSampler) == shuffled
+    kinds = [type(t) for t in tl.dataset.transform.transforms]
+    assert kinds == [T.Resize, T.RandomHorizontalFlip, T.RandomCrop, T.ToTensor, T.Normalize]
+    assert [type(t) for t in sl.dataset.transform.transforms] == [T.Resize, T.ToTensor, T.Normalize]
+    norm = tl.dataset.transform.transforms[-1]
+    x = hwc.astype(np.float64) / 255
+    np.testing.assert_allclose(norm.std, x.reshape(-1, 3).std(0), rtol=1e-6)  # divisor n
+    plain = authors.loaders(hwc, y, hwc, y, augment=False, workers=0, pin_memory=False)[0]
+    assert [type(t) for t in plain.dataset.transform.transforms] == [T.Resize, T.ToTensor, T.Normalize]
