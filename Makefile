@@ -8,6 +8,7 @@ LAUNCHER ?= local
 EXTRA ?=
 RETRY ?= 0
 DRY ?=
+MODE ?=
 WATCH ?=
 JOBS ?= 2
 GPUS ?=
@@ -26,7 +27,7 @@ ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> PACK=auto|<runs per process> RUNS=<runs root> SWEEPS=<sweeps root>"
+	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' MODE=exact|paper RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> PACK=auto|<runs per process> RUNS=<runs root> SWEEPS=<sweeps root>"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +38,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create .venv and install the project (torch, hydra, submitit, wandb, pandas, ...)
 
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
-PATHS = $(if $(RUNS),paths.runs=$(RUNS)) $(if $(SWEEPS),paths.sweeps=$(SWEEPS))
+# MODE=paper: the authors' setting on top of the preset (conf/mode/paper.yaml; its sweep folder is <SWEEP>-paper)
+PATHS = $(if $(RUNS),paths.runs=$(RUNS)) $(if $(SWEEPS),paths.sweeps=$(SWEEPS)) $(if $(MODE),mode=$(MODE))
 WHERE = $(PY) -m pipeline.dispatch.sweep where "$(SWEEP)"
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only

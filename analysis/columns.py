@@ -32,6 +32,14 @@ FIXED = {
     "limit_one_norm": "|θ|₁ at the last step of a run that did not diverge (few-parameter models: the limit "
                       "point's one-norm; Figures 2-3 compare it with the minimum 2√0.75 on the hyperbola)",
     "limit_grad_one_norm": "the gradient's one-norm at that last step (how near the limit is to a minimum)",
+    "loss": "the per-example loss (train.loss): auto (cross-entropy; 1/2 squared error for the toy), ce, mse "
+            "(the authors' MSE on one-hot targets) or your own target",
+    "eval_mode": "how the test columns were measured: exact (θ_n with its own BatchNorm group statistics) or "
+                 "running_stats (θ_n in eval() mode with BatchNorm running averages, momentum 0.1, after the step "
+                 "that made θ_n: the authors' test curves; no value at step 0)",
+    "std": "the divisor of the per-channel std the images were normalised with: unbiased (n−1) or population (n)",
+    "bn_group": "examples per BatchNorm group (empty: one group per micro-batch, or no BatchNorm)",
+    "reshuffle": "the micro-batch partition (so the BatchNorm groups) redrawn every step",
     "code_version": "the commit that produced the run (+dirty when the tree was; 'a then b' across resumes)",
 }
 METRICS = {
@@ -69,7 +77,8 @@ def write_columns(columns, path: Path, left_out=()) -> Path:
              "| column | meaning |", "| --- | --- |"]
     lines += [f"| `{c}` | {describe(c) or 'see docs/analysis.md'} |" for c in columns]
     if len(left_out):
-        lines += ["", "Left out, empty for every run (e.g. test columns of a model without a test set): "
+        lines += ["", "Left out, empty for every run (e.g. test columns of a model without a test set) or a setting "
+                  "at its default in every run (loss auto, eval_mode exact, std unbiased, reshuffle false): "
                   + ", ".join(f"`{c}`" for c in left_out) + "."]
     path.write_text("\n".join(lines) + "\n")
     return path

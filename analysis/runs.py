@@ -26,7 +26,11 @@ HYPER = {
     "subset": "data.subset", "seed": "seed", "max_steps": "train.max_steps",
     "micro_batch": "train.micro_batch", "eps_inside": "optim.eps_inside",
     "bias_correction": "optim.bias_correction", "precision": "precision",
+    "loss": "train.loss", "eval_mode": "train.eval_mode", "std": "data.std", "bn_group": "model.bn_group",
+    "reshuffle": "train.reshuffle",
 }
+# what a run made before a setting existed had (pipeline/runs/ids.py: ADDED_KEYS)
+SETTING_BEFORE = {"loss": "auto", "eval_mode": "exact", "std": "unbiased"}
 
 
 def _is_run(p: Path) -> bool:
@@ -115,7 +119,12 @@ def read_run(path: Path) -> dict:
 
 
 def hyperparameters(config: dict) -> dict:
-    return {k: _get(config, v) for k, v in HYPER.items()}
+    out = {k: _get(config, v) for k, v in HYPER.items()}
+    if config:
+        out.update({k: v for k, v in SETTING_BEFORE.items() if out[k] is None})
+    if isinstance(out["loss"], dict):  # a loss of your own: its target
+        out["loss"] = out["loss"].get("_target_")
+    return out
 
 
 def load_runs(root) -> list[dict]:

@@ -16,7 +16,7 @@ from pipeline.runs.rundir import FINISHED
 from pipeline.thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE, divergence_step
 from pipeline.thresholds import first_crossing as first_crossing_index
 
-from .runs import hyperparameters
+from .runs import SETTING_BEFORE, hyperparameters
 
 NAN = float("nan")
 CROSSING_METRICS = ("pert_norm", "test_acc", "test_loss", "acc", "l1_norm", "l2_norm", "bias_norm")
@@ -164,7 +164,10 @@ def summary_frame(runs, **kw) -> pd.DataFrame:
 
 
 CSV_DIGITS = 7  # summary.csv's significant digits (float32's); summary.parquet keeps every digit
-OPTIONAL_SETTINGS = ("norm", "subset", "micro_batch", "eps_inside", "bias_correction")  # only some runs have them
+# only some runs have them
+OPTIONAL_SETTINGS = ("norm", "subset", "micro_batch", "eps_inside", "bias_correction", "bn_group")
+# settings that matter only where a run changed them: left out when every run has the default
+DEFAULT_SETTINGS = {**SETTING_BEFORE, "reshuffle": False}
 
 
 def needs(column: str) -> str | None:
@@ -181,12 +184,14 @@ def needs(column: str) -> str | None:
 
 def without_empty(df: pd.DataFrame, metrics: set[str]) -> tuple[pd.DataFrame, list[str]]:
     """The summary less the columns that cannot have a value for any run, and their names: an
-    optional setting no run has (an MLP's `norm`, `subset` when no run took one) and the values of a
+    optional setting no run has (an MLP's `norm`, `subset` when no run took one), a setting every run
+    has at its default (DEFAULT_SETTINGS: `eval_mode` when all are exact) and the values of a
     metric no run recorded (`metrics`: the metrics.csv columns with a value in some run; a model
     without a test set has no test columns). An empty cell of any other column is a finding (a
     threshold never crossed, a history with holes, a run not finished) and stays."""
-    empty = [c for c in df.columns if df[c].isna().all()
-             and (c in OPTIONAL_SETTINGS or (needs(c) is not None and needs(c) not in metrics))]
+    empty = [c for c in df.columns if (df[c].isna().all()
+             and (c in OPTIONAL_SETTINGS or (needs(c) is not None and needs(c) not in metrics)))
+             or (c in DEFAULT_SETTINGS and df[c].dropna().eq(DEFAULT_SETTINGS[c]).all())]
     return df.drop(columns=empty), empty
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "authors_cnn", "mlp", "bilinear")
+MODELS = ("resnet18", "resnet50", "resnet101", "cnn", "authors_cnn", "vit", "mlp", "bilinear", "custom")
 NORMS = ("bn", "gn", "none")
 GN_GROUPS = 32
 ACTIVATIONS = ("relu", "tanh", "gelu")
 OPTIMIZERS = ("adam", "rmsprop", "gd", "momentum")
+LOSSES = ("auto", "ce", "mse")  # train.loss (pipeline/engine/losses.py), or {_target_: ...}
+EVAL_MODES = ("exact", "running_stats")  # train.eval_mode
+STDS = ("unbiased", "population")  # data.std: the divisor n-1 or n of the per-channel std
 # the largest finite and the smallest normal number of each float type (torch.finfo's max, tiny)
 FLOATS = {"float32": (3.4028234663852886e38, 1.1754943508222875e-38),
           "float64": (1.7976931348623157e308, 2.2250738585072014e-308)}
@@ -26,7 +29,7 @@ def gn_groups_ok(model: str, width: int) -> bool:
     return all(c < GN_GROUPS or c % GN_GROUPS == 0 for c in channels)
 
 
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "bilinear")
+DATASETS = ("cifar10", "cifar100", "eurosat", "digits", "synthetic", "bilinear", "custom")
 
 # folder, train files, test file, label key, official md5s (torchvision's lists)
 CIFAR = {
@@ -48,6 +51,10 @@ CIFAR = {
 
 DIGITS_TEST = 360  # 20% of the 1,797 images
 
+# EuroSAT RGB (torchvision.datasets.EuroSAT): root/eurosat/2750/<class>/*.jpg, 27,000 64x64 images of
+# 10 classes; the authors' split: random_split 80/20 with a generator seeded 42, resized to 32x32
+EUROSAT = dict(folder="eurosat/2750", n=27_000, classes=10, train_fraction=0.8)
+
 
 def cifar_files(name: str, root: str | Path) -> list[Path]:
     """The batch files of CIFAR `name` under `root`, in torchvision's on-disk layout."""
@@ -59,6 +66,10 @@ def cifar_files(name: str, root: str | Path) -> list[Path]:
 def missing_data(name: str, root: str | Path) -> str | None:
     """Why dataset `name` cannot be read from `root` (one line with the command that fetches it),
     or None: the check of the sweep planner (before anything is created) and of the run."""
+    if name == "eurosat":
+        folder = Path(root) / EUROSAT["folder"]
+        return None if folder.is_dir() else (
+            f"data.root={root}: {folder} not found; run `make data DATA_ROOT={root}` (or set data.download=true)")
     if name not in CIFAR:
         return None
     for path in cifar_files(name, root):

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from . import faults
 from .config.compose import CONF_DIR, Composer
+from .config.targets import check_user_code
 from .config.validate import check_dir_writable, validate, validate_grid
 from .errors import (
     EXIT_BAD_INPUT,
@@ -96,6 +97,7 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
         if skipped:
             return skipped
         data = load_dataset(cfg.data, device)  # missing or damaged data: before any directory
+        check_user_code(cfg, data)  # what a model, data or loss of your own returns: before it too
         with contextlib.ExitStack() as held:
             owner = Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s,
                           cfg.lease.get("host")) if ranks.main else None
@@ -187,6 +189,7 @@ def train_pack(cfgs: list[DictConfig], launched_by: list[str] | None = None, out
         if not go:
             return outcomes
         data = load_dataset(cfgs[0].data, device)  # missing or damaged data: before any directory
+        check_user_code(cfgs[0], data)
         with contextlib.ExitStack() as held:
             owners = {}
             for i in go:

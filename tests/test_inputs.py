@@ -43,8 +43,18 @@ CATALOGUE = [
     (["optim.beta=0.9,0.99"], "optim.beta=0.9,0.99: ", "a grid of values"),
     (["optim.eps_inside=maybe"], "optim.eps_inside=maybe: ", "allowed values are true, false"),
     # model
-    (["model=resnet9000"], "model=resnet9000: ", "available: authors_cnn, bilinear, cnn, mlp, resnet101, resnet18, "
-                                                 "resnet50"),
+    (["model=resnet9000"], "model=resnet9000: ", "available: authors_cnn, bilinear, cnn, custom, mlp, resnet101, "
+                                                 "resnet18, resnet50, vit"),
+    (["model=vit", "model.patch_size=5"], "model.patch_size=5: ", "must split into whole patches"),
+    (["model=vit", "model.dim=510"], "model.dim=510: ", "multiple of 4"),
+    (["model=vit", "model.heads=0"], "model.heads=0: ", "integers >= 1"),
+    (["model=custom"], "model._target_=null: ", "model=custom needs model._target_=<package.module.name>"),
+    (["model=custom", "model._target_=nopkg_xyz.Net"], "model._target_=nopkg_xyz.Net: ", "cannot import nopkg_xyz"),
+    (["model=custom", "model._target_=torch.nn.NoSuchLayer"], "model._target_=torch.nn.NoSuchLayer: ",
+     "module torch.nn has no NoSuchLayer"),
+    (["model=custom", "model._target_=math.pi"], "model._target_=math.pi: ", "float is not callable"),
+    (["model=custom", "model._target_=Net"], "model._target_=Net: ", "dotted paths"),
+    (["+model._target_=torch.nn.Linear"], "model._target_=torch.nn.Linear: ", "goes with model=custom"),
     (["model=authors_cnn", "data.image_size=4"], "data.image_size=4: ", "model=authors_cnn halves the image three"),
     (["model.width=-4"], "model.width=-4: ", "integers >= 1"),
     (["model.width=0"], "model.width=0: ", "integers >= 1"),
@@ -58,7 +68,13 @@ CATALOGUE = [
     (["model=bilinear", "data=bilinear", "data.x=inf"], "data.x=inf: ", "allowed range [-inf, inf]"),
     (["model.widht=3"], "model.widht=3: ", "did you mean model.width?"),
     # data
-    (["data=imagenet"], "data=imagenet: ", "available: bilinear, cifar10, cifar100, digits, synthetic"),
+    (["data=imagenet"], "data=imagenet: ", "available: bilinear, cifar10, cifar100, custom, digits, eurosat, "
+                                           "synthetic"),
+    (["data.std=n"], "data.std=n: ", "allowed values are unbiased, population"),
+    (["data=eurosat", "data.split_seed=-2"], "data.split_seed=-2: ", "integers >= 0"),
+    (["data=eurosat", "data.subset=30000"], "data.subset=30000: ", "<= 21600"),
+    (["data=custom"], "data._target_=null: ", "data=custom needs data._target_"),
+    (["data=custom", "data._target_=nopkg_xyz.load"], "data._target_=nopkg_xyz.load: ", "cannot import nopkg_xyz"),
     (["data.num_classes=0"], "data.num_classes=0: ", "integers >= 2"),
     (["data.noise=nan"], "data.noise=nan: ", "allowed range [0, inf]"),
     (["data.image_size=0"], "data.image_size=0: ", "integers >= 1"),
@@ -76,6 +92,12 @@ CATALOGUE = [
     (["train.diverge_patience=0"], "train.diverge_patience=0: ", "integers >= 1"),
     (["data=digits", "data.split_seed=-1"], "data.split_seed=-1: ", "integers >= 0"),
     (["data=digits", "data.subset=2000"], "data.subset=2000: ", "<= 1437"),
+    (["train.loss=huber"], "train.loss=huber: ", "allowed values are auto, ce, mse"),
+    (["model=bilinear", "data=bilinear", "train.loss=mse"], "train.loss=mse: ", "a regression with the loss 1/2"),
+    (["train.loss={_target_:nopkg_xyz.f}"], "train.loss._target_=nopkg_xyz.f: ", "cannot import nopkg_xyz"),
+    (["train.loss={reduction:sum}"], "train.loss._target_=null: ", "needs train.loss._target_"),
+    (["train.eval_mode=eval"], "train.eval_mode=eval: ", "allowed values are exact, running_stats"),
+    (["mode=faithful"], "mode=faithful: ", "unknown option; available: exact, paper"),
     (["train.loss_thresholds=[0.1,-1]"], "train.loss_thresholds=[0.1, -1]: ", "positive numbers"),
     (["train.max_step=3"], "train.max_step=3: ", "did you mean train.max_steps?"),
     (["seed=abc"], "seed=abc: ", "integers >= 0"),
@@ -199,6 +221,8 @@ def test_a_real_process_exits_2_with_one_line(broken, overrides):
     ["optim=rmsprop", "optim.rho=0.5", "seed=3"],
     ["+note=hello", "optim.h=1", "train.stop_loss=null"],
     ["sweep=digits", "optim=gd", "optim.h=0.1"],
+    ["sweep=fig5", "mode=paper", "optim.beta=0.9"],
+    ["model=vit", "data=eurosat", "train.loss=mse"],
 ])
 def test_a_grid_point_composed_by_its_values_is_the_config_hydra_composes(overrides):
     """The planner's shortcut (config groups composed once, values applied by Hydra's own step)

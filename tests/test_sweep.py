@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.errors import ConfigError
+
 from .conftest import ROOT
 
 
@@ -93,8 +95,8 @@ def test_unknown_model_lists_the_choices(tmp_path):
     r = make("sweep", tmp_path, extra=f"{FAST} model=vgg")
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode != 0 and len(err) == 1
-    assert err[0] == ("error: model=vgg: unknown option; available: authors_cnn, bilinear, cnn, mlp, resnet101, "
-                      "resnet18, resnet50")
+    assert err[0] == ("error: model=vgg: unknown option; available: authors_cnn, bilinear, cnn, custom, mlp, "
+                      "resnet101, resnet18, resnet50, vit")
     assert not (tmp_path / "runs").exists()
 
 
@@ -124,6 +126,10 @@ def test_presets_compose_and_validate():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name in presets():
             cfg = compose(config_name="train", overrides=[f"sweep={name}"], return_hydra_config=True)
+            if name == "custom":  # your own model and data: their targets and the grid come in EXTRA
+                with pytest.raises(ConfigError, match=r"model._target_=null: model=custom needs model._target_"):
+                    validate(cfg)
+                continue
             assert cfg.sweep.name == name and cfg.hydra.sweeper.params
             validate(cfg)
             if name in expect:
@@ -229,7 +235,7 @@ def test_preset_headers_say_what_comes_from_the_paper_and_fig7_has_rho_below_bet
     the paper); fig7 shows the hills "even if beta > rho" (Section 7): some rho below beta."""
     for f in sorted((ROOT / "conf" / "sweep").glob("*.yaml")):
         header = " ".join(line for line in f.read_text().splitlines() if line.startswith("#"))
-        assert ("Paper:" in header and "Our choices:" in header) or "Not from the paper" in header \
+        assert ("Paper:" in header and "Ours:" in header) or "Not from the paper" in header \
             or "Not a figure of the paper" in header, f.name
     fig7 = yaml.safe_load((ROOT / "conf" / "sweep" / "fig7.yaml").read_text())
     rhos = [float(r) for r in str(fig7["hydra"]["sweeper"]["params"]["optim.rho"]).split(",")]

@@ -26,6 +26,9 @@ def refusal(cfg: DictConfig) -> str | None:
     if uses_batch_norm(cfg.model):
         return ("model.norm=bn: BatchNorm's running statistics are module state that torch.func.vmap "
                 "cannot keep per point; such points run one per process (PACK=1)")
+    if cfg.model.name == "custom":
+        return ("model=custom: a model of your own may hold module state (BatchNorm buffers) that "
+                "torch.func.vmap cannot keep per point; such points run one per process (PACK=1)")
     for key, why in (("train.reshuffle", "each point's partition generator would have to be stacked too"),
                      ("train.bias_term", "the bias term's norm is computed for one model at a time"),
                      ("compile", "torch.compile of a vmapped forward is not supported here"),

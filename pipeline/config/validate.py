@@ -11,9 +11,24 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..catalog import ACTIVATIONS, CIFAR, DATASETS, DIGITS_TEST, FLOATS, MODELS, NORMS, OPTIMIZERS, gn_groups_ok
+from ..catalog import (
+    ACTIVATIONS,
+    CIFAR,
+    DATASETS,
+    DIGITS_TEST,
+    EUROSAT,
+    EVAL_MODES,
+    FLOATS,
+    LOSSES,
+    MODELS,
+    NORMS,
+    OPTIMIZERS,
+    STDS,
+    gn_groups_ok,
+)
 from ..errors import ConfigError
 from ..ghost import micro_batch_problem
+from ..targets import check_target
 
 
 def show(v) -> str:
@@ -120,6 +135,9 @@ def _top_level(cfg) -> str:
 
 def _model(cfg) -> str:
     model = choice(cfg, "model.name", MODELS, shown_key="model")
+    if model != "custom" and _get(cfg, "model").get("_target_") is not None:
+        raise ConfigError(f"model._target_={cfg.model._target_}: a model of your own goes with model=custom "
+                          f"(model={model} is built in); see docs/custom.md")
     if model in ("cnn", "resnet18", "resnet50", "resnet101"):
         norm = choice(cfg, "model.norm", NORMS)
         width = integer(cfg, "model.width", 1)
@@ -130,6 +148,13 @@ def _model(cfg) -> str:
         if norm == "gn" and not gn_groups_ok(model, width):
             raise ConfigError(f"model.width={width}: with model.norm=gn every layer's channel count "
                               "must be below 32 or a multiple of 32 (GroupNorm with 32 groups)")
+    elif model == "vit":
+        for key in ("patch_size", "dim", "depth", "heads", "mlp_dim", "dim_head"):
+            integer(cfg, f"model.{key}", 1)
+        if cfg.model.dim % 4:
+            raise ConfigError(f"model.dim={cfg.model.dim}: the 2-D sin-cos position embedding needs a multiple of 4")
+    elif model == "custom":
+        check_target(cfg, "model")
     elif model == "mlp":
         integer(cfg, "model.width", 1)
         integer(cfg, "model.depth", 0)
@@ -147,15 +172,28 @@ def _data(cfg, model: str) -> None:
     if (model == "bilinear") != (data == "bilinear"):
         raise ConfigError(f"model={model}, data={data}: the bilinear model runs on data=bilinear "
                           "and data=bilinear needs model=bilinear")
+    if data != "custom" and _get(cfg, "data").get("_target_") is not None:
+        raise ConfigError(f"data._target_={cfg.data._target_}: a dataset of your own goes with data=custom "
+                          f"(data={data} is built in); see docs/custom.md")
     if data == "bilinear":
         number(cfg, "data.x")
         number(cfg, "data.y")
+    elif data == "custom":
+        check_target(cfg, "data")
+        choice(cfg, "data.std", STDS)
     else:
         if data in CIFAR:
             text(cfg, "data.root")
             boolean(cfg, "data.download")
             n_train, n_test = CIFAR[data]["n_train"], CIFAR[data]["n_test"]
             classes, size = CIFAR[data]["classes"], 32
+        elif data == "eurosat":
+            text(cfg, "data.root")
+            boolean(cfg, "data.download")
+            integer(cfg, "data.split_seed", 0)
+            size = integer(cfg, "data.image_size", 1)
+            n_train = int(EUROSAT["n"] * EUROSAT["train_fraction"])
+            n_test, classes = EUROSAT["n"] - n_train, EUROSAT["classes"]
         elif data == "digits":
             integer(cfg, "data.split_seed", 0)
             n_train, n_test, classes, size = 1797 - DIGITS_TEST, DIGITS_TEST, 10, 8
@@ -165,12 +203,16 @@ def _data(cfg, model: str) -> None:
             size = integer(cfg, "data.image_size", 1)
             n_train, n_test = integer(cfg, "data.n_train", 1), integer(cfg, "data.n_test", 1)
             number(cfg, "data.noise", 0)
+        choice(cfg, "data.std", STDS)
         integer(cfg, "data.subset", 1, n_train, null=True)
         integer(cfg, "data.per_class", 1, n_train // classes if data != "synthetic" else n_train, null=True)
         integer(cfg, "data.test_subset", 1, n_test, null=True)
         if model in ("cnn", "authors_cnn") and size < 8:
             raise ConfigError(f"data.image_size={size}: model={model} halves the image three times; "
                               "allowed values are integers >= 8")
+        if model == "vit" and size % cfg.model.patch_size:
+            raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the {size}x{size} images of data={data} "
+                              "must split into whole patches; allowed: a divisor of the image size")
 
 
 def _optimizer(cfg, precision: str) -> str:
@@ -201,6 +243,8 @@ def _training(cfg, optim: str) -> None:
         integer(cfg, f"train.{key}", 1)
     integer(cfg, "train.record_params", 0)
     boolean(cfg, "train.reshuffle")
+    _loss(cfg)
+    choice(cfg, "train.eval_mode", EVAL_MODES)
     boolean(cfg, "train.bias_term")
     integer(cfg, "train.perturb_theta0", 0, null=True)
     choice(cfg, "train.progress", ("auto", "bar", "log", "none"))
@@ -215,6 +259,17 @@ def _training(cfg, optim: str) -> None:
     if cfg.train.bias_term and optim not in ("adam", "rmsprop"):
         raise ConfigError(f"train.bias_term=true with optim={optim}: allowed only with optim=adam "
                           "or optim=rmsprop (Eq. 3)")
+
+
+def _loss(cfg) -> None:
+    loss = _get(cfg, "train.loss")
+    if isinstance(loss, DictConfig):
+        check_target(cfg, "train.loss")
+        return
+    choice(cfg, "train.loss", LOSSES)
+    if loss != "auto" and _get(cfg, "data.name") == "bilinear":
+        raise ConfigError(f"train.loss={loss}: data=bilinear is a regression with the loss 1/2 (y - f)^2 of "
+                          "Section 6; allowed value auto")
 
 
 def _lease_and_logger(cfg) -> None:

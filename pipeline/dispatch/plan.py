@@ -22,7 +22,7 @@ from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError
 from ..runs import lease
 from ..runs.files import atomic_write_text, read_json_object
-from ..runs.ids import run_id
+from ..runs.ids import folder_name, run_id
 from ..runs.integrity import Decision, Health, check, decide
 from ..runs.rundir import RunDir
 from . import slurm
@@ -109,7 +109,7 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     first = points[0].cfg
     check_dir_writable("paths.runs", first.paths.runs)
     check_dir_writable("paths.sweeps", first.paths.sweeps)
-    name = first.sweep.name or preset or "adhoc"
+    name = folder_name(first, preset or "adhoc")
     plan = Plan(name, Path(first.paths.sweeps) / name, [])
     earlier, why = read_plan(plan.folder)
     plan.earlier = (earlier or {}).get("points", [])

@@ -41,6 +41,7 @@ from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError, DataError
 from ..runs import lease
 from ..runs.files import private_folder, read_json_object
+from ..runs.ids import folder_name
 from ..runs.integrity import check
 from ..runs.rundir import FINISHED, RunDir
 from ..threads import child_env
@@ -501,7 +502,7 @@ def where(name: str, extra=()) -> tuple[Path, Path]:
     with Composer() as c:
         plain = [o.input_line for o in c.parse(first + list(extra)) if not o.is_sweep_override()]
         cfg = c.compose(plain)
-    return Path(cfg.paths.sweeps) / (cfg.sweep.name or name), Path(cfg.paths.runs)
+    return Path(cfg.paths.sweeps) / folder_name(cfg, name), Path(cfg.paths.runs)
 
 
 def status(preset, extra=(), watch: float | None = None) -> int:

@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..catalog import CIFAR, DATASETS, DIGITS_TEST, cifar_files, missing_data  # noqa: F401 -- DATASETS: the names load_dataset serves
-from ..errors import DataError
+from ..catalog import CIFAR, DATASETS, DIGITS_TEST, EUROSAT, cifar_files, missing_data  # noqa: F401 -- DATASETS: the names load_dataset serves
+from ..errors import ConfigError, DataError
+from ..targets import call, kwargs, locate
+from .losses import Objective, objective
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int  # 0 for regression
     task: str  # "classification" | "regression"
+    objective: Objective | None = None  # the loss (train.loss; the loop sets it): the task's default
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = objective(self.task)
 
     @property
     def input_shape(self):
@@ -173,6 +180,66 @@ def _digits(cfg):
     return x[train], y[train], x[test], y[test], 10
 
 
+def _eurosat(cfg):
+    """EuroSAT RGB as the authors' script reads it: torchvision's `EuroSAT` (ImageFolder: classes
+    and files in sorted order), `random_split` 80/20 with a generator seeded `data.split_seed`
+    (42: theirs; the split's order is kept), each image `Resize((s, s))` (PIL, bilinear) with
+    s = data.image_size (32: theirs). Returned as uint8, normalised below as every image set."""
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+    from PIL import Image
+
+    root = Path(cfg.root)
+    if missing_data("eurosat", root) and cfg.download:
+        try:
+            tvd.EuroSAT(root=str(root), download=True)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"data.root={root}: eurosat is missing there and the download failed ({type(e).__name__}: "
+                            f"{why}); run `make data DATA_ROOT={root}` on a machine with internet") from None
+    if missing_data("eurosat", root):
+        raise DataError(missing_data("eurosat", root))
+    try:
+        samples = tvd.EuroSAT(root=str(root)).samples
+    except (FileNotFoundError, RuntimeError) as e:  # a class folder without images
+        raise DataError(f"data.root={root}: {root / EUROSAT['folder']} is not EuroSAT's layout "
+                        f"(<class>/<image>.jpg: {str(e).splitlines()[0]})") from None
+    size = int(cfg.get("image_size", 32))
+    resize = T.Resize((size, size))
+    x = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        try:
+            with Image.open(path) as img:
+                x[i] = np.asarray(resize(img.convert("RGB")))
+        except Exception as e:  # truncated or not an image
+            raise DataError(f"data.root={root}: {path} is damaged or not an image ({type(e).__name__}); "
+                            "delete the eurosat folder and run `make data` again") from None
+    y = torch.tensor([c for _, c in samples], dtype=torch.int64)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    n_train = int(EUROSAT["train_fraction"] * len(samples))
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(int(cfg.split_seed)))
+    train, test = perm[:n_train], perm[n_train:]
+    return x[train], y[train], x[test], y[test], EUROSAT["classes"]
+
+
+def write_fake_eurosat(root: str | Path, per_class: int = 5, seed: int = 0, size: int = 64) -> Path:
+    """A small dataset in EuroSAT's real on-disk layout (root/eurosat/2750/<Class>/<Class>_<i>.jpg,
+    RGB JPEGs of size x size): for tests and for trying the real loading path offline."""
+    from PIL import Image
+
+    base = Path(root) / EUROSAT["folder"]
+    rng = np.random.default_rng(seed)
+    for c in EUROSAT_CLASSES:
+        (base / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(base / c / f"{c}_{i + 1}.jpg")
+    return base
+
+
+EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                   "PermanentCrop", "Residential", "River", "SeaLake")
+
+
 def _subset(x, y, cfg, num_classes):
     if cfg.get("per_class"):
         k = int(cfg.per_class)
@@ -197,19 +264,28 @@ def load_dataset(cfg, device="cpu") -> Dataset:
         x = torch.full((1, 1), float(cfg.x))
         y = torch.full((1, 1), float(cfg.y))
         return Dataset(x.to(device), y.to(device), x.to(device), y.to(device), 0, "regression")
-    note = None  # a warning, given once everything loaded (an error comes alone)
+    note, task = None, "classification"  # note: a warning, given once everything loaded (an error comes alone)
     if cfg.name in CIFAR:
         xtr, ytr, xte, yte, c, note = _load_cifar(cfg)
     elif cfg.name == "synthetic":
         xtr, ytr, xte, yte, c = synthetic(cfg)
     elif cfg.name == "digits":
         xtr, ytr, xte, yte, c = _digits(cfg)
+    elif cfg.name == "eurosat":
+        xtr, ytr, xte, yte, c = _eurosat(cfg)
+    elif cfg.name == "custom":  # your own (docs/custom.md)
+        xtr, ytr, xte, yte, c, task = user_data(cfg)
+        if task == "regression":
+            ytr, yte = ytr.float(), yte.float()
+        if xtr.is_floating_point():  # used as given
+            return Dataset(xtr.float().to(device), ytr.to(device), xte.float().to(device), yte.to(device), c, task)
     else:
         raise DataError(f"data={cfg.name!r}: allowed values are {DATASETS}")
-    # per-channel statistics of the whole training split, before any subset
+    # per-channel statistics of the whole training split, before any subset; data.std:
+    # unbiased (divisor n-1, torch's) or population (divisor n, numpy's: the authors')
     xf = xtr.double() / 255
     mean = xf.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-    std = xf.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    std = xf.std(dim=(0, 2, 3), correction=int(cfg.get("std", "unbiased") != "population")).view(1, -1, 1, 1)
     del xf
     xtr, ytr = _subset(xtr, ytr, cfg, c)
     if cfg.get("test_subset"):
@@ -223,7 +299,50 @@ def load_dataset(cfg, device="cpu") -> Dataset:
 
     if note:
         log.warning("%s", note)
-    return Dataset(norm(xtr), ytr.to(device), norm(xte), yte.to(device), c, "classification")
+    return Dataset(norm(xtr), ytr.to(device), norm(xte), yte.to(device), c, task)
+
+
+def user_data(data_cfg):
+    """(x_train, y_train, x_test, y_test, num_classes, task) from the user's data target;
+    DataError naming the target when the returned value is not of the documented form."""
+    target = data_cfg["_target_"]
+    fn = locate("data", target)
+    try:
+        got = call("data", target, fn, kwargs(data_cfg, "data"))
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    where = f"data._target_={target}"
+    classes = None
+    if isinstance(got, dict):
+        classes = got.get("num_classes")
+        try:
+            got = tuple(got[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        except KeyError as e:
+            raise DataError(f"{where}: the returned dict has no {e.args[0]!r}; allowed: x_train, y_train, "
+                            "x_test, y_test (num_classes optional)") from None
+    if not (isinstance(got, (tuple, list)) and len(got) == 4 and all(isinstance(t, torch.Tensor) for t in got)):
+        raise DataError(f"{where}: returned {type(got).__name__}; allowed: (x_train, y_train, x_test, y_test) "
+                        "tensors or a dict of them")
+    xtr, ytr, xte, yte = got
+    for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        if x.dim() < 2 or len(x) != len(y) or len(x) == 0:
+            raise DataError(f"{where}: x_{name} {tuple(x.shape)} and y_{name} {tuple(y.shape)}: allowed: "
+                            "N >= 1 examples in both, x with a batch dimension")
+        floating = x.is_floating_point()
+        if not (x.dtype == torch.uint8 or floating) or (floating and not torch.isfinite(x).all()):
+            raise DataError(f"{where}: x_{name} is {x.dtype}; allowed: uint8 images or finite floats")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(f"{where}: x_train {tuple(xtr.shape[1:])} and x_test {tuple(xte.shape[1:])} per example differ")
+    if ytr.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        ytr, yte = ytr.long(), yte.long()
+        top = int(max(ytr.max(), yte.max())) + 1
+        classes = top if classes is None else int(classes)
+        if ytr.dim() != 1 or yte.dim() != 1 or int(min(ytr.min(), yte.min())) < 0 or top > classes:
+            raise DataError(f"{where}: labels must be one per example in [0, num_classes={classes})")
+        return xtr, ytr, xte, yte, classes, "classification"
+    if not (ytr.is_floating_point() and yte.is_floating_point()):
+        raise DataError(f"{where}: y is {ytr.dtype}; allowed: int64 labels (classification) or float targets")
+    return xtr, ytr, xte, yte, 0, "regression"
 
 
 def write_fake_cifar(root: str | Path, name: str = "cifar10", n_train: int = 100,

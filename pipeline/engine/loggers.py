@@ -13,6 +13,7 @@ import threading
 
 from omegaconf import OmegaConf
 
+from ..runs.ids import folder_name
 from ..runs.rundir import FINISHED
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class WandbLogger:
         self.fence = fence or (lambda: None)  # raises once this process lost the run: mirror nothing more
         self.sent_before, self.finish_timeout = sent_before, float(lc.finish_timeout)
         self.init_kw = dict(
-            project=lc.project, entity=lc.entity, group=cfg.sweep.name or None, id=rid,
+            project=lc.project, entity=lc.entity, group=folder_name(cfg, "") or None, id=rid,
             name=lc.get("name") or rid, resume="allow", dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             tags=[cfg.model.name, cfg.data.name, cfg.optim.name] + list(lc.get("tags") or []))

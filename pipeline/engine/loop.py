@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from models import build_model
 
 from .. import faults, threads
-from ..errors import LeaseLost
+from ..errors import ConfigError, LeaseLost
 from ..ghost import micro_batch_unit
 from ..runs.history import METRIC_COLUMNS, read_metrics_table
 from ..runs.lease import Lease
@@ -34,9 +34,10 @@ from ..runs.state import REQUIRED, TrainState
 from ..thresholds import diverging, newly_crossed
 from . import dist, preempt
 from .loggers import NullLogger, make_logger
+from .losses import from_config
 from .optim import build_optimizer
 from .progress import Progress
-from .step import bn_layers, evaluate, full_batch_step, loss_sum, partition, to_host
+from .step import bn_layers, bn_load, bn_state, bn_swapped, evaluate, full_batch_step, loss_sum, partition, to_host
 from .theory_metrics import bias_term_norm
 
 log = logging.getLogger("pipeline.train")
@@ -45,6 +46,7 @@ log = logging.getLogger("pipeline.train")
 def build(cfg, data, device):
     """(model, the forward used by the loop, optimizer), with `data` moved to the same dtype
     and memory format as the model."""
+    data.objective = from_config(cfg.train.get("loss"), data.task)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
     if cfg.precision == "fp64":  # exact arithmetic for small models (the bilinear toy)
@@ -117,11 +119,13 @@ def micro_batch(cfg, fwd, data, params, ranks, autocast) -> int:
 
     def attempt(size):  # one micro-batch's forward and backward: the peak memory of a step
         try:
+            saved = bn_state(bn_layers(fwd))  # the probe's forward must not move the running averages
             with autocast():
                 out = fwd(data.x_train[:size])
-            loss_sum(out, data.y_train[:size], data.task).backward()
+            loss_sum(out, data.y_train[:size], data.objective).backward()
             torch.cuda.synchronize()
         finally:
+            bn_load(bn_layers(fwd), saved)
             for p in params:
                 p.grad = None
             out = None
@@ -230,6 +234,13 @@ def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ra
     model, fwd, opt = build(cfg, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params, bns = sum(p.numel() for p in params), bn_layers(model)
+    # train.eval_mode=running_stats (the authors' test curves): BatchNorm keeps nn.BatchNorm's running
+    # averages (momentum 0.1, never reset) through the steps, and row n's test columns are theta_n
+    # in eval() mode with the averages as the pass of theta_{n-1} left them: none at step 0
+    running = tc.eval_mode == "running_stats" and bool(bns)
+    if running and ranks.world > 1:
+        raise ConfigError("train.eval_mode=running_stats: the running averages of one process's sequence of "
+                          "groups; allowed with one process (no torchrun or multi-task Slurm job)")
     state = TrainState(model, opt, device, torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None)
     mb = micro_batch(cfg, fwd, data, params, ranks, autocast)
     # -- resume: the newest checkpoint that loads (every rank reads the same file) --
@@ -261,18 +272,23 @@ def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ra
             # every rank's stop flags (a preemption signal, the lease taken over) ride along --
             flags = (preemption.signalled(), owner is not None and owner.lost)
             parts = partition(data.x_train.shape[0], mb, state.shuffle, device)
-            metrics = full_batch_step(fwd, data.x_train, data.y_train, data.task, parts, params, eps, bns,
-                                      autocast, ranks, flags if ranks.world > 1 else ())
+            before = bn_state(bns) if running else None  # the running averages theta_n is evaluated with
+            metrics = full_batch_step(fwd, data.x_train, data.y_train, data.objective, parts, params, eps,
+                                      () if running else bns, autocast, ranks, flags if ranks.world > 1 else ())
             metrics.update(_optional_metrics(cfg, model, data, parts, params, autocast, ranks, record))
             host = to_host(metrics)
             if _stopping(host.get("stop_flags", flags), owner, run):  # raises when the lease was lost
+                if running:  # theta_n's checkpoint holds the averages before its pass, which is discarded
+                    bn_load(bns, before)
                 _stop(state, n, saved, checkpoint, writer, run, ranks, progress, logger, preemption)
             row = metrics_row(n, host, data, n_params, eps)
             # -- thresholds crossed and divergence (decided here, once) --
             finite, newly, diverged = _judge(state, row, thresholds, tc)
             # -- evaluate: the test set at theta_n (its host sync is in evaluate) --
-            if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps):
-                row["test_loss"], test_acc = evaluate(fwd, data.x_test, data.y_test, data.task, mb, autocast, ranks)
+            if finite and (n % tc.eval_every == 0 or newly or n == tc.max_steps) and not (running and n == 0):
+                with bn_swapped(bns, before) if running else contextlib.nullcontext():
+                    row["test_loss"], test_acc = evaluate(fwd, data.x_test, data.y_test, data.objective, mb,
+                                                          autocast, ranks)
                 row["test_acc"] = test_acc if data.task == "classification" else None
             row["time_s"] = time.perf_counter() - t0
             _write_row(row, newly, writer, run, ranks, logger, progress)

@@ -68,7 +68,7 @@ def pack_loop(cfgs, runs: list[RunDir], data, device, autocast, owners, outcomes
     marks the others after an exception)."""
     cfg, tc = cfgs[0], plain(cfgs[0].train)
     model, _, _ = build(cfg, data, device)  # the template: the pack's shared theta_0
-    stack = Stack(model, [c.optim for c in cfgs], data.task)
+    stack = Stack(model, [c.optim for c in cfgs], data.objective)
     mb = _micro_batch(cfg, stack, data, autocast)
     n_params = sum(p[0].numel() for p in stack.params)
     record = n_params <= tc.record_params

@@ -17,8 +17,9 @@ import contextlib
 import torch
 from torch.func import functional_call, vmap
 
+from .losses import objective
 from .optim import build_optimizer
-from .step import loss_sum, partition
+from .step import partition
 
 STATE = {"adam": ("m", "nu"), "rmsprop": ("nu",), "momentum": ("b",), "gd": ()}  # per-parameter state
 COUNTS_STEPS = ("adam", "rmsprop")  # optimizers whose state holds n (torch.optim's `step`)
@@ -33,8 +34,8 @@ class Stack:
     """The parameters of K points of `model` (the template: its structure and buffers; its own
     parameters are not used by the forward) and their optimizer state, stacked."""
 
-    def __init__(self, model, optim_cfgs: list, task: str):
-        self.model, self.task, self.name = model, task, optim_cfgs[0].name
+    def __init__(self, model, optim_cfgs: list, task):
+        self.model, self.classification, self.name = model, objective(task).classification, optim_cfgs[0].name
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         theta = [p.detach() for n, p in model.named_parameters() if p.requires_grad]
         k = len(optim_cfgs)
@@ -45,11 +46,13 @@ class Stack:
         self._columns: dict = {}
         buffers = dict(model.named_buffers())
 
+        loss = objective(task)
+
         def point(ps, xb, yb):  # one point's summed loss and number correct on a micro-batch
             out = functional_call(model, ({**dict(zip(self.names, ps)), **buffers}), (xb,))
-            if task != "classification":
-                return loss_sum(out, yb, task), torch.zeros((), dtype=torch.int64, device=xb.device)
-            return loss_sum(out, yb, task), (out.argmax(1) == yb).sum()
+            if not loss.classification:
+                return loss(out, yb), torch.zeros((), dtype=torch.int64, device=xb.device)
+            return loss(out, yb), (out.argmax(1) == yb).sum()
 
         self._point = vmap(point, in_dims=(0, None, None))
 
@@ -104,7 +107,7 @@ class Stack:
         self.model.train(was)
         n = x.shape[0]
         loss, corr = torch.stack([total, correct.double()]).tolist()  # host sync: the test pass (every eval_every)
-        acc = [c / n if self.task == "classification" else float("nan") for c in corr]
+        acc = [c / n if self.classification else float("nan") for c in corr]
         return [v / n for v in loss], acc
 
     # -- the update theta_n -> theta_{n+1}, each point with its own numbers ----------------------

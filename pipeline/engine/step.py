@@ -15,20 +15,17 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .dist import Ranks
+from .losses import objective
 
 ONE = Ranks()  # the one-process run
 
 
-def loss_sum(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Sum over the micro-batch of the per-example loss: cross-entropy, or 1/2 (y - f)^2."""
-    if out.dtype in (torch.float16, torch.bfloat16):  # autocast: the loss in float32
-        out = out.float()
-    if task == "classification":
-        return F.cross_entropy(out, y, reduction="sum")
-    return 0.5 * (y - out).pow(2).sum()
+def loss_sum(out: torch.Tensor, y: torch.Tensor, task) -> torch.Tensor:
+    """Sum over the micro-batch of the per-example loss l_i of `task`: an Objective
+    (pipeline/engine/losses.py: train.loss), or a task name for its default loss."""
+    return objective(task)(out, y)
 
 
 def partition(n: int, micro_batch: int, generator: torch.Generator | None = None,
@@ -54,6 +51,29 @@ def start_bn_gathering(bns) -> None:
         m.momentum = None
 
 
+def bn_state(bns) -> list[torch.Tensor]:
+    """Copies of every BatchNorm layer's running mean, variance and count (on the device)."""
+    return [t.clone() for m in bns for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+
+def bn_load(bns, saved: list[torch.Tensor]) -> None:
+    """Put `bn_state`'s copies back."""
+    for i, m in enumerate(bns):
+        for t, s in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved[3 * i:3 * i + 3]):
+            t.copy_(s)
+
+
+@contextlib.contextmanager
+def bn_swapped(bns, saved: list[torch.Tensor]):
+    """BatchNorm's running averages as in `saved` for the block, then as they were."""
+    now = bn_state(bns)
+    bn_load(bns, saved)
+    try:
+        yield
+    finally:
+        bn_load(bns, now)
+
+
 def bn_weighted(bns) -> list[torch.Tensor]:
     """This rank's BatchNorm statistics weighted by its group counts, to be summed across ranks
     (in the step's one all-reduce) and divided by `bn_average`."""
@@ -77,17 +97,17 @@ def bn_average(bns, weighted: list[torch.Tensor]) -> None:
 def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontext):
     """Backward of sum_mb (sum_{i in mb} l_i) / N into `.grad`; returns on-device
     (loss at theta_n, number correct)."""
-    n = x.shape[0]
+    n, task = x.shape[0], objective(task)
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for idx in parts:
         xb, yb = x[idx], y[idx]
         with autocast():
             out = model(xb)
-        ls = loss_sum(out, yb, task)
+        ls = task(out, yb)
         (ls / n).backward()
         total += ls.detach()
-        if task == "classification":
+        if task.classification:
             correct += (out.argmax(1) == yb).sum()
     return total / n, correct
 
@@ -147,19 +167,19 @@ def grad_norms(grads: list[torch.Tensor], eps: float) -> torch.Tensor:
 def evaluate(model, x, y, task, micro_batch, autocast=contextlib.nullcontext, ranks=ONE):
     """(mean loss, accuracy) on a held-out set, in eval mode, each rank on its share of the
     micro-batches; returns host floats."""
-    was_training = model.training
+    was_training, task = model.training, objective(task)
     model.eval()
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for idx in ranks.shard(partition(x.shape[0], micro_batch)):
         with autocast():
             out = model(x[idx])
-        total += loss_sum(out, y[idx], task)
-        if task == "classification":
+        total += task(out, y[idx])
+        if task.classification:
             correct += (out.argmax(1) == y[idx]).sum()
     model.train(was_training)
     n = x.shape[0]
     sums = torch.stack([total, correct.double()])
     ranks.sum_([sums])
     loss, corr = sums.tolist()  # host sync: the test pass's loss and count (every eval_every steps)
-    return loss / n, (corr / n if task == "classification" else float("nan"))
+    return loss / n, (corr / n if task.classification else float("nan"))

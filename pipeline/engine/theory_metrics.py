@@ -33,7 +33,7 @@ def bias_term_norm(model, data, cfg, parts, autocast, ranks=None) -> torch.Tenso
     for idx in (ranks.shard(parts) if ranks else parts):
         with autocast():
             out = model(data.x_train[idx])
-        grads = torch.autograd.grad(loss_sum(out, data.y_train[idx], data.task) / n, params,
+        grads = torch.autograd.grad(loss_sum(out, data.y_train[idx], data.objective) / n, params,
                                     create_graph=True)
         dot = sum((gr * ui).sum() for gr, ui in zip(grads, u))
         torch._foreach_add_(hvp, torch.autograd.grad(dot, params))

@@ -24,7 +24,8 @@ NON_SEMANTIC = (
 # run ids never change. The divergence rule's default only stops earlier a run that the analysis
 # (the same rule, pipeline.thresholds) classifies as diverged anyway, whenever it was made.
 ADDED_KEYS: dict[str, object] = {"train.diverge_factor": DIVERGE_FACTOR, "train.diverge_patience": DIVERGE_PATIENCE,
-                                  "train.perturb_theta0": None}
+                                  "train.perturb_theta0": None, "train.loss": "auto", "train.eval_mode": "exact",
+                                  "data.std": "unbiased"}
 
 
 def semantic_config(cfg: DictConfig) -> dict:
@@ -63,3 +64,11 @@ def run_id(cfg: DictConfig) -> str:
     """Short stable hash of `semantic_config(cfg)`: 12 hex digits of SHA-1 over canonical JSON."""
     blob = json.dumps(semantic_config(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def folder_name(cfg, default: str) -> str:
+    """The sweep's folder (and wandb group): `sweep.name` (else `default`), with `-<sweep.mode>`
+    for a mode that is not the default (mode=paper: `fig4-paper`), so the modes never mix."""
+    name = cfg.sweep.get("name") or default
+    return f"{name}-{cfg.sweep.mode}" if cfg.sweep.get("mode") else name
+
