@@ -67,8 +67,9 @@ sync: $(VENV)/.installed ## upload offline wandb runs
 report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
 	$(PY) -m analysis.report $(SWEEP) $(if $(DRY),--dry-run)
 
-data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 into DATA_ROOT (for offline compute nodes)
-	$(PY) -c "from pipeline.engine.data import download_cifar as d; [d(n, '$(DATA_ROOT)') for n in ('cifar10', 'cifar100')]"
+DATASETS ?= cifar10 cifar100
+data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 (DATASETS="cifar10 eurosat": those) into DATA_ROOT, for offline compute nodes
+	$(PY) -c "from pipeline.engine.data import download as d; [d(n, '$(DATA_ROOT)') for n in '$(DATASETS)'.split()]"
 
 migrate: $(VENV)/.installed ## rename run directories to their current ids (runs made before the micro-batch left the id)
 	$(PY) -m pipeline.runs.migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"

@@ -131,7 +131,7 @@ def contest(name, n, reps, width, workers, eval_every, switch=()):
         torch.backends.cudnn.benchmark = True  # theirs; set only around their steps
         contenders = {}
         for aug in (False, True):
-            tl, sl = authors.loaders(hwc[0], ytr, hwc[1], yte, aug, workers, pin_memory=device.type == "cuda")
+            tl, sl = authors.loaders(hwc[0], ytr, hwc[1], yte, aug, workers)  # pin_memory=True: theirs, on any device
 
             def auth(tl=tl, sl=sl):
                 torch.backends.cudnn.benchmark = True

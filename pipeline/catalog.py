@@ -69,7 +69,8 @@ def missing_data(name: str, root: str | Path) -> str | None:
     if name == "eurosat":
         folder = Path(root) / EUROSAT["folder"]
         return None if folder.is_dir() else (
-            f"data.root={root}: {folder} not found; run `make data DATA_ROOT={root}` (or set data.download=true)")
+            f"data.root={root}: {folder} not found; run `make data DATASETS=eurosat DATA_ROOT={root}` "
+            "(or set data.download=true)")
     if name not in CIFAR:
         return None
     for path in cifar_files(name, root):

@@ -108,7 +108,7 @@ def test_failed_download_names_root_and_make_data(tmp_path, monkeypatch):
     def offline(name, root):
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(d, "download_cifar", offline)
+    monkeypatch.setattr(d, "download", offline)
     cfg = cifar_cfg(tmp_path)
     cfg.download = True
     with pytest.raises(DataError) as e:

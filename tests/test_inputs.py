@@ -143,6 +143,8 @@ RUNTIME = [  # (overrides with {tmp}, the line starts with, it also says)
      "larger than the 100 training examples of data=cifar10"),
     (CIFAR + ["data.root={tmp}/fake", "data.per_class=50"], "data.per_class=50: ",
      "larger than the"),
+    (CIFAR + ["data=eurosat", "data.download=false", "data.root={tmp}/nowhere"], "data.root={tmp}/nowhere: ",
+     "eurosat/2750 not found; run `make data DATASETS=eurosat"),
 ]
 
 

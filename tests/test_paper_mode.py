@@ -222,3 +222,31 @@ def test_a_damaged_eurosat_image_is_one_line_naming_it(tmp_path):
         load_dataset(cfg.data)
     with pytest.raises(DataError, match="not found; run `make data"):
         load_dataset(make_cfg(["data=eurosat", f"data.root={tmp_path}/none", "data.download=false"]).data)
+
+
+def test_eurosat_is_downloaded_with_torchvision_when_missing(tmp_path, monkeypatch):
+    """data.download=true fetches EuroSAT through torchvision's class (its official archive); offline,
+    one line naming the command that fetches it on a machine with internet."""
+    import torchvision.datasets as tvd
+
+    from pipeline.errors import DataError
+
+    real, asked = tvd.EuroSAT, []
+
+    def fake(root, download=False, **kw):
+        if download:
+            asked.append(root)
+            write_fake_eurosat(root, per_class=3)
+        return real(root, **kw)
+
+    monkeypatch.setattr(tvd, "EuroSAT", fake)
+    cfg = make_cfg(["data=eurosat", f"data.root={tmp_path}/es", "data.download=true"])
+    assert load_dataset(cfg.data).x_train.shape[0] == 24 and asked == [f"{tmp_path}/es"]
+
+    def offline(root, download=False, **kw):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(tvd, "EuroSAT", offline)
+    with pytest.raises(DataError, match=r"download failed \(OSError: Name or service not known\); run `make data "
+                                        r"DATASETS=eurosat DATA_ROOT="):
+        load_dataset(make_cfg(["data=eurosat", f"data.root={tmp_path}/off", "data.download=true"]).data)

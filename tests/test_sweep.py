@@ -270,7 +270,7 @@ def test_a_dataset_to_download_is_fetched_once_before_the_runs(tmp_path, monkeyp
     plan = make_plan("quick", extra)
     assert [m[:3] for m in plan.missing_data()] == [("cifar10", f"{tmp_path}/cifar", True)]
     fetched = []
-    monkeypatch.setattr(data, "download_cifar", lambda name, root: (fetched.append(name),
+    monkeypatch.setattr(data, "download", lambda name, root: (fetched.append(name),
                                                                     data.write_fake_cifar(root, name)))
     sweep._fetch_data(plan, dry=False)
     assert fetched == ["cifar10"] and make_plan("quick", extra).missing_data() == []
@@ -278,7 +278,7 @@ def test_a_dataset_to_download_is_fetched_once_before_the_runs(tmp_path, monkeyp
     def offline(name, root):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(data, "download_cifar", offline)
+    monkeypatch.setattr(data, "download", offline)
     other = make_plan("quick", [*extra[:-3], f"data.root={tmp_path}/other", "data.download=true"])
     with pytest.raises(SystemExit) as e:
         sweep._fetch_data(other, dry=False)

@@ -399,11 +399,11 @@ def _fetch_data(plan: Plan, dry: bool) -> None:
                   if download else f"warning: {why}", file=sys.stderr)
             continue
         if download:
-            from ..engine.data import fetch_cifar  # torch: only when there is something to fetch
+            from ..engine.data import fetch  # torch: only when there is something to fetch
 
             print(f"downloading {name} into {root} (data.download=true) ...", flush=True)
             try:
-                fetch_cifar(name, root)
+                fetch(name, root)
                 continue
             except DataError as e:
                 why = str(e)

@@ -90,32 +90,35 @@ def _read_batch(path: Path, md5: str, label_key: str, root_key: str, classes: in
     return x, y, hashlib.md5(raw).hexdigest() == md5
 
 
-def download_cifar(name: str, root: str | Path) -> None:
-    """Fetch with torchvision (the official archive, md5-checked)."""
+def download(name: str, root: str | Path) -> None:
+    """Fetch CIFAR-10/100 or EuroSAT into `root` with torchvision (the official archives, md5-checked)."""
     import torchvision.datasets as tvd
 
+    if name == "eurosat":
+        tvd.EuroSAT(root=str(root), download=True)
+        return
     cls = getattr(tvd, CIFAR[name]["tv"])
     for train in (True, False):
         cls(root=str(root), train=train, download=True)
 
 
-def fetch_cifar(name: str, root: str | Path) -> None:
-    """`download_cifar`, or DataError: one line saying what to do on a machine without internet."""
+def fetch(name: str, root: str | Path) -> None:
+    """`download`, or DataError: one line saying what to do on a machine without internet."""
     try:
-        download_cifar(name, root)
+        download(name, root)
     except Exception as e:  # offline compute node, proxy, ...
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise DataError(
             f"data.root={root}: {name} is missing there and the download failed "
-            f"({type(e).__name__}: {why}); run `make data DATA_ROOT={root}` on a machine with "
-            "internet, or point data.root at a copy") from None
+            f"({type(e).__name__}: {why}); run `make data DATASETS={name} DATA_ROOT={root}` on a machine "
+            "with internet, or point data.root at a copy") from None
 
 
 def _load_cifar(cfg):
     spec, root = CIFAR[cfg.name], Path(cfg.root)
     missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
     if missing and cfg.download:
-        fetch_cifar(cfg.name, root)
+        fetch(cfg.name, root)
         missing = [p for p in cifar_files(cfg.name, root) if not p.exists()]
     if missing:
         raise DataError(missing_data(cfg.name, root))
@@ -191,12 +194,7 @@ def _eurosat(cfg):
 
     root = Path(cfg.root)
     if missing_data("eurosat", root) and cfg.download:
-        try:
-            tvd.EuroSAT(root=str(root), download=True)
-        except Exception as e:
-            why = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DataError(f"data.root={root}: eurosat is missing there and the download failed ({type(e).__name__}: "
-                            f"{why}); run `make data DATA_ROOT={root}` on a machine with internet") from None
+        fetch("eurosat", root)
     if missing_data("eurosat", root):
         raise DataError(missing_data("eurosat", root))
     try:
@@ -213,7 +211,7 @@ def _eurosat(cfg):
                 x[i] = np.asarray(resize(img.convert("RGB")))
         except Exception as e:  # truncated or not an image
             raise DataError(f"data.root={root}: {path} is damaged or not an image ({type(e).__name__}); "
-                            "delete the eurosat folder and run `make data` again") from None
+                            "delete the eurosat folder and run `make data DATASETS=eurosat` again") from None
     y = torch.tensor([c for _, c in samples], dtype=torch.int64)
     x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     n_train = int(EUROSAT["train_fraction"] * len(samples))
