@@ -34,6 +34,19 @@ LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "traini
          "hill_height": r"hill height of $\|\nabla E\|_{1,\varepsilon}$"}
 
 
+TEST_METRICS = ("test_acc", "test_loss", "max_test_acc")
+
+
+def _ylabel(metric: str, frame: pd.DataFrame) -> str:
+    """LABEL of `metric`; a test metric of runs evaluated as the authors did (train.eval_mode=
+    running_stats in every run) says so."""
+    label = LABEL.get(metric, metric)
+    modes = set(frame["eval_mode"].dropna()) if "eval_mode" in frame else set()
+    if metric in TEST_METRICS and modes == {"running_stats"}:
+        label += "\n(BatchNorm running averages)"
+    return label
+
+
 HYPER = ("beta", "rho", "h", "eps")
 STYLES = Path(__file__).parent / "styles"
 LOG_SPAN = 20.0  # a positive metric whose values span more than this factor is drawn on a log axis
@@ -193,7 +206,7 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
         _xscale(ax, param, summary[param].to_numpy(float))
         _yscale(ax, metric, pd.to_numeric(shown[col], errors="coerce").to_numpy(float))
         ax.set_xlabel(SYMBOL.get(param, param))
-        ax.set_ylabel(LABEL.get(metric, metric))
+        ax.set_ylabel(_ylabel(metric, shown))
         if threshold is not None:
             ax.set_title(f"at the first step with loss < {threshold:g}")
     if unfinished:
@@ -456,7 +469,8 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
     where = {(b, r): i for i, (b, r) in enumerate(zip(g["beta"], g["rho"]))}
     panels = [("regime", "regime"), ("hill_height", LABEL["hill_height"]),
               (f"at_loss_{threshold:g}_pert_norm", LABEL["pert_norm"] + f" at loss < {threshold:g}"),
-              (f"at_loss_{threshold:g}_test_acc", f"test accuracy at loss < {threshold:g}")]
+              (f"at_loss_{threshold:g}_test_acc",
+               _ylabel("test_acc", g).replace("\n", " ", 1) + f" at loss < {threshold:g}")]
     panels = [(c, t) for c, t in panels
               if c in g and (c == "regime" or pd.to_numeric(g[c], errors="coerce").notna().any())]
     rows = 1 if len(panels) < 3 else 2

@@ -250,3 +250,16 @@ def test_eurosat_is_downloaded_with_torchvision_when_missing(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"download failed \(OSError: Name or service not known\); run `make data "
                                         r"DATASETS=eurosat DATA_ROOT="):
         load_dataset(make_cfg(["data=eurosat", f"data.root={tmp_path}/off", "data.download=true"]).data)
+
+
+def test_figures_say_when_the_test_columns_are_the_authors_evaluation():
+    import pandas as pd
+
+    from analysis.figures import _ylabel
+
+    ours = pd.DataFrame({"eval_mode": ["exact", "exact"]})
+    theirs = pd.DataFrame({"eval_mode": ["running_stats", "running_stats"]})
+    assert "running averages" in _ylabel("test_acc", theirs) and "running averages" in _ylabel("max_test_acc", theirs)
+    assert "running averages" not in _ylabel("test_acc", ours)
+    assert "running averages" not in _ylabel("pert_norm", theirs)
+    assert "running averages" not in _ylabel("test_acc", pd.concat([ours, theirs]))  # mixed: no single label
