@@ -335,8 +335,10 @@ def _curve_yscale(ax, metric: str, values: pd.Series) -> bool:
     if metric not in LOG_METRICS or not (values > 0).any():
         return False
     ax.set_yscale("log")
-    if metric != "loss":  # the loss spans many decades: its 10^k labels are the readable ones
+    positive = values[values > 0]
+    if metric != "loss" or positive.max() / positive.min() < 100:  # a loss over many decades: 10^k labels
         _plain_log_labels(ax)
+    if metric != "loss":
         return False
     if (values < LOSS_FLOOR).any():
         ax.set_ylim(bottom=LOSS_FLOOR)
@@ -346,13 +348,15 @@ def _curve_yscale(ax, metric: str, values: pd.Series) -> bool:
 
 def _plain_log_labels(ax) -> None:
     """A log y axis labelled 0.01, 3, 20 rather than 10^-2, 3x10^0, 2x10^1; where it spans less
-    than two decades, its 2s and 5s labelled too."""
+    than two decades its 2s and 5s labelled too, less than one its 3s, less than half of one every
+    minor tick."""
     lo, hi = ax.get_ylim()
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if 1e-4 <= v < 1e5 else f"$10^{{{np.log10(v):.0f}}}$")
     ax.yaxis.set_major_formatter(plain)
-    few = lo > 0 and hi / lo < 100
+    span = hi / lo if lo > 0 else np.inf  # labels at least ~0.05 of a decade apart in the narrowest case
+    digits = "23456789" if span < 3.2 else "235" if span < 10 else "25" if span < 100 else ""
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
-        lambda v, _: f"{v:g}" if few and f"{v:.0e}"[0] in "25" and 1e-4 <= v < 1e5 else ""))
+        lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in digits and 1e-4 <= v < 1e5 else ""))
 
 
 def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: float | None = None,

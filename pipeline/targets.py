@@ -2,7 +2,7 @@
 
     model=custom model._target_=mypkg.MyNet +model.width=64       a torch.nn.Module
     data=custom data._target_=mypkg.load +data.n=1000             tensors (below)
-    'train.loss={_target_: mypkg.my_loss}'                        loss(out, y) -> the micro-batch's SUM
+    +train.loss._target_=mypkg.my_loss +train.loss.margin=2       loss(out, y) -> the micro-batch's SUM
 
 Every other key of the group is a keyword argument of the target. The model's target also gets
 `num_classes` and `input_shape` (C, H, W) when its signature takes them. A data target returns

@@ -96,6 +96,9 @@ CATALOGUE = [
     (["model=bilinear", "data=bilinear", "train.loss=mse"], "train.loss=mse: ", "a regression with the loss 1/2"),
     (["train.loss={_target_:nopkg_xyz.f}"], "train.loss._target_=nopkg_xyz.f: ", "cannot import nopkg_xyz"),
     (["train.loss={reduction:sum}"], "train.loss._target_=null: ", "needs train.loss._target_"),
+    (["train.loss._target_=mypkg.f"], "train.loss._target_=mypkg.f: train.loss holds a value, not keys; "
+                                      "+train.loss._target_=mypkg.f replaces", "docs/custom.md"),
+    (["+train.loss._target_=nopkg_xyz.f"], "train.loss._target_=nopkg_xyz.f: ", "cannot import nopkg_xyz"),
     (["train.eval_mode=eval"], "train.eval_mode=eval: ", "allowed values are exact, running_stats"),
     (["mode=faithful"], "mode=faithful: ", "unknown option; available: exact, paper"),
     (["train.loss_thresholds=[0.1,-1]"], "train.loss_thresholds=[0.1, -1]: ", "positive numbers"),

@@ -165,6 +165,10 @@ class Composer:
         if alias and not alias.startswith(key + " ") and alias != key:
             return ConfigError(f"{culprit}: unknown key; this pipeline calls it {alias}")
         siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
+        if not siblings and group in known:  # a value (train.loss=auto), not a group of keys
+            hint = " (a loss, model or dataset of your own: docs/custom.md)" if leaf == "_target_" else ""
+            return ConfigError(f"{culprit}: {group} holds a value, not keys; +{culprit.lstrip('+')} replaces the "
+                               f"value by keys{hint}")
         near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
         if near == [leaf]:  # a key of the default group, not of the one another override chose
             return ConfigError(f"{culprit}: unknown key for the {group or 'config'} chosen by the other overrides")
