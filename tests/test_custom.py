@@ -97,6 +97,12 @@ def load(n=20, kind="ok"):
         return x, y - 1, x, y
     if kind == "nonfinite":
         return x * float("nan"), y, x, y
+    if kind == "regression":
+        return x, x[:, :2] * 2, x, x[:, :2] * 2
+    if kind == "flat_targets":
+        return x, x[:, 0], x, x[:, 0]
+    if kind == "flat_uint8":
+        return (x > 0).to(torch.uint8), y, (x > 0).to(torch.uint8), y
     return x, y, x[:5], y[:5]
 
 
@@ -130,6 +136,11 @@ def userpkg(tmp_path, monkeypatch):
     (["+data.kind=three"], "data._target_=userpkg.load: returned tuple", "(x_train, y_train, x_test, y_test)"),
     (["+data.kind=labels"], "data._target_=userpkg.load: labels must be", "[0, num_classes"),
     (["+data.kind=nonfinite"], "data._target_=userpkg.load: x_train is torch.float32", "finite floats"),
+    (["+data.kind=flat_targets", "+model.out=1"], "data._target_=userpkg.load: y is torch.float32 (20,)",
+     "float targets N x k"),
+    (["+data.kind=flat_uint8"], "data._target_=userpkg.load: uint8 x_train (20, 3)", "N x C x H x W"),
+    (["+data.kind=regression", "+model.out=2", "train.loss=mse"], "train.loss=mse: data=custom gives float targets",
+     "allowed: auto"),
     (["train.loss={_target_:userpkg.vector_loss}"], "train.loss._target_=userpkg.vector_loss: returned (2,)",
      "0-d float tensor"),
     (["train.loss={_target_:userpkg.mean_ce,bogus:1}"], "train.loss._target_=userpkg.mean_ce: calling it on",
@@ -151,6 +162,21 @@ def test_a_user_loss_is_the_built_in_one_when_it_computes_the_same(userpkg):
     rows = [(userpkg / "runs" / run_id(c) / "metrics.csv").read_text().splitlines() for c in (a, b)]
     cols = [[r.split(",")[:6] for r in rs] for rs in rows]  # step, loss, acc and the gradient's norms
     assert cols[0] == cols[1]
+
+
+def test_a_regression_of_your_own_trains_with_half_squared_error(userpkg):
+    """Float targets N x k: a regression, the loss 1/2 |y - f|^2 averaged over the examples."""
+    cfg = make_cfg(BASE + ["+data.kind=regression", "+model.out=2", "train.max_steps=0"], runs=userpkg / "runs")
+    assert train(cfg) == "completed"
+    rows = (userpkg / "runs" / run_id(cfg) / "metrics.csv").read_text().splitlines()
+    first = dict(zip(rows[0].split(","), rows[1].split(",")))
+    import userpkg as up
+
+    x, y, _, _ = up.load(kind="regression")
+    torch.manual_seed(0)
+    net = up.Net(0, (3,), out=2)
+    assert float(first["loss"]) == pytest.approx(0.5 * ((net(x) - y) ** 2).sum(1).mean().item(), rel=1e-6)
+    assert first["acc"] == "" and first["test_acc"] == ""
 
 
 def test_the_run_id_holds_the_target_and_its_arguments(userpkg):

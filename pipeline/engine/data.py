@@ -331,6 +331,9 @@ def user_data(data_cfg):
             raise DataError(f"{where}: x_{name} is {x.dtype}; allowed: uint8 images or finite floats")
     if xtr.shape[1:] != xte.shape[1:]:
         raise DataError(f"{where}: x_train {tuple(xtr.shape[1:])} and x_test {tuple(xte.shape[1:])} per example differ")
+    if xtr.dtype == torch.uint8 and xtr.dim() != 4:
+        raise DataError(f"{where}: uint8 x_train {tuple(xtr.shape)}: allowed: images N x C x H x W (normalised per "
+                        "channel), or float inputs of any shape (used as given)")
     if ytr.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         ytr, yte = ytr.long(), yte.long()
         top = int(max(ytr.max(), yte.max())) + 1
@@ -338,8 +341,9 @@ def user_data(data_cfg):
         if ytr.dim() != 1 or yte.dim() != 1 or int(min(ytr.min(), yte.min())) < 0 or top > classes:
             raise DataError(f"{where}: labels must be one per example in [0, num_classes={classes})")
         return xtr, ytr, xte, yte, classes, "classification"
-    if not (ytr.is_floating_point() and yte.is_floating_point()):
-        raise DataError(f"{where}: y is {ytr.dtype}; allowed: int64 labels (classification) or float targets")
+    if not (ytr.is_floating_point() and yte.is_floating_point()) or ytr.dim() != 2 or yte.dim() != 2:
+        raise DataError(f"{where}: y is {ytr.dtype} {tuple(ytr.shape)}; allowed: int64 labels N (classification) "
+                        "or float targets N x k (regression)")
     return xtr, ytr, xte, yte, 0, "regression"
 
 
