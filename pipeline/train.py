@@ -92,6 +92,9 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
 
     run = RunDir(cfg.paths.runs, run_id(cfg))
     with numerics(cfg) as (device, autocast), dist.group(device) as (ranks, device):
+        if ranks.world > 1 and cfg.train.eval_mode == "running_stats":
+            raise ConfigError("train.eval_mode=running_stats: BatchNorm's running averages follow one process's "
+                              "sequence of groups; allowed with one process (not torchrun or a multi-task job)")
         # -- rank 0 decides, every rank follows: live elsewhere, nothing to do, or go --
         skipped = ranks.share(lambda: _precheck(run, cfg))
         if skipped:

@@ -80,6 +80,19 @@ def test_w_processes_give_the_one_process_answer(tmp_path, world, extra):
 
 
 @pytest.mark.slow
+def test_the_authors_evaluation_is_refused_with_several_processes_before_any_run_directory(tmp_path):
+    """Running averages follow one sequence of groups: train.eval_mode=running_stats with W = 2
+    is a one-line refusal on every rank, and nothing is created."""
+    p = torchrun(2, [*BASE, "model.norm=bn", "train.eval_mode=running_stats", f"paths.runs={tmp_path}/runs"],
+                 tmp_path)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert lines and all(ln.startswith("error: train.eval_mode=running_stats: ") for ln in lines), err[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
 def test_a_killed_2_process_run_resumes_identically(tmp_path):
     """Rank 0 stops itself after writing row 9; the whole torchrun process group is SIGKILLed;
     the restarted 2-process run ends identical to an uninterrupted 2-process run."""

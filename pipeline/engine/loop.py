@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from models import build_model
 
 from .. import faults, threads
-from ..errors import ConfigError, LeaseLost
+from ..errors import LeaseLost
 from ..ghost import micro_batch_unit
 from ..runs.history import METRIC_COLUMNS, read_metrics_table
 from ..runs.lease import Lease
@@ -237,10 +237,7 @@ def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ra
     # train.eval_mode=running_stats (the authors' test curves): BatchNorm keeps nn.BatchNorm's running
     # averages (momentum 0.1, never reset) through the steps, and row n's test columns are theta_n
     # in eval() mode with the averages as the pass of theta_{n-1} left them: none at step 0
-    running = tc.eval_mode == "running_stats" and bool(bns)
-    if running and ranks.world > 1:
-        raise ConfigError("train.eval_mode=running_stats: the running averages of one process's sequence of "
-                          "groups; allowed with one process (no torchrun or multi-task Slurm job)")
+    running = tc.eval_mode == "running_stats" and bool(bns)  # one process (pipeline/train.py checks)
     state = TrainState(model, opt, device, torch.Generator().manual_seed(cfg.seed) if tc.reshuffle else None)
     mb = micro_batch(cfg, fwd, data, params, ranks, autocast)
     # -- resume: the newest checkpoint that loads (every rank reads the same file) --
