@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ from .errors import (
 )
 from .runs import provenance
 from .runs.files import atomic_write_text
-from .runs.ids import run_id
+from .runs.ids import run_id, with_added_keys
 from .runs.integrity import check, decide
 from .runs.lease import Lease, holder, slurm_job_id
 from .runs.rundir import RunDir
@@ -83,7 +84,7 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
     (nothing is changed), DiskFull (the run is left pending, its last checkpoint intact).
     Under torchrun or a multi-task Slurm job every rank calls it (pipeline/engine/dist.py)."""
     faults.arm()  # the crash tests' failpoints, from $ADAM_FAULTS (none in normal runs)
-    validate(cfg)
+    validate(with_added_keys(cfg))  # a job pickled before a key existed gets that key's old value
     check_dir_writable("paths.runs", cfg.paths.runs)
     from .engine import dist  # torch: only once the config is known to be good (a quick bad-input line)
     from .engine.data import load_dataset
@@ -177,7 +178,7 @@ def train_pack(cfgs: list[DictConfig], launched_by: list[str] | None = None, out
     faults.arm()
     outcomes = {} if outcomes is None else outcomes
     for c in cfgs:
-        validate(c)
+        validate(with_added_keys(c))
     why = problem(cfgs)
     if why:
         raise ConfigError(f"PACK: {why}")
@@ -241,6 +242,15 @@ def _mark_unfinished(e: BaseException, runs) -> None:
             _mark_pending(run)
 
 
+def interruptible() -> None:
+    """A sweep stops its local runs with SIGINT (dispatch/sweep.py: stop_local), and a job's
+    process is in a session of its own, where no terminal's Ctrl-C reaches it: SIGINT is only ever
+    that request. A sweep started in the background inherits SIGINT ignored (a shell does that for
+    `cmd &`), and Python then raises no KeyboardInterrupt: the job restores Python's handler."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class TrainJob:
     """What a sweep submits: `train(cfg)` in the job's process. On Slurm's warning signal the
     loop writes a checkpoint first (engine/preempt.py); submitit then calls `checkpoint` (the
@@ -273,6 +283,7 @@ class TrainJob:
                                                               pid=os.getpid())) + "\n")
 
     def __call__(self, cfg: DictConfig) -> str:
+        interruptible()
         try:
             result = train(cfg, getattr(self, "launched_by", None))
         except LeaseHeld as e:  # another process (another sweep, a user) runs it: nothing to do here
@@ -310,6 +321,7 @@ class PackJob(TrainJob):
             self._say(*ended.get(i, (result, error)), path=self.outcomes[i])
 
     def __call__(self, cfgs: list[DictConfig]) -> dict:
+        interruptible()
         ended: dict = {}
         try:
             train_pack(cfgs, self.launched_by, ended)

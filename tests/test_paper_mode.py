@@ -263,3 +263,24 @@ def test_figures_say_when_the_test_columns_are_the_authors_evaluation():
     assert "running averages" not in _ylabel("test_acc", ours)
     assert "running averages" not in _ylabel("pert_norm", theirs)
     assert "running averages" not in _ylabel("test_acc", pd.concat([ours, theirs]))  # mixed: no single label
+
+
+def test_a_config_from_before_the_new_keys_gets_their_old_values():
+    """A job pickled by an older sweep lacks train.loss, train.eval_mode and data.std: it is
+    given the values that reproduce it, validates, and keeps its run id."""
+    from omegaconf import open_dict
+
+    from pipeline.config.validate import validate
+    from pipeline.runs.ids import with_added_keys
+
+    for over in (["sweep=fig4"], ["sweep=digits"], ["sweep=toy"]):
+        cfg = make_cfg(over)
+        old = cfg.copy()
+        with open_dict(old):
+            del old.train["loss"], old.train["eval_mode"]
+            if "std" in old.data:
+                del old.data["std"]
+        assert run_id(old) == run_id(cfg)
+        validate(with_added_keys(old))
+        assert (old.train.loss, old.train.eval_mode, old.data.std) == ("auto", "exact", "unbiased")
+        assert run_id(old) == run_id(cfg)

@@ -445,6 +445,12 @@ def test_a_profile_with_the_local_launcher_is_named_as_ignored(tmp_path):
 
 
 # -- 5. interrupts, reasons and states of a local sweep -------------------------------------------
+def terminal_sigint() -> None:
+    """A process started from a terminal has SIGINT at its default; one started from a background
+    job (`.ci/run &`, nohup) inherits it ignored, and Python then raises no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path):
     """Two runs at a time, each stopped after row 5 (failpoint), two queued: `make status` says
@@ -457,7 +463,7 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
     p = subprocess.Popen([sys.executable, "-m", "pipeline.dispatch.sweep", "run", "synthetic", "--jobs", "2", "--",
                           *paths,
                           *extra], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=terminal_sigint)
     try:
         deadline = time.time() + 300
         holders = []

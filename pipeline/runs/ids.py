@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..ghost import ghost_size, uses_batch_norm
 from ..thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE
@@ -26,6 +26,19 @@ NON_SEMANTIC = (
 ADDED_KEYS: dict[str, object] = {"train.diverge_factor": DIVERGE_FACTOR, "train.diverge_patience": DIVERGE_PATIENCE,
                                   "train.perturb_theta0": None, "train.loss": "auto", "train.eval_mode": "exact",
                                   "data.std": "unbiased"}
+
+
+def with_added_keys(cfg: DictConfig) -> DictConfig:
+    """`cfg` (changed in place) with each ADDED_KEYS key it lacks set to the value that reproduces
+    the runs made before the key existed: a job pickled by an older sweep, still queued, then
+    validates and trains as it would have, under the same run id (those values are left out of it)."""
+    for dotted, old in ADDED_KEYS.items():
+        group, key = dotted.split(".", 1)
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and key not in node:
+            with open_dict(node):
+                node[key] = old
+    return cfg
 
 
 def semantic_config(cfg: DictConfig) -> dict:
