@@ -28,7 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 
-RESERVED = {"model": ("name", "_target_"), "data": ("name", "_target_", "std"), "train.loss": ("_target_",)}
+# keys of a group that are not arguments of its target; `version` is for the user: it goes into the
+# run id only (a new version of the target's code is a new run)
+RESERVED = {"model": ("name", "_target_", "version"), "data": ("name", "_target_", "std", "version"),
+            "train.loss": ("_target_", "version")}
 
 
 def why(e: BaseException) -> str:

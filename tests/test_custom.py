@@ -182,8 +182,17 @@ def test_a_regression_of_your_own_trains_with_half_squared_error(userpkg):
 def test_the_run_id_holds_the_target_and_its_arguments(userpkg):
     ids = {run_id(make_cfg(BASE + extra)) for extra in
            ([], ["+model.out=4"], ["+data.n=21"], ["data._target_=userpkg.load", "+data.kind=ok"],
-            ["train.loss={_target_:userpkg.mean_ce}"], ["train.loss={_target_:userpkg.mean_ce,scale:2.0}"])}
-    assert len(ids) == 6
+            ["train.loss={_target_:userpkg.mean_ce}"], ["train.loss={_target_:userpkg.mean_ce,scale:2.0}"],
+            ["+model.version=2"], ["+data.version=b"],
+            ["+train.loss._target_=userpkg.mean_ce", "+train.loss.version=2"])}
+    assert len(ids) == 9
+
+
+def test_a_version_key_names_new_code_without_reaching_the_target(userpkg):
+    """`version` is in the run id but not an argument: Net, load and mean_ce take no such keyword."""
+    cfg = make_cfg(BASE + ["+model.version=2", "+data.version=2", "+train.loss._target_=userpkg.mean_ce",
+                           "+train.loss.version=2"], runs=userpkg / "runs")
+    assert train(cfg) == "completed"
 
 
 def test_a_custom_model_trains_as_a_built_in_one_does(userpkg):
