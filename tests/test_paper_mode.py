@@ -284,3 +284,19 @@ def test_a_config_from_before_the_new_keys_gets_their_old_values():
         validate(with_added_keys(old))
         assert (old.train.loss, old.train.eval_mode, old.data.std) == ("auto", "exact", "unbiased")
         assert run_id(old) == run_id(cfg)
+
+
+def test_the_bias_term_leaves_the_running_averages_alone(tmp_path):
+    """train.bias_term's extra forward passes must not move BatchNorm's running averages: the test
+    columns of running_stats are the same with and without it."""
+    base = ["model=cnn", "model.norm=bn", "model.width=4", "model.bn_group=30", "data=synthetic", "data.n_train=60",
+            "data.n_test=20", "data.image_size=8", "train.micro_batch=30", "train.max_steps=3", "train.eval_every=1",
+            "train.progress=none", "device=cpu", "train.eval_mode=running_stats", "precision=fp64"]
+    tests = []
+    for extra in ([], ["train.bias_term=true"]):
+        cfg = make_cfg(base + extra, runs=tmp_path / "runs")
+        assert train(cfg) == "completed"
+        rows = (tmp_path / "runs" / run_id(cfg) / "metrics.csv").read_text().splitlines()
+        h = rows[0].split(",")
+        tests.append([dict(zip(h, r.split(",")))["test_loss"] for r in rows[1:]])
+    assert tests[0] == tests[1] and tests[0][1] != ""

@@ -272,7 +272,10 @@ def train_loop(cfg, run: RunDir, data, device, autocast, owner: Lease | None, ra
             before = bn_state(bns) if running else None  # the running averages theta_n is evaluated with
             metrics = full_batch_step(fwd, data.x_train, data.y_train, data.objective, parts, params, eps,
                                       () if running else bns, autocast, ranks, flags if ranks.world > 1 else ())
+            kept = bn_state(bns) if running and tc.bias_term else None  # the bias term's passes are not the authors'
             metrics.update(_optional_metrics(cfg, model, data, parts, params, autocast, ranks, record))
+            if kept is not None:
+                bn_load(bns, kept)
             host = to_host(metrics)
             if _stopping(host.get("stop_flags", flags), owner, run):  # raises when the lease was lost
                 if running:  # theta_n's checkpoint holds the averages before its pass, which is discarded
