@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.dispatch.plan import sweep_runs
+from pipeline.runs.ids import ADDED_KEYS
 from pipeline.runs.integrity import check
 from pipeline.runs.rundir import RunDir
 
@@ -29,8 +30,8 @@ HYPER = {
     "loss": "train.loss", "eval_mode": "train.eval_mode", "std": "data.std", "bn_group": "model.bn_group",
     "reshuffle": "train.reshuffle",
 }
-# what a run made before a setting existed had (pipeline/runs/ids.py: ADDED_KEYS)
-SETTING_BEFORE = {"loss": "auto", "eval_mode": "exact", "std": "unbiased"}
+# what a run made before a setting existed had: the value pipeline/runs/ids.py keeps its id with
+SETTING_BEFORE = {k: ADDED_KEYS[v] for k, v in HYPER.items() if v in ADDED_KEYS}
 
 
 def _is_run(p: Path) -> bool:

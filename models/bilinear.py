@@ -6,7 +6,7 @@ from torch import nn
 
 class Bilinear(nn.Module):
     """Prediction theta_1 theta_2 x; with the regression loss 1/2 (y - f)^2
-    (pipeline.step.loss_sum, data=bilinear) and the single example (x, y) = (2, 3/2) the
+    (pipeline/engine/losses.py: HALF_SQ, data=bilinear) and the single example (x, y) = (2, 3/2) the
     full-batch loss is exactly the paper's E(theta) = 1/2 (y - theta_1 theta_2 x)^2."""
 
     def __init__(self, theta0=(2.8, 3.5)):

@@ -135,9 +135,7 @@ def _top_level(cfg) -> str:
 
 def _model(cfg) -> str:
     model = choice(cfg, "model.name", MODELS, shown_key="model")
-    if model != "custom" and _get(cfg, "model").get("_target_") is not None:
-        raise ConfigError(f"model._target_={cfg.model._target_}: a model of your own goes with model=custom "
-                          f"(model={model} is built in); see docs/custom.md")
+    _built_in(cfg, "model", model, "a model")
     if model in ("cnn", "resnet18", "resnet50", "resnet101"):
         norm = choice(cfg, "model.norm", NORMS)
         width = integer(cfg, "model.width", 1)
@@ -167,20 +165,27 @@ def _model(cfg) -> str:
     return model
 
 
+def _built_in(cfg, group: str, name: str, what: str) -> None:
+    """`<group>._target_` belongs to `<group>=custom`: a built-in one has its own keys."""
+    target = _get(cfg, group).get("_target_")
+    if name != "custom" and target is not None:
+        raise ConfigError(f"{group}._target_={target}: {what} of your own goes with {group}=custom "
+                          f"({group}={name} is built in); see docs/custom.md")
+
+
 def _data(cfg, model: str) -> None:
     data = choice(cfg, "data.name", DATASETS, shown_key="data")
     if (model == "bilinear") != (data == "bilinear"):
         raise ConfigError(f"model={model}, data={data}: the bilinear model runs on data=bilinear "
                           "and data=bilinear needs model=bilinear")
-    if data != "custom" and _get(cfg, "data").get("_target_") is not None:
-        raise ConfigError(f"data._target_={cfg.data._target_}: a dataset of your own goes with data=custom "
-                          f"(data={data} is built in); see docs/custom.md")
+    _built_in(cfg, "data", data, "a dataset")
+    if data != "bilinear":
+        choice(cfg, "data.std", STDS)
     if data == "bilinear":
         number(cfg, "data.x")
         number(cfg, "data.y")
     elif data == "custom":
         check_target(cfg, "data")
-        choice(cfg, "data.std", STDS)
     else:
         if data in CIFAR:
             text(cfg, "data.root")
@@ -203,7 +208,6 @@ def _data(cfg, model: str) -> None:
             size = integer(cfg, "data.image_size", 1)
             n_train, n_test = integer(cfg, "data.n_train", 1), integer(cfg, "data.n_test", 1)
             number(cfg, "data.noise", 0)
-        choice(cfg, "data.std", STDS)
         integer(cfg, "data.subset", 1, n_train, null=True)
         integer(cfg, "data.per_class", 1, n_train // classes if data != "synthetic" else n_train, null=True)
         integer(cfg, "data.test_subset", 1, n_test, null=True)

@@ -283,7 +283,7 @@ def load_dataset(cfg, device="cpu") -> Dataset:
     # unbiased (divisor n-1, torch's) or population (divisor n, numpy's: the authors')
     xf = xtr.double() / 255
     mean = xf.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-    std = xf.std(dim=(0, 2, 3), correction=int(cfg.get("std", "unbiased") != "population")).view(1, -1, 1, 1)
+    std = xf.std(dim=(0, 2, 3), correction=int(cfg.get("std") != "population")).view(1, -1, 1, 1)
     del xf
     xtr, ytr = _subset(xtr, ytr, cfg, c)
     if cfg.get("test_subset"):

@@ -37,7 +37,7 @@ from .loggers import NullLogger, make_logger
 from .losses import from_config
 from .optim import build_optimizer
 from .progress import Progress
-from .step import bn_layers, bn_load, bn_state, bn_swapped, evaluate, full_batch_step, loss_sum, partition, to_host
+from .step import bn_layers, bn_load, bn_state, bn_swapped, evaluate, full_batch_step, partition, to_host
 from .theory_metrics import bias_term_norm
 
 log = logging.getLogger("pipeline.train")
@@ -122,7 +122,7 @@ def micro_batch(cfg, fwd, data, params, ranks, autocast) -> int:
             saved = bn_state(bn_layers(fwd))  # the probe's forward must not move the running averages
             with autocast():
                 out = fwd(data.x_train[:size])
-            loss_sum(out, data.y_train[:size], data.objective).backward()
+            data.objective(out, data.y_train[:size]).backward()
             torch.cuda.synchronize()
         finally:
             bn_load(bn_layers(fwd), saved)

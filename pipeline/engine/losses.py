@@ -53,6 +53,7 @@ def _half_sq(out, y):
 CE = Objective("ce", _ce, True)
 MSE = Objective("mse", _mse, True)
 HALF_SQ = Objective("half_sq", _half_sq, False)
+BUILT_IN = (CE, MSE, HALF_SQ)
 
 
 def objective(task) -> Objective:

@@ -35,7 +35,8 @@ class Stack:
     parameters are not used by the forward) and their optimizer state, stacked."""
 
     def __init__(self, model, optim_cfgs: list, task):
-        self.model, self.classification, self.name = model, objective(task).classification, optim_cfgs[0].name
+        loss = objective(task)
+        self.model, self.classification, self.name = model, loss.classification, optim_cfgs[0].name
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         theta = [p.detach() for n, p in model.named_parameters() if p.requires_grad]
         k = len(optim_cfgs)
@@ -45,8 +46,6 @@ class Stack:
         self.n = [0] * k  # optimizer steps taken (n of Definition 2.1)
         self._columns: dict = {}
         buffers = dict(model.named_buffers())
-
-        loss = objective(task)
 
         def point(ps, xb, yb):  # one point's summed loss and number correct on a micro-batch
             out = functional_call(model, ({**dict(zip(self.names, ps)), **buffers}), (xb,))

@@ -22,12 +22,6 @@ from .losses import objective
 ONE = Ranks()  # the one-process run
 
 
-def loss_sum(out: torch.Tensor, y: torch.Tensor, task) -> torch.Tensor:
-    """Sum over the micro-batch of the per-example loss l_i of `task`: an Objective
-    (pipeline/engine/losses.py: train.loss), or a task name for its default loss."""
-    return objective(task)(out, y)
-
-
 def partition(n: int, micro_batch: int, generator: torch.Generator | None = None,
               device="cpu"):
     """Index slices of a partition of range(n) into micro-batches of `micro_batch` (the last

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from .step import loss_sum
-
 
 def bias_coefficient(g: torch.Tensor, h: float, beta: float, rho: float, eps: float):
     """The braces of Eq. (3) times h/2, elementwise in g."""
@@ -33,7 +31,7 @@ def bias_term_norm(model, data, cfg, parts, autocast, ranks=None) -> torch.Tenso
     for idx in (ranks.shard(parts) if ranks else parts):
         with autocast():
             out = model(data.x_train[idx])
-        grads = torch.autograd.grad(loss_sum(out, data.y_train[idx], data.objective) / n, params,
+        grads = torch.autograd.grad(data.objective(out, data.y_train[idx]) / n, params,
                                     create_graph=True)
         dot = sum((gr * ui).sum() for gr, ui in zip(grads, u))
         torch._foreach_add_(hvp, torch.autograd.grad(dot, params))
