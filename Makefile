@@ -37,23 +37,28 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the project (torch, hydra, submitit, wandb, pandas, ...)
 
+# Every value a user gives (SWEEP, EXTRA, RUNS, ARGS, ...) reaches the recipes through the environment,
+# never pasted into the shell's text: "$$VAR" is one word; $$EXTRA and $$ARGS are split into words at
+# blanks (with globbing off: set -f) and nothing in them is run -- Hydra's range(3), choice(a,b), a ';'
+# or a '$$(...)' arrive as written.
+export CASES PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
 # MODE=paper: the authors' setting on top of the preset (conf/mode/paper.yaml; its sweep folder is <SWEEP>-paper)
-PATHS = $(if $(RUNS),paths.runs=$(RUNS)) $(if $(SWEEPS),paths.sweeps=$(SWEEPS)) $(if $(MODE),mode=$(MODE))
-WHERE = $(PY) -m pipeline.dispatch.sweep where "$(SWEEP)"
+PATHS = $${RUNS:+"paths.runs=$$RUNS"} $${SWEEPS:+"paths.sweeps=$$SWEEPS"} $${MODE:+"mode=$$MODE"} $$EXTRA
+WHERE = $(PY) -m pipeline.dispatch.sweep where "$$SWEEP"
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only
-	$(PY) -m pipeline.dispatch.sweep run "$(SWEEP)" --launcher "$(LAUNCHER)" --jobs "$(JOBS)" --profile "$(PROFILE)" \
-		--retry "$(RETRY)" --dry "$(DRY)" --gpus "$(GPUS)" --tasks "$(TASKS)" --pack "$(PACK)" -- $(PATHS) $(EXTRA)
+	set -f; $(PY) -m pipeline.dispatch.sweep run "$$SWEEP" --launcher "$$LAUNCHER" --jobs "$$JOBS" --profile "$$PROFILE" \
+		--retry "$$RETRY" --dry "$$DRY" --gpus "$$GPUS" --tasks "$$TASKS" --pack "$$PACK" -- $(PATHS)
 
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, loss, perturbed norm, test accuracy, job (WATCH=10: again until done)
-	$(PY) -m pipeline.dispatch.sweep status "$(SWEEP)" --watch "$(WATCH)" -- $(PATHS) $(EXTRA)
+	set -f; $(PY) -m pipeline.dispatch.sweep status "$$SWEEP" --watch "$$WATCH" -- $(PATHS)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
-	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis "$$dir" $(if $(ANALYSIS_OUT),--out $(ANALYSIS_OUT)) $(ARGS)
+	set -f; dir=$$($(WHERE) -- $(PATHS)) && $(PY) -m analysis "$$dir" $${ANALYSIS_OUT:+--out "$$ANALYSIS_OUT"} $$ARGS
 
 table: $(VENV)/.installed ## a LaTeX/Markdown/CSV table of SWEEP's summary.csv (ARGS="--rows beta --cols rho --value at_loss_0.01_pert_norm --markdown")
-	dir=$$($(WHERE) -- $(PATHS) $(EXTRA)) && $(PY) -m analysis.table "$$dir/analysis" $(ARGS)
+	set -f; dir=$$($(WHERE) -- $(PATHS)) && $(PY) -m analysis.table "$$dir/analysis" $$ARGS
 
 theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
 	$(PY) -m analysis.theory verify
@@ -61,21 +66,21 @@ theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numer
 	$(PY) -m analysis.theory figures --out figures/theory
 
 sync: $(VENV)/.installed ## upload offline wandb runs
-	root=$$($(WHERE) --runs -- $(PATHS) $(EXTRA)) && shopt -s nullglob && runs=($$root/*/wandb/offline-run-*); \
+	set -f; root=$$($(WHERE) --runs -- $(PATHS)) && set +f && shopt -s nullglob && runs=("$$root"/*/wandb/offline-run-*); \
 	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs under $$root/"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
 
 report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
-	$(PY) -m analysis.report $(SWEEP) $(if $(DRY),--dry-run)
+	$(PY) -m analysis.report "$$SWEEP" $(if $(DRY),--dry-run)
 
 DATASETS ?= cifar10 cifar100
 data: $(VENV)/.installed ## download CIFAR-10 and CIFAR-100 (DATASETS="cifar10 eurosat": those) into DATA_ROOT, for offline compute nodes
-	$(PY) -c "from pipeline.engine.data import download as d; [d(n, '$(DATA_ROOT)') for n in '$(DATASETS)'.split()]"
+	set -f; $(PY) -m pipeline.engine.data "$$DATA_ROOT" $$DATASETS
 
 migrate: $(VENV)/.installed ## rename run directories to their current ids (runs made before the micro-batch left the id)
-	$(PY) -m pipeline.runs.migrate "$$($(WHERE) --runs -- $(PATHS) $(EXTRA))" "$$(dirname "$$($(WHERE) -- $(PATHS) $(EXTRA))")"
+	set -f; $(PY) -m pipeline.runs.migrate "$$($(WHERE) --runs -- $(PATHS))" "$$(dirname "$$($(WHERE) -- $(PATHS))")"
 
 bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-end run cost, W=1 vs W=2, thread budget, start-up, packed runs and whole sweeps (ARGS=--all-precisions: every switch)
-	$(PY) -m bench.step_bench $(ARGS)
+	set -f; $(PY) -m bench.step_bench $$ARGS
 	$(if $(ARGS),,$(PY) -m bench.run_bench)
 	$(if $(ARGS),,$(PY) -m bench.dist_bench)
 	$(if $(ARGS),,$(PY) -m bench.threads_bench)
@@ -83,16 +88,16 @@ bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-en
 	$(if $(ARGS),,$(PY) -m bench.pack_bench --busy --regime)
 
 fidelity: $(VENV)/.installed ## each precision against fp64 beside an fp32 ensemble perturbed by one ulp (CASES=mlp-spike ...; ARGS="--ensemble 4") -> fidelity/
-	$(PY) -m analysis.fidelity $(CASES) $(ARGS)
+	set -f; $(PY) -m analysis.fidelity $$CASES $$ARGS
 
 gpucheck: $(VENV)/.installed ## one-shot GPU check (< 8 min): exactness, speed grid, auto micro-batch, ratios -> gpucheck/gpucheck.md
-	$(PY) -m bench.gpucheck --out gpucheck $(ARGS)
+	set -f; $(PY) -m bench.gpucheck --out gpucheck $$ARGS
 
 test: $(VENV)/.installed ## run the test suite (Slurm tests use a running cluster or start slurm/local_cluster.sh)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	set -f; $(PY) -m pytest -q $$PYTEST_ARGS
 
 test-fast: $(VENV)/.installed ## the fast tier: every test but the slow and Slurm ones (a few minutes on 2 cores)
-	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+	set -f; $(PY) -m pytest -q -m "not slow and not slurm" $$PYTEST_ARGS
 
 lint: $(VENV)/.installed ## ruff
 	$(VENV)/bin/ruff check .

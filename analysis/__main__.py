@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
+import os
 from pathlib import Path
+
+from pipeline.errors import ConfigError
 
 from .columns import write_columns
 from .figures import all_figures
@@ -20,8 +22,16 @@ from .summary import summary_frame, varying, without_empty, write_summary
 
 def configured_thresholds(runs) -> list[float]:
     """The loss thresholds the runs were trained with (`train.loss_thresholds`)."""
-    ts = {float(t) for r in runs for t in (r["config"].get("train", {}) or {}).get("loss_thresholds", []) or []}
-    return sorted(ts, reverse=True) or [0.1, 0.01]
+    ts = set()
+    for r in runs:
+        train = (r["config"] or {}).get("train") if isinstance(r["config"], dict) else None
+        given = train.get("loss_thresholds") if isinstance(train, dict) else None
+        for t in given if isinstance(given, list) else []:
+            try:
+                ts.add(float(t))
+            except (TypeError, ValueError):
+                continue
+    return sorted(t for t in ts if math.isfinite(t) and t > 0)[::-1] or [0.1, 0.01]
 
 
 def limit_reference(runs) -> float | None:
@@ -41,14 +51,13 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     `thresholds` None: those the runs were trained with."""
     root = Path(root)
     if not root.is_dir():
-        raise SystemExit(f"error: {root} is not a directory")
+        raise ConfigError(f"{root} is not a directory")
     runs = load_runs(root)
     if not runs:
-        raise SystemExit(f"error: no run directories (folders with status.json or metrics.csv) "
-                         f"under {root}")
+        raise ConfigError(f"no run directories (folders with status.json or metrics.csv) under {root}")
     thresholds = list(thresholds) if thresholds else configured_thresholds(runs)
     out = Path(out) if out else root / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     summary = summary_frame(runs, thresholds=thresholds, steps_at=steps_at, smooth=smooth,
                             spike_factor=spike_factor)
     curves = curves_frame(runs)
@@ -61,12 +70,46 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     if parquet:
         curves.to_parquet(out / "curves.parquet", index=False)
     shown = summary[summary["damaged"].isna()] if "damaged" in summary else summary  # damaged runs: no values
+    if "steps" in shown:  # a run without a row (pending, empty metrics.csv) has nothing to draw
+        shown = shown[shown["steps"].fillna(0) > 0]
     if figures and len(shown):
         warn_mixed_code(shown)
     if figures and len(shown):
         params = varying(shown) or [p for p in ("beta", "rho", "h") if p in shown and shown[p].notna().any()][:1]
         paths["figures"] = all_figures(shown, curves, out, thresholds, params, style, limit_reference(runs))
     return paths
+
+
+def output_folder(out: Path) -> None:
+    """`out` created as a real directory of this user's; StoreError (one line) for a link, a file,
+    or a folder another user owns: the analysis never writes through a link into someone's files."""
+    from pipeline.errors import StoreError
+
+    if out.is_symlink():
+        raise StoreError(f"{out}: a link; the analysis writes only into a real folder (remove it, or --out DIR)")
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: a file, not a folder; choose another --out DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(os, "getuid") and out.stat().st_uid != os.getuid():
+        raise StoreError(f"{out}: owned by another user; the analysis writes only into your own folder (--out DIR)")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise StoreError(f"{out}: not writable; choose another --out DIR")
+
+
+def positive(name: str, integer: bool = False, minimum: float = 0.0, strict: bool = True):
+    """An argparse type: a finite number (an integer with `integer`) > `minimum` (>= with strict=False)."""
+    def parse(text: str):
+        try:
+            v = int(text) if integer else float(text)
+        except ValueError:
+            v = None
+        ok = v is not None and math.isfinite(v) and (v > minimum if strict else v >= minimum)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name} {text}: allowed values are finite "
+                                             f"{'whole numbers' if integer else 'numbers'} "
+                                             f"{'>' if strict else '>='} {minimum:g}")
+        return v
+    return parse
 
 
 def warn_mixed_code(summary) -> str | None:
@@ -89,11 +132,13 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="a runs root, a sweep folder or one run directory")
     ap.add_argument("--out", help="output folder (default DIR/analysis)")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=None,
+    ap.add_argument("--thresholds", type=positive("--thresholds"), nargs="+", default=None,
                     help="loss thresholds (default: those the runs were trained with)")
-    ap.add_argument("--at-step", type=int, nargs="*", default=[], help="values at fixed steps (Figure 4: 900)")
-    ap.add_argument("--smooth", type=int, default=1, help="moving-average window before the hill")
-    ap.add_argument("--spike-factor", type=float, default=10.0)
+    ap.add_argument("--at-step", type=positive("--at-step", True, 0, False), nargs="*", default=[],
+                    help="values at fixed steps (Figure 4: 900)")
+    ap.add_argument("--smooth", type=positive("--smooth", True, 1, False), default=1,
+                    help="moving-average window before the hill")
+    ap.add_argument("--spike-factor", type=positive("--spike-factor", minimum=1), default=10.0)
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
     a = ap.parse_args(argv)
@@ -111,4 +156,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.errors import command
+
+    command(main)

@@ -43,8 +43,21 @@ def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Pat
     param = m.group("param")
     if param not in data:
         raise RedrawError(f"{csv}: no column {param}, the figure's x axis")
+    if data.empty:
+        raise RedrawError(f"{csv}: a header and no rows: nothing to draw")
     figures.use_style(style)
     out = Path(out) if out else csv.parent
+    try:
+        made = _draw(kind, m, data, param, out, name)
+    except (KeyError, ValueError, TypeError, IndexError) as e:  # a CSV edited or cut: one line naming it
+        what = f"no column {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [""])[0][:100]
+        raise RedrawError(f"{csv}: cannot be drawn from it ({what})") from None
+    if not made:
+        raise RedrawError(f"{csv}: nothing could be drawn from it")
+    return made
+
+
+def _draw(kind: int, m, data: pd.DataFrame, param: str, out: Path, name: str) -> list[Path]:
     if kind == 0:
         return figures.threshold_figure(data, param, float(m.group("t")), out, name=name)
     if kind == 1:
@@ -79,4 +92,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.errors import command
+
+    command(main)

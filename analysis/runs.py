@@ -114,7 +114,7 @@ def read_run(path: Path) -> dict:
     run = RunDir(path.parent, path.name)
     health = check(run)
     rows = health.history.in_step_order()
-    return dict(run_id=run.id, path=path, config=health.config if not health.damaged else {},
+    return dict(run_id=run.id, path=path, config=(health.config or {}) if not health.damaged else {},
                 status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
                 damaged="; ".join(health.damaged), whole_until=health.whole_until, provenance=run.provenance())
 

@@ -75,6 +75,8 @@ def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str
         if col not in df:
             raise TableError(f"{name} {col}: not a column of the summary (a column empty for every run is left "
                              f"out: columns.md names them); columns: {', '.join(df.columns)}")
+    if len({rows, cols, value}) < 3:
+        raise TableError(f"--rows {rows} --cols {cols} --value {value}: three different columns are needed")
     df = _where(df, list(where))
     counts = df.groupby([rows, cols]).size()
     if agg is None and (counts > 1).any():
@@ -181,4 +183,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.errors import command
+
+    command(main)

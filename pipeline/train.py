@@ -41,6 +41,8 @@ from .errors import (
     DiskFull,
     LeaseHeld,
     LeaseLost,
+    StoreError,
+    one_line,
 )
 from .runs import provenance
 from .runs.files import atomic_write_text
@@ -358,6 +360,8 @@ def train_or_exit(cfg: DictConfig) -> str:
                           "there is room (rerun the same command)")
     except LeaseLost as e:
         fenced_exit(e)
+    except (StoreError, OSError) as e:  # a file of the store that cannot be used: one line naming it
+        _exit(EXIT_CRASH, one_line(e))
 
 
 def fenced_exit(e: LeaseLost) -> None:

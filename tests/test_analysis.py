@@ -165,7 +165,9 @@ def test_summary_csv_has_the_digits_the_data_supports_and_parquet_every_digit(tm
 
 
 def test_broken_inputs_give_messages_not_tracebacks(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no run directories"):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no run directories"):
         main([str(tmp_path)])
     d = write_run(tmp_path, "torn", np.linspace(2, 1, 6))
     text = (d / "metrics.csv").read_text()

@@ -199,15 +199,33 @@ def test_migrate_renames_runs_to_their_current_ids(tmp_path):
 
     from pipeline.runs.migrate import migrate
 
+    from pipeline.runs.ids import legacy_run_id
+
     golden = json.loads((ROOT / "tests/data/preset_run_ids.json").read_text())["ids"]
-    preset, point, old, new = next(r for r in golden if r[0] == "synthetic")
+    moved = [r for r in golden if r[2] != r[3]]
+    assert moved  # the presets' points that moved are pinned in the golden file, with their old ids
+    for preset, point, old, new in moved:  # the old rule, as code, against the ids it gave
+        assert legacy_run_id(make_cfg([f"sweep={preset}", *point.split()])) == old, (preset, point)
+    preset, point, old, new = next(r for r in moved if r[0] == "synthetic")
     cfg = make_cfg([f"sweep={preset}", *point.split(), "train.max_steps=2"], runs=tmp_path / "runs")
-    cfg_new = run_id(cfg)
+    cfg_new, cfg_old = run_id(cfg), legacy_run_id(cfg)
     assert train(cfg) == "completed"
-    os.rename(tmp_path / "runs" / cfg_new, tmp_path / "runs" / "0123456789ab")  # as the old rule named it
+    os.rename(tmp_path / "runs" / cfg_new, tmp_path / "runs" / cfg_old)  # as the old rule named it
     (tmp_path / "sweeps" / "s").mkdir(parents=True)
-    (tmp_path / "sweeps" / "s" / "0123456789ab").symlink_to("../../runs/0123456789ab")
-    assert migrate(tmp_path / "runs", tmp_path / "sweeps") == [("0123456789ab", cfg_new)]
+    (tmp_path / "sweeps" / "s" / cfg_old).symlink_to(f"../../runs/{cfg_old}")
+    assert migrate(tmp_path / "runs", tmp_path / "sweeps") == [(cfg_old, cfg_new)]
     assert (tmp_path / "sweeps" / "s" / cfg_new / "metrics.csv").exists()
     assert RunDir(tmp_path / "runs", cfg_new).status()["run_id"] == cfg_new
-    assert old != new  # the presets' points that moved are pinned in the golden file
+
+
+def test_migrate_never_renames_a_run_whose_config_was_edited(tmp_path, caplog):
+    """config.yaml hand-edited (beta 0.9 -> 0.95): it hashes to the folder's name under no rule,
+    so `make migrate` leaves the run where it is (flagged), never passing it off as a beta = 0.95 run."""
+    from pipeline.runs.migrate import migrate
+
+    cfg = make_cfg(["sweep=synthetic", "optim.beta=0.9", "train.max_steps=2"], runs=tmp_path / "runs")
+    assert train(cfg) == "completed"
+    run = RunDir(tmp_path / "runs", run_id(cfg))
+    run.config.write_text(run.config.read_text().replace("beta: 0.9", "beta: 0.95"))
+    assert migrate(tmp_path / "runs") == []
+    assert run.path.is_dir() and "not renamed" in caplog.text and "edited" in caplog.text

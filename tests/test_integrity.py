@@ -115,7 +115,7 @@ def test_lease_takeover_rules(tmp_path, monkeypatch, caplog):
     old = time.time() - 61
     os.utime(run / "lease.json", (old, old))
     assert lease_mod.holder(run) is None
-    with Lease(run) as mine:
+    with Lease(run, timeout_s=60) as mine:  # the taker-over's own lease.timeout_s decides, not the file's
         assert json.loads((run / "lease.json").read_text())["pid"] == os.getpid()
     assert re.search(r"taking over the lease of node-b:1 \(Slurm job 9\), heartbeat 6\d s ago \(heartbeat "
                      r"6\d s old, older than 60 s\)", caplog.text), caplog.text
@@ -137,6 +137,32 @@ def test_lease_takeover_rules(tmp_path, monkeypatch, caplog):
         pass
     assert "Slurm job 1234_5 was requeued" in caplog.text
     assert mine.lost is False
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    # a planted record whose timeout_s is 1e308 is not live forever: the asker's timeout decides
+    (run / "lease.json").write_text(json.dumps(dict(host="node-d", pid=8, timeout_s=1e308)))
+    os.utime(run / "lease.json", (old, old))
+    assert lease_mod.holder(run, timeout_s=60) is None
+    os.utime(run / "lease.json", (old - 86400, old - 86400))
+    assert lease_mod.holder(run) is None  # without the asker's timeout: the file's, capped at a day
+    with Lease(run, timeout_s=60):
+        pass
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1]", '{"host": 3, "pid": 1}', '{"host": "a\\nb"}',
+                                  '{"host": "n", "pid": "1"}', "x" * 5000])
+def test_a_damaged_lease_record_holds_nothing_and_is_flagged(tmp_path, text):
+    """A lease.json that is not a well-formed record (garbage, wrong types, too big) is no live
+    holder: status and sweep see the run as damaged with the reason (not 'running', not 'held by
+    ?:?'), and the next owner takes it over."""
+    run = RunDir(tmp_path, "0123456789ab")
+    run.path.mkdir()
+    (run.path / "lease.json").write_text(text)
+    assert lease_mod.holder(run.path) is None
+    assert lease_mod.lease_problem(run).startswith("lease.json: ")
+    assert any(p.startswith("lease.json: ") for p in check(run).damaged)
+    with Lease(run.path, timeout_s=60):
+        assert json.loads((run.path / "lease.json").read_text())["pid"] == os.getpid()
+    assert lease_mod.lease_problem(run) == ""
 
 
 def test_a_holder_notices_when_its_lease_was_taken_over(tmp_path):
@@ -412,9 +438,10 @@ def test_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     run = RunDir(cfg.paths.runs, run_id(cfg))
-    for name in ("config.yaml", "status.json", "metrics.csv", "checkpoint.pt", "train.log",
-                 f"lease.{socket.gethostname()}.lock"):
+    for name in ("config.yaml", "status.json", "metrics.csv", "checkpoint.pt", "train.log"):
         assert stat.S_IMODE((run.path / name).stat().st_mode) == 0o664, name
+    # the lock file is its owner's alone: another user's read-only handle cannot hold the flock
+    assert stat.S_IMODE((run.path / f"lease.{socket.gethostname()}.lock").stat().st_mode) == 0o600
 
 
 def test_metrics_rows_reach_the_file_within_flush_s_before_a_checkpoint_and_at_close(tmp_path):

@@ -302,7 +302,7 @@ def test_status_shows_the_metrics_sorted_by_hyperparameters_and_watch_ends_when_
     assert all(r[4] == "completed" and float(r[7]) > 0 and 0 <= float(r[8]) <= 1 for r in rows)
     assert s.stdout.count("run_id") == 1  # nothing live: the table once, then done
     bad = make("status", tmp_path, "synthetic", "basic", "", 0, 600, "WATCH=soon")
-    assert bad.returncode != 0 and "error: WATCH=soon: allowed values are a number of seconds" in bad.stderr
+    assert bad.returncode != 0 and "error: WATCH=soon: allowed values are a finite number of seconds" in bad.stderr
 
 
 def test_a_running_job_is_shown_with_its_step_loss_and_time_left(tmp_path):

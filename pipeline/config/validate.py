@@ -111,6 +111,9 @@ def representable(key, v, dtype, precision, scaled=None):
                           f"allowed range [{tiny:.3g}, {largest:.3g}]")
 
 
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid key (a section at a time, in the order of the config)."""
     precision = _top_level(cfg)
@@ -129,7 +132,11 @@ def _top_level(cfg) -> str:
         boolean(cfg, key)
     text(cfg, "paths.runs")
     text(cfg, "paths.sweeps")
-    text(cfg, "sweep.name", null=True)
+    for key in ("sweep.name", "sweep.mode"):  # a folder's name under paths.sweeps, never a path
+        name = text(cfg, key, null=True) if _get(cfg, key) is not None else None
+        if name is not None and not FOLDER_NAME.fullmatch(name):
+            raise ConfigError(f"{key}={show(name)}: allowed values are names of letters, digits, '_', '.' and '-' "
+                              "(not starting with '.' or '-'): the sweep folder is <paths.sweeps>/<name>")
     return precision
 
 

@@ -7,6 +7,8 @@ is queued or running.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -19,7 +21,7 @@ from ..catalog import missing_data
 from ..config.compose import Composer
 from ..config.pack import packs, refusal
 from ..config.validate import check_dir_writable, validate_grid
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError, shown
 from ..runs import lease
 from ..runs.files import atomic_write_text, read_json_object
 from ..runs.ids import folder_name, run_id
@@ -111,7 +113,7 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     check_dir_writable("paths.sweeps", first.paths.sweeps)
     name = folder_name(first, preset or "adhoc")
     plan = Plan(name, Path(first.paths.sweeps) / name, [])
-    earlier, why = read_plan(plan.folder)
+    earlier, why = read_plan(plan.folder, name)
     plan.earlier = (earlier or {}).get("points", [])
     if why:
         plan.warnings.append(f"{plan.folder}/{why}; it is written anew from this plan (the runs it named "
@@ -146,22 +148,57 @@ def register(plan: Plan) -> None:
     """Create the sweep folder, a pending run directory (config, status) for each new run, the
     link `<sweep folder>/<run_id> -> <run directory>` for every run of the sweep, and
     `plan.json`: the points with their overrides and what was decided."""
-    plan.folder.mkdir(parents=True, exist_ok=True)
-    points = {p["run_id"]: p for p in plan.earlier}  # an earlier plan of this sweep keeps its points
-    points.update({p.run.id: dict(run_id=p.run.id, overrides=p.overrides, action=p.decision.action,
-                                  reason=p.decision.reason) for p in plan.points})
+    real_folder(plan.folder, "the sweep folder")
     root = str(Path(plan.points[0].cfg.paths.runs).resolve())
-    atomic_write_text(plan.folder / "plan.json", json.dumps(dict(
-        sweep=plan.name, runs_root=root, points=list(points.values())), indent=1) + "\n")
+    with plan_lock(plan.folder):  # two sweeps into one folder at once: each adds its points to the other's
+        earlier, _ = read_plan(plan.folder, plan.name)
+        points = {p["run_id"]: p for p in (earlier or {}).get("points", plan.earlier)}  # earlier points stay
+        points.update({p.run.id: dict(run_id=p.run.id, overrides=p.overrides, action=p.decision.action,
+                                      reason=p.decision.reason) for p in plan.points})
+        atomic_write_text(plan.folder / "plan.json", json.dumps(dict(
+            sweep=plan.name, runs_root=root, points=list(points.values())), indent=1) + "\n")
     for p in plan.points:
+        if p.health is not None and p.health.foreign:  # a link or a file where the run folder must be
+            continue
         p.run.create(p.cfg)
         link = plan.folder / p.run.id
         target = os.path.relpath(p.run.path.resolve(), plan.folder.resolve())
         if link.is_symlink() and os.readlink(link) == target:
             continue
+        if link.exists() and not link.is_symlink():
+            plan.warnings.append(f"{link}: a {'folder' if link.is_dir() else 'file'} where the sweep's link to "
+                                 f"run {p.run.id} goes; left as it is (the run is counted through plan.json)")
+            continue
         if link.is_symlink():
             link.unlink()
         link.symlink_to(target, target_is_directory=True)
+
+
+def real_folder(path: Path, what: str) -> None:
+    """Create `path` as a real directory, or StoreError (one line) when a link or a file is there."""
+    if not path.is_symlink():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass
+    if path.is_symlink() or not path.is_dir():
+        raise StoreError(f"{path}: {'a link' if path.is_symlink() else 'a file'}, not {what}; nothing is written "
+                         "through it (remove it, or choose another paths.sweeps)")
+
+
+@contextlib.contextmanager
+def plan_lock(folder: Path):
+    """flock(2) on `<folder>/.plan.lock` while plan.json is read and rewritten."""
+    try:
+        fd = os.open(folder / ".plan.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise StoreError(f"{folder / '.plan.lock'}: cannot be opened as the sweep's lock file "
+                         f"({e.strerror or e}); remove it") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def table(plan: Plan) -> list[list[str]]:
@@ -182,11 +219,15 @@ PLAN_FIELDS = {"sweep": (str,), "runs_root": (str,), "points": (list,)}
 SWEEP_FILES = {"plan.json", "analysis", ".submitit", ".hydra"}
 
 
-def read_plan(folder: Path) -> tuple[dict | None, str]:
-    """(plan.json of a sweep folder, '') or (None, why it is damaged); (None, '') when missing."""
+def read_plan(folder: Path, sweep: str | None = None) -> tuple[dict | None, str]:
+    """(plan.json of a sweep folder, '') or (None, why it is damaged); (None, '') when missing.
+    `sweep`: the folder's sweep name, which the plan must carry (another sweep's plan.json copied
+    or left there is not adopted)."""
     plan, why = read_json_object(Path(folder) / "plan.json", PLAN_FIELDS)
     if plan is None:
         return None, why
+    if sweep is not None and plan.get("sweep") != sweep:
+        return None, f"plan.json: the plan of sweep {shown(plan.get('sweep'), 40)}, not of {sweep}; not adopted"
     for i, p in enumerate(plan.get("points") or []):
         if not isinstance(p, dict) or not isinstance(p.get("run_id"), str) or not RUN_ID.fullmatch(p["run_id"]):
             return None, f"plan.json: point {i} has no run_id of 12 hex digits"
@@ -202,7 +243,7 @@ def sweep_runs(folder: Path) -> tuple[list[RunDir], list[str]]:
     readable plan.json (sweeps made before it held the runs root) the links are followed, each
     run directory once."""
     folder = Path(folder)
-    plan, why = read_plan(folder)
+    plan, why = read_plan(folder, folder.name)
     warnings = [f"{folder}/{why}; reading the folder's links instead"] if why else []
     entries = {p.name: p for p in sorted(folder.iterdir()) if p.name not in SWEEP_FILES
                and not p.name.startswith(".")} if folder.is_dir() else {}

@@ -471,7 +471,14 @@ def _local_sweep_alive(job: dict) -> bool:
 
 
 def view(health, job: dict | None, sstate: str | None, owner: dict | None, slurm_error) -> str:
-    """A run's state as the store (the integrity rule's answer), its lease and Slurm see it."""
+    """A run's state as the store (the integrity rule's answer), its lease and Slurm see it, with
+    what a resume kept beside metrics.csv (status.json `kept`)."""
+    text = _view(health, job, sstate, owner, slurm_error)
+    kept = health.status.get("kept")
+    return f"{text} [kept {kept}]" if kept and not health.damaged else text
+
+
+def _view(health, job: dict | None, sstate: str | None, owner: dict | None, slurm_error) -> str:
     state, holes = health.state, health.holes
     if health.damaged:
         return f"damaged ({health.summary()})"
@@ -585,8 +592,8 @@ def seconds(name: str, value) -> float | None:
         x = float(v) if v else 0.0
     except ValueError:
         x = -1.0
-    if x < 0 or x != x:
-        _fail(f"{name}={value}: allowed values are a number of seconds > 0, or 0 for once")
+    if x < 0 or x != x or x == float("inf"):
+        _fail(f"{name}={value}: allowed values are a finite number of seconds > 0, or 0 for once")
     return x or None
 
 
@@ -665,8 +672,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `make status | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+    from pipeline.errors import command
+
+    command(main)

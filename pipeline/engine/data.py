@@ -367,3 +367,23 @@ def write_fake_cifar(root: str | Path, name: str = "cifar10", n_train: int = 100
     with open(base / meta, "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(spec["classes"])]}, f, protocol=2)
     return base
+
+
+def main(argv=None) -> None:
+    """`python -m pipeline.engine.data ROOT NAME...` (`make data`): download each dataset into ROOT."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    names = ("cifar10", "cifar100", "eurosat")
+    if len(argv) < 2 or any(n not in names for n in argv[1:]):
+        raise DataError(f"make data DATASETS={' '.join(argv[1:])}: allowed names are {', '.join(names)} "
+                        "(usage: python -m pipeline.engine.data ROOT NAME...)")
+    for name in argv[1:]:
+        download(name, argv[0])
+        print(f"{name}: in {argv[0]}")
+
+
+if __name__ == "__main__":
+    from pipeline.errors import command
+
+    command(main)

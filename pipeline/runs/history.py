@@ -15,6 +15,9 @@ from .files import raise_disk_full
 
 METRIC_COLUMNS = ["step", "loss", "acc", "pert_norm", "l1_norm", "l2_norm", "pert_norm_floor",
                   "test_loss", "test_acc", "time_s"]
+# metrics.csv's schema: every run writes these (more: theta_i, bias_norm); a file without one of
+# them is not a run's history, whatever its rows (the one rule: pipeline/runs/integrity.py)
+REQUIRED_COLUMNS = tuple(METRIC_COLUMNS)
 
 
 def fmt(v) -> str:
@@ -45,10 +48,35 @@ class History:
     damage: str = ""  # the file as a whole: not UTF-8, no header, ...
     unparseable: list = field(default_factory=list)  # (line number, step cell) of rows with a non-number
     missing_file: bool = False
+    crlf: bool = False  # lines ended by CR LF (a file edited elsewhere): read as LF
 
     @property
     def steps(self) -> list[int]:
         return [int(r[0]) for r in self.rows]
+
+    def schema_problem(self) -> str:
+        """'' when the header names every required column once; else what is wrong."""
+        if self.damage or not self.header:
+            return ""
+        missing = [c for c in REQUIRED_COLUMNS if c not in self.header]
+        repeated = sorted({c for c in self.header if self.header.count(c) > 1})
+        parts = [f"no column {', '.join(missing)}" if missing else "",
+                 f"column {', '.join(repeated)} repeated" if repeated else ""]
+        return "; ".join(p for p in parts if p)
+
+    def select(self, columns: list[str]) -> History:
+        """The rows with `columns` in this order, by name (a column the file lacks: empty cells);
+        what else the file held is not carried over."""
+        if self.header == columns:
+            return self
+        where = {c: i for i, c in reversed(list(enumerate(self.header)))}  # the first of a repeated name
+        pick = [where.get(c) for c in columns]
+        rows = [[r[i] if i is not None else "" for i in pick] for r in self.rows]
+        return History(list(columns), rows, self.damage, list(self.unparseable), self.missing_file, self.crlf)
+
+    def column(self, name: str) -> list[str]:
+        i = self.header.index(name) if name in self.header else None
+        return [r[i] for r in self.rows] if i is not None else []
 
     def in_step_order(self, upto: int | None = None) -> list[list[str]]:
         """The rows sorted by step, the first of a repeated step only (steps <= `upto` when given)."""
@@ -78,19 +106,22 @@ def read_history(path) -> History:
     if not text:
         return History([], [], damage="empty (zero bytes)")
     lines = text.split("\n")
+    crlf = lines[0].endswith("\r")
+    if crlf:
+        lines = [ln.removesuffix("\r") for ln in lines[:-1]] + lines[-1:]
     if not lines[0].startswith("step,"):
         return History([], [], damage="no header line starting with 'step,'")
     header = lines[0].split(",")
     rows, bad = [], []
     for i, line in enumerate(lines[1:-1], start=2):  # the last piece has no newline after it: empty or torn
         cells = line.split(",")
-        if len(cells) != len(header) or not cells[0].isdigit():
+        if len(cells) != len(header) or not cells[0].isascii() or not cells[0].isdigit():
             continue
         if all(_number(c) for c in cells[1:]):
             rows.append(cells)
         else:
             bad.append((i, cells[0]))
-    return History(header, rows, unparseable=bad)
+    return History(header, rows, unparseable=bad, crlf=crlf)
 
 
 def read_metrics_table(path) -> tuple[list[str], list[list[str]]]:
@@ -119,16 +150,21 @@ def history_holes(steps: list[int], last: int) -> str:
     seen, repeated = set(), set()
     for s in steps:
         (repeated if s in seen else seen).add(s)
-    missing = [] if last < 0 else sorted(set(range(last + 1)) - seen)
+    gaps, count, expect = [], 0, 0  # the missing steps as ranges, without listing them (a step may be 10^11)
+    for s in sorted(x for x in seen if 0 <= x <= last) + [last + 1]:
+        if s > expect:
+            gaps.append(f"{expect}-{s - 1}" if s - 1 > expect else f"{expect}")
+            count += s - expect
+        expect = s + 1
     extra = sorted(s for s in seen if s > last or s < 0)
     parts = []
-    if missing:
-        parts.append("missing " + (describe_ranges(missing) if len(missing) < 10_000
-                                   else f"{len(missing)} steps"))
+    if gaps:
+        parts.append("missing " + (", ".join(gaps) if len(gaps) <= 20 else f"{count} steps in {len(gaps)} ranges"))
     if repeated:
         parts.append("repeated " + describe_ranges(repeated))
     if extra:
-        parts.append("beyond the last step " + describe_ranges(extra))
+        parts.append("beyond the last step " + (describe_ranges(extra) if len(extra) <= 20
+                                                else f"{len(extra)} steps"))
     disorder = sorted({b for a, b in zip(steps, steps[1:]) if b < a})
     if disorder and not repeated:
         parts.append("out of order at step " + describe_ranges(disorder[:20]))
@@ -167,6 +203,7 @@ class MetricsWriter:
     after its last checkpoint and are computed again by the resume."""
 
     holes = ""
+    kept = ""  # what open_metrics kept beside the file (RunDir._keep_metrics)
     last_written = -1
     FLUSH_S = 0.5  # a small model's step takes ~1 ms: a fenced write and flush per row was a third of it
 
@@ -174,7 +211,8 @@ class MetricsWriter:
         self.path, self.columns = path, columns
         self.fence = fence or (lambda: None)
         self.flush_s = self.FLUSH_S  # 0 with a wandb mirror: it sends a row once it is on disk (never twice)
-        self.f = open(path, "a")  # noqa: SIM115 -- held open for the run's life, closed by close()
+        # held open for the run's life, closed by close(); never through a link planted at its name
+        self.f = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
         self.pending: list[str] = []
         self.flushed_at = time.monotonic()
 

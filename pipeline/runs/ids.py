@@ -73,10 +73,24 @@ def semantic_config(cfg: DictConfig) -> dict:
     return out
 
 
-def run_id(cfg: DictConfig) -> str:
-    """Short stable hash of `semantic_config(cfg)`: 12 hex digits of SHA-1 over canonical JSON."""
+def legacy_run_id(cfg: DictConfig) -> str:
+    """The id the run of `cfg` had under the rule before the micro-batch left the id (models
+    without BatchNorm hashed `train.micro_batch` too): what `make migrate` renames from."""
+    sem = semantic_config(cfg)
+    if isinstance(sem.get("train"), dict) and "micro_batch" not in sem["train"]:
+        sem["train"]["micro_batch"] = cfg.train.get("micro_batch")
+    return hashlib.sha1(json.dumps(sem, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """SHA-1 (40 hex digits) of `semantic_config(cfg)` as canonical JSON: what a checkpoint names."""
     blob = json.dumps(semantic_config(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Short stable hash of `semantic_config(cfg)`: the first 12 hex digits of `config_hash`."""
+    return config_hash(cfg)[:12]
 
 
 def folder_name(cfg, default: str) -> str:

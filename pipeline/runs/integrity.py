@@ -18,11 +18,14 @@ everywhere; `retry` recomputes it from step 0.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
 from .history import History, judge_history, read_history
+from .lease import lease_problem
 from .ids import run_id
 from .rundir import FINISHED, RunDir, read_config_file
 
@@ -48,6 +51,7 @@ class Health:
     damaged: list[str] = field(default_factory=list)  # status.json or config.yaml: the run is not what it says
     holes: str = ""  # metrics.csv: what is not whole (also what a resume flagged in status.json)
     whole_until: int = -1  # rows 0..whole_until are there once each, in order, parseable
+    foreign: bool = False  # the run folder is a link: never written, not even by retry
 
     @property
     def state(self) -> str | None:
@@ -81,12 +85,36 @@ def identity_problem(run: RunDir, config: dict | None, why: str) -> str:
     return ""
 
 
-def history_problem(status: dict, hist: History) -> tuple[str, int]:
+def loss_problem(state: str | None, hist: History) -> str:
+    """A non-finite training loss ends a run as diverged at once (pipeline/thresholds.py): one
+    anywhere else -- in a completed or unfinished run, or before a diverged run's last row -- is
+    not the run's history."""
+    losses = hist.column("loss")
+    last = len(losses) - 1 if state == "diverged" else len(losses)
+    for i, cell in enumerate(losses[:last]):
+        if cell and not math.isfinite(float(cell)):
+            return f"non-finite loss {cell} at step {hist.rows[i][0]} of a {state or 'new'} run"
+    return ""
+
+
+def step_problem(status: dict, config: dict | None) -> str:
+    """status.json's step beyond the run's train.max_steps (an absurd step)."""
+    step = status.get("step")
+    top = ((config or {}).get("train") or {}).get("max_steps") if isinstance(config, dict) else None
+    if isinstance(step, int) and isinstance(top, int) and not isinstance(top, bool) and step > top:
+        return f"status.json: step {step} is beyond train.max_steps = {top}"
+    return ""
+
+
+def history_problem(status: dict, hist: History, max_steps: int | None = None) -> tuple[str, int]:
     """(what is wrong with the history, '' when whole; the last step of its whole prefix)."""
     state, last = status.get("state"), status.get("step")
     flagged = status.get("holes") or ""
     if hist.damage:
         return "; ".join(filter(None, [flagged, hist.damage])), -1
+    schema = hist.schema_problem()
+    if schema:
+        return "; ".join(filter(None, [flagged, schema])), -1
     steps = hist.steps
     if state in FINISHED and isinstance(last, int):
         need = last
@@ -95,8 +123,14 @@ def history_problem(status: dict, hist: History) -> tuple[str, int]:
     else:  # unfinished: at least the rows before its checkpoint
         ckpt = last if isinstance(last, int) else 0
         need = max(ckpt - 1, max(steps, default=-1))
+    if isinstance(max_steps, int):  # a row beyond the run's last step is flagged as such, not as a hole
+        need = min(need, max_steps)
     found, good = judge_history(hist, need)
-    parts = list(dict.fromkeys(p for p in (flagged, found) if p))
+    nonfinite = loss_problem(state, hist)
+    if nonfinite:
+        good = min(good, next(int(r[0]) for r, c in zip(hist.rows, hist.column("loss"))
+                              if c and not math.isfinite(float(c))) - 1)
+    parts = list(dict.fromkeys(p for p in (flagged, found, nonfinite) if p))
     return "; ".join(parts), good
 
 
@@ -106,12 +140,22 @@ def check(run: RunDir) -> Health:
     damaged = [st.pop("unreadable")] if "unreadable" in st else []
     config, why = read_config_file(run.config)
     hist = read_history(run.metrics)
+    if run.path.is_symlink():
+        damaged.append(f"{run.path.name}: a link to {os.readlink(run.path)}, not a run folder (nothing is "
+                       "written through it; remove the link)")
     if st or config is not None or why or hist.rows or not hist.missing_file:
         ident = identity_problem(run, config, why)
         if ident:
             damaged.append(ident)
-    holes, good = history_problem(st, hist)
-    return Health(st, hist, config, damaged, holes, good)
+    absurd = step_problem(st, config)
+    if absurd:
+        damaged.append(absurd)
+    lease_why = lease_problem(run)
+    if lease_why:
+        damaged.append(lease_why)
+    top = ((config or {}).get("train") or {}).get("max_steps") if isinstance(config, dict) else None
+    holes, good = history_problem(st, hist, top if isinstance(top, int) and not isinstance(top, bool) else None)
+    return Health(st, hist, config, damaged, holes, good, foreign=run.path.is_symlink())
 
 
 def decide(health: Health, retry: bool, live: str | None = None) -> Decision:
@@ -128,6 +172,8 @@ def decide(health: Health, retry: bool, live: str | None = None) -> Decision:
     state, holes = health.state, health.holes
     if live:
         return Decision("skip", f"live: {live}")
+    if health.foreign:
+        return Decision("skip", "damaged (" + "; ".join(health.damaged) + ")")
     if health.damaged:
         what = "damaged (" + "; ".join(health.damaged) + ")"
         if not retry:

@@ -37,8 +37,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import LeaseHeld, LeaseLost
+from ..errors import LeaseHeld, LeaseLost, StoreError
 from ..errors import describe_holder as describe
+from ..errors import shown
 
 log = logging.getLogger(__name__)
 RECORD = "lease.json"
@@ -74,33 +75,69 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or _proc_start(pid) in (None, start)
 
 
+# lease.json's schema: a record without these, of these types, holds nothing (it is flagged damaged);
+# OPTIONAL fields, when present, must have their types too
+FIELDS = {"host": (str,), "pid": (int,)}
+OPTIONAL = {"token": (str,), "generation": (int,), "timeout_s": (int, float), "slurm_job": (str,)}
+MAX_BYTES = 4096  # a record is a few hundred bytes: a bigger file is not one
+
+
 def read_file(path) -> dict:
     """A lease record file as a dict; {} when it is missing, garbled or not an object."""
     try:
-        rec = json.loads(Path(path).read_bytes() or b"{}")
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        rec = json.loads(raw or b"{}") if len(raw) <= MAX_BYTES else None
+    except (OSError, ValueError, RecursionError):
         return {}
     return rec if isinstance(rec, dict) else {}
 
 
+def damage(rec: dict) -> str:
+    """'' for a well-formed record, else what is wrong (one line)."""
+    for key, types in (*FIELDS.items(), *((k, t) for k, t in OPTIONAL.items() if rec.get(k) is not None)):
+        v = rec.get(key)
+        if not isinstance(v, types) or isinstance(v, bool):
+            return f"field {key} is {shown(json.dumps(v) if v is not None else 'missing', 40)}"
+    return ""
+
+
 def read(run_path) -> dict | None:
-    """The lease record with its heartbeat age (`age_s`), None when there is none."""
+    """The lease record with its heartbeat age (`age_s`), None when there is none; a record
+    that is not well-formed has `damaged` (why)."""
     path = Path(run_path) / RECORD
     try:
-        age = time.time() - path.stat().st_mtime
+        age = time.time() - path.lstat().st_mtime
     except OSError:
         return None
     rec = read_file(path)
+    why = "not a JSON object of at most 4 KB" if not rec else damage(rec)
+    if why:
+        rec["damaged"] = why
     rec["age_s"] = max(0.0, age)
     return rec
 
 
-def stale_reason(rec: dict, host: str | None = None) -> str | None:
-    """Why the holder of `rec` is gone, or None while it may be alive (`host`: the asker's)."""
-    try:
-        timeout = float(rec.get("timeout_s", 600))
-    except (TypeError, ValueError):
-        timeout = 600.0
+def lease_problem(run) -> str:
+    """'lease.json: ...' when the run's lease record is damaged (it holds nothing; the next owner
+    takes it over), else ''."""
+    rec = read(run.path)
+    return f"lease.json: {rec['damaged']} (holds nothing)" if rec and rec.get("damaged") else ""
+
+
+def stale_reason(rec: dict, host: str | None = None, timeout_s: float | None = None) -> str | None:
+    """Why the holder of `rec` is gone, or None while it may be alive (`host`: the asker's;
+    `timeout_s`: the asker's lease.timeout_s -- never the record's own, which a planted file
+    could set to 1e308; the record's only when the asker has none, capped at a day)."""
+    if rec.get("damaged"):
+        return f"its record is damaged ({rec['damaged']})"
+    if timeout_s is None:
+        try:
+            timeout_s = min(float(rec.get("timeout_s", 600)), 86400.0)
+        except (TypeError, ValueError):
+            timeout_s = 600.0
+        timeout_s = timeout_s if timeout_s == timeout_s else 600.0  # nan
+    timeout = float(timeout_s)
     if rec.get("host") == (host or socket.gethostname()) and isinstance(rec.get("pid"), int):
         if not _alive(rec["pid"], rec.get("start")):
             return f"process {rec['pid']} is gone"
@@ -110,10 +147,11 @@ def stale_reason(rec: dict, host: str | None = None) -> str | None:
     return None
 
 
-def holder(run_path, host: str | None = None) -> dict | None:
-    """The live holder's record, or None: what `make sweep` and `make status` ask (as `host`)."""
+def holder(run_path, host: str | None = None, timeout_s: float | None = None) -> dict | None:
+    """The live holder's record, or None: what `make sweep` and `make status` ask (as `host`,
+    with their `lease.timeout_s`). A damaged record holds nothing."""
     rec = read(run_path)
-    return rec if rec is not None and stale_reason(rec, host) is None else None
+    return rec if rec is not None and stale_reason(rec, host, timeout_s) is None else None
 
 
 class Lease:
@@ -153,8 +191,8 @@ class Lease:
 
     def _create_record(self) -> bool:
         """Create lease.json with our record, atomically and only if absent (link(2))."""
-        tmp = self.path / f".{RECORD}.{self.host}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        tmp = self.path / f".{RECORD}.{os.getpid()}.{secrets.token_hex(8)}.tmp"  # no name to plant a link at
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         try:
             os.write(fd, json.dumps(self.record).encode())
             os.link(tmp, self.path / RECORD)
@@ -173,7 +211,14 @@ class Lease:
 
     def acquire(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / lock_name(self.host), os.O_RDWR | os.O_CREAT, 0o666)
+        if self.path.is_symlink() or not self.path.is_dir():
+            raise StoreError(f"{self.path}: a link or a file, not a run folder; nothing is written through it")
+        lock = self.path / lock_name(self.host)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise StoreError(f"{lock}: cannot be opened as the run's lock file ({e.strerror or e}); "
+                             "remove it (a regular file, or nothing, is allowed)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -187,7 +232,7 @@ class Lease:
                 rec = read(self.path)
                 if rec is None:
                     continue
-                why = stale_reason(rec, self.host)
+                why = stale_reason(rec, self.host, self.timeout_s)
                 me = self.record["slurm_job"]
                 if why is None and me and rec.get("slurm_job") == me:
                     why = f"Slurm job {me} was requeued"

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from . import lease
-from .ids import run_id
+from .ids import legacy_run_id, run_id
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -21,16 +21,25 @@ log = logging.getLogger(__name__)
 def migrate(runs: Path, sweeps: Path | None = None) -> list[tuple[str, str]]:
     """Rename the run directories under `runs` whose config.yaml hashes to another id under the
     current rule (runs of models without BatchNorm made while the micro-batch was part of the
-    id), and repoint the links of the sweep folders under `sweeps`. A run whose new id exists
+    id: its config.yaml hashes to the folder's name under that old rule), and repoint the links of
+    the sweep folders under `sweeps`. A config.yaml that hashes to the folder's name under no rule
+    (hand-edited, or another run's) is never renamed. A run whose new id exists
     already, or that is live, is left alone (one log line). Returns [(old id, new id)]."""
     moved = []
     for d in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
+        if d.is_symlink() or not d.is_dir():
+            continue
         try:
             cfg = OmegaConf.create(yaml_load(d / "config.yaml"))
-        except (OSError, ValueError):
+            new, old = run_id(cfg), legacy_run_id(cfg)
+        except Exception:  # unreadable, not YAML, not a config of ours, interpolations: not renamed
             continue
-        new = run_id(cfg)
         if new == d.name:
+            continue
+        if old != d.name:  # a config.yaml that hashes to the folder under no rule: edited, or another run's
+            log.warning("run %s: not renamed: its config.yaml hashes to %s, and to %s under the old rule, "
+                        "not to the folder's name (edited, or another run's): retry=true recomputes it",
+                        d.name, new, old)
             continue
         if (d.parent / new).exists() or lease.holder(d):
             log.warning("run %s: not renamed to %s (%s)", d.name, new,
@@ -68,4 +77,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import command
+
+    command(main)

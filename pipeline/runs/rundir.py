@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import faults
+from ..errors import StoreError, shown
 from .files import atomic_write_text, fsync_dir, json_safe, raise_disk_full, read_json_object, read_text, write_temp
 from .history import History, MetricsWriter, judge_history, read_history
 
@@ -39,7 +40,8 @@ FINISHED = ("completed", "diverged")  # states of a run that ended by itself
 # status.json: the fields the tools read, with the types they must have (others are kept as they are)
 STATUS_FIELDS = {"state": (str,), "step": (int,), "attempts": (int,), "holes": (str,), "error": (str,),
                  "run_id": (str,), "slurm_job": (str,), "final_loss": (int, float, str),
-                 "started_at": (int, float), "first_step_at": (int, float), "updated_at": (str,)}
+                 "started_at": (int, float), "first_step_at": (int, float), "updated_at": (str,),
+                 "kept": (str,)}
 JOB_FIELDS = {"backend": (str,), "job_id": (str,), "sweep": (str,), "submitted_at": (int, float),
               "log": (str,), "host": (str,), "profile": (str,), "pid": (int,), "start": (str,)}
 JOB_BACKENDS = ("slurm", "local")
@@ -82,6 +84,7 @@ class RunDir:
         self.path = Path(root) / rid
         self.id = rid
         self.owner = None
+        self.config_sha = None  # the semantic config's hash, once this process wrote config.yaml
 
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.csv")
@@ -91,6 +94,22 @@ class RunDir:
     job_file = property(lambda self: self.path / "job.json")
     log_file = property(lambda self: self.path / "train.log")
     provenance_file = property(lambda self: self.path / "provenance.json")
+
+    def real_folder(self, create: bool = False) -> None:
+        """Raise StoreError unless the run folder is a real directory (created when `create`):
+        nothing is ever written through a link, nor into a file standing where the folder must be."""
+        if create and not self.path.is_symlink():
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise_disk_full(e, self.path)
+                raise StoreError(f"{self.path}: cannot be created ({e.strerror or e})") from None
+        if self.path.is_symlink() or not self.path.is_dir():
+            what = "a link" if self.path.is_symlink() else "a file" if self.path.exists() else "missing"
+            raise StoreError(f"{self.path}: {what}, not a run folder; nothing is written through it "
+                             "(remove it, or move it aside)")
 
     def fence(self) -> None:
         """Raise LeaseLost when this process held the run's lease and no longer does."""
@@ -118,7 +137,7 @@ class RunDir:
     def create(self, cfg: DictConfig) -> bool:
         """Register a new run (config.yaml, status.json `pending`) unless it exists: the status
         file is created with link(2), which fails atomically if another process made one first."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.real_folder(create=True)
         if self.status_file.exists() or self.status_file.is_symlink():
             return False
         self.write_config(cfg)
@@ -133,7 +152,10 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
     def write_config(self, cfg: DictConfig) -> None:
+        from .ids import config_hash
+
         atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True), self.fence, self._tag)
+        self.config_sha = config_hash(cfg)
 
     def job(self) -> dict | None:
         """job.json, None when missing or damaged (`read_job` says why)."""
@@ -193,9 +215,11 @@ class RunDir:
         temporary file becomes checkpoint.pt. The lease is checked before each of the three."""
         import torch  # here, not at import: planning a sweep or checking a run needs no torch
 
+        step = state["step"]
+        # whose checkpoint this is: refused by any other run (load_checkpoint)
+        state = dict(state, identity=dict(run_id=self.id, config_sha=self.config_sha, step=step))
         buf = io.BytesIO()
         torch.save(state, buf)
-        step = state["step"]
         self.fence()
         tmp = write_temp(self.checkpoint, buf.getvalue(), self._tag)
         try:
@@ -238,12 +262,25 @@ class RunDir:
                 if not isinstance(ck["step"], int) or isinstance(ck["step"], bool) or ck["step"] < 0 \
                         or not isinstance(ck["model"], dict) or not isinstance(ck["optimizer"], dict):
                     raise ValueError("its step, model or optimizer has the wrong type")
+                self._check_identity(ck)
                 return ck
             except Exception as e:
                 why = (str(e).strip().splitlines() or [""])[0][:160]
                 log.warning("run %s: %s cannot be loaded (%s: %s): falling back to %s",
                             self.id, path.name, type(e).__name__, why, nxt)
         return None
+
+    def _check_identity(self, ck: dict) -> None:
+        """ValueError unless the checkpoint names this run, its config and its own step."""
+        who = ck.get("identity")
+        if not isinstance(who, dict):
+            raise ValueError("it names no run (another run's, or made before checkpoints named their run)")
+        if who.get("run_id") != self.id:
+            raise ValueError(f"it is run {shown(who.get('run_id'), 20)}'s, not this run's")
+        if self.config_sha is not None and who.get("config_sha") != self.config_sha:
+            raise ValueError("it names another config than this run's")
+        if who.get("step") != ck["step"]:
+            raise ValueError(f"it names step {shown(who.get('step'), 20)} but holds step {ck['step']}")
 
     def remove_checkpoints(self) -> None:
         self.fence()
@@ -261,15 +298,46 @@ class RunDir:
         must not send those rows twice)."""
         hist = read_history(self.metrics)
         last_written = max(hist.steps, default=-1)
-        ours = hist if hist.header == columns else History([], [])
+        ours = hist.select(columns) if hist.header else History([], [])
         holes, _ = judge_history(ours, resume_step - 1, upto=resume_step - 1)
-        if resume_step > 0 and hist.header and hist.header != columns:
-            holes = "; ".join(filter(None, ["columns differ from this run's", holes]))
+        lacking = [c for c in columns if c not in hist.header] if hist.header else []
+        if resume_step > 0 and lacking:
+            holes = "; ".join(filter(None, [f"no column {', '.join(lacking)} in the rows before step "
+                                            f"{resume_step}", holes]))
+        kept = self._keep_metrics(hist, columns, resume_step, holes)
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
         w.writerows(ours.in_step_order(upto=resume_step - 1))
         atomic_write_text(self.metrics, buf.getvalue(), self.fence, self._tag)
         writer = MetricsWriter(self.metrics, columns, self.fence)
-        writer.holes, writer.last_written = holes, last_written
+        writer.holes, writer.last_written, writer.kept = holes, last_written, kept
         return writer
+
+    def _keep_metrics(self, hist: History, columns: list[str], resume_step: int, holes: str) -> str:
+        """No row is ever deleted: when metrics.csv is not exactly what this run continues (another
+        header, CR LF lines, damage, unparseable rows, holes before `resume_step`), the file as it
+        is goes beside it as `metrics.csv.<time>.kept` first (hard-linked, so it costs no copy).
+        Returns '' or one line saying what was kept and why."""
+        why = hist.damage or ("columns differ from this run's" if hist.header and hist.header != columns else "") \
+            or ("CR LF line endings" if hist.crlf else "") or ("unparseable rows" if hist.unparseable else "") \
+            or (holes if resume_step > 0 and hist.rows else "")
+        if not why or hist.missing_file:
+            return ""
+        self.fence()
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for i in range(100):
+            name = f"metrics.csv.{stamp}{'' if i == 0 else f'.{i}'}.kept"
+            try:
+                if self.metrics.is_dir() and not self.metrics.is_symlink():
+                    os.rename(self.metrics, self.path / name)  # a folder where the file must be: moved aside
+                else:
+                    os.link(self.metrics, self.path / name, follow_symlinks=False)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise_disk_full(e, self.path / name)
+                raise StoreError(f"{self.metrics}: cannot be kept aside ({e.strerror or e})") from None
+        fsync_dir(self.path)
+        return f"{name}: metrics.csv before the resume at step {resume_step} ({why})"
