@@ -18,12 +18,13 @@ PROFILE ?=
 DATA_ROOT ?= data
 RUNS ?=
 CASES ?=
+SEED ?=
 SWEEPS ?=
 ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze table theory sync report data migrate bench fidelity gpucheck test test-fast lint clean-venv
+.PHONY: help install sweep status analyze table theory sync report data migrate bench fidelity gpucheck fuzz test test-fast lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,7 +42,7 @@ install: $(VENV)/.installed ## create .venv and install the project (torch, hydr
 # never pasted into the shell's text: "$$VAR" is one word; $$EXTRA and $$ARGS are split into words at
 # blanks (with globbing off: set -f) and nothing in them is run -- Hydra's range(3), choice(a,b), a ';'
 # or a '$$(...)' arrive as written.
-export CASES PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS
+export CASES SEED PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
 # MODE=paper: the authors' setting on top of the preset (conf/mode/paper.yaml; its sweep folder is <SWEEP>-paper)
 PATHS = $${RUNS:+"paths.runs=$$RUNS"} $${SWEEPS:+"paths.sweeps=$$SWEEPS"} $${MODE:+"mode=$$MODE"} $$EXTRA
@@ -92,6 +93,9 @@ fidelity: $(VENV)/.installed ## each precision against fp64 beside an fp32 ensem
 
 gpucheck: $(VENV)/.installed ## one-shot GPU check (< 8 min): exactness, speed grid, auto micro-batch, ratios -> gpucheck/gpucheck.md
 	set -f; $(PY) -m bench.gpucheck --out gpucheck $$ARGS
+
+fuzz: $(VENV)/.installed ## the run-store fuzzer: CASES=N cases of random damage (default 200), seeds from the clock (SEED=S replays)
+	$(PY) -m tests.fuzz --cases "$${CASES:-200}" $${SEED:+--seed "$$SEED"}
 
 test: $(VENV)/.installed ## run the test suite (Slurm tests use a running cluster or start slurm/local_cluster.sh)
 	set -f; $(PY) -m pytest -q $$PYTEST_ARGS

@@ -54,12 +54,20 @@ from .runs.rundir import RunDir
 log = logging.getLogger("pipeline.train")
 
 
+class NoFollowFileHandler(logging.FileHandler):
+    """A FileHandler that appends to its file but never through a link planted at its name."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 @contextlib.contextmanager
 def run_log(run: RunDir):
     """Log lines also into the run's own folder (every attempt appends to train.log; the file is
     opened at the first line, so a process that is refused writes nothing, and none once this
     process has lost the run's lease)."""
-    handler = logging.FileHandler(run.log_file, delay=True)
+    handler = NoFollowFileHandler(run.log_file, delay=True)
     handler.addFilter(lambda record: not run.lost and getattr(record, "run_id", run.id) == run.id)  # a pack: its lines
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     handler.setLevel(logging.INFO)
@@ -146,6 +154,7 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_
     """Take the run's lease (held until `held` closes), decide again as its owner (another
     process may have ended the run meanwhile) and prepare the directory; the state to return
     when there is nothing to do, else None."""
+    run.usable()  # a folder where a file of the run must be: this run alone is refused, in one line
     held.enter_context(run_log(run))
     held.enter_context(owner)
     run.owner = owner  # from here on every write to the run checks that this process still owns it
@@ -226,6 +235,10 @@ def _skip(i: int, run: RunDir, cfg, outcomes: dict, decide_fn) -> bool:
         log.warning("%s", e)
         outcomes[i] = ("live", None)
         return True
+    except (StoreError, OSError) as e:  # this run's folder or a file of it cannot be used: it alone is left out
+        log.error("run %s: %s", run.id, one_line(e))
+        outcomes[i] = ("damaged", one_line(e))
+        return True
     if skipped:
         outcomes[i] = (skipped, None)
     return bool(skipped)
@@ -295,6 +308,9 @@ class TrainJob:
         except LeaseLost as e:
             self._say("fenced", f"{e}; this process stopped without writing to it")
             fenced_exit(e)
+        except StoreError as e:
+            self._say("damaged", str(e))
+            raise
         except (ConfigError, DataError) as e:
             self._say(None, str(e))
             raise

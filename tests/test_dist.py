@@ -197,9 +197,8 @@ def test_migrate_renames_runs_to_their_current_ids(tmp_path):
     under its current id after `make migrate`, and its sweep link follows it."""
     import json
 
-    from pipeline.runs.migrate import migrate
-
     from pipeline.runs.ids import legacy_run_id
+    from pipeline.runs.migrate import migrate
 
     golden = json.loads((ROOT / "tests/data/preset_run_ids.json").read_text())["ids"]
     moved = [r for r in golden if r[2] != r[3]]

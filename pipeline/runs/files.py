@@ -11,7 +11,7 @@ import secrets
 import socket
 from pathlib import Path
 
-from ..errors import DiskFull
+from ..errors import DiskFull, StoreError
 
 
 def raise_disk_full(e: OSError, path) -> None:
@@ -78,8 +78,11 @@ def atomic_write_bytes(path: Path, data: bytes, fence=None, tag: str | None = No
         if fence is not None:
             fence()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, (IsADirectoryError, NotADirectoryError)):
+            raise StoreError(f"{path}: a folder where a file must be, or in a file where a folder must be "
+                             "(remove it)") from None
         raise
     fsync_dir(path.parent)
 
@@ -104,20 +107,46 @@ def _type_names(types) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
-def read_text(path: Path) -> tuple[str | None, str]:
-    """(the file's text, '') ; (None, '') when it is missing; (None, why) when it cannot be read or
-    is not UTF-8 (`why` names the file)."""
+MAX_BYTES = 1 << 20  # a run's JSON and YAML files are a few KB: one bigger than this is not one of ours
+MAX_DEPTH = 32  # ours nest 4 deep; a planted file nested thousands deep would exhaust the parser's stack
+
+
+def read_text(path: Path, limit: int = MAX_BYTES) -> tuple[str | None, str]:
+    """(the file's text, '') ; (None, '') when it is missing; (None, why) when it cannot be read, is
+    larger than `limit` bytes, nests brackets deeper than MAX_DEPTH or is not UTF-8 (`why` names
+    the file). Never follows a link planted at the name."""
     name = Path(path).name
     try:
-        raw = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(limit + 1)
     except FileNotFoundError:
         return None, ""
     except OSError as e:
-        return None, f"{name}: cannot be read ({e.strerror or e})"
+        why = "a link, not a file" if e.errno == errno.ELOOP else e.strerror or e
+        return None, f"{name}: cannot be read ({why})"
+    if len(raw) > limit:
+        return None, f"{name}: larger than {limit} bytes, not a file of this pipeline"
     try:
-        return raw.decode("utf-8"), ""
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, f"{name}: not UTF-8 text (byte {e.start})"
+    depth = nesting(text)
+    if depth > MAX_DEPTH:
+        return None, f"{name}: nested {depth} deep (at most {MAX_DEPTH}), not a file of this pipeline"
+    return text, ""
+
+
+def nesting(text: str) -> int:
+    """The deepest nesting of [ and { in `text` (quotes are not parsed: an upper bound)."""
+    depth = deepest = 0
+    for c in text:
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
@@ -131,8 +160,8 @@ def read_json_object(path: Path, fields: dict) -> tuple[dict | None, str]:
         return None, f"{name}: empty ({len(text.encode())} bytes)"
     try:
         obj = json.loads(text)
-    except ValueError as e:
-        return None, f"{name}: not valid JSON ({str(e).splitlines()[0][:80]})"
+    except (ValueError, RecursionError) as e:
+        return None, f"{name}: not valid JSON ({(str(e).splitlines() or [''])[0][:80]})"
     if not isinstance(obj, dict):
         return None, f"{name}: a JSON {type(obj).__name__}, not an object"
     for key, types in fields.items():

@@ -4,6 +4,7 @@ one reader, which keeps what a torn or damaged file still holds and says what is
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import time
@@ -93,12 +94,12 @@ def read_history(path) -> History:
     (anywhere in the file) is dropped, and so is the last piece when no newline ends it; a row
     with a cell that is not a number is noted in `unparseable`."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         return History([], [], missing_file=True)
-    except OSError as e:
-        return History([], [], damage=f"cannot be read ({e.strerror or e})")
+    except OSError as e:  # a link planted at the name is never read: it may be another run's file
+        return History([], [], damage=f"cannot be read ({'a link, not a file' if e.errno == errno.ELOOP else e.strerror or e})")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -109,12 +110,17 @@ def read_history(path) -> History:
     crlf = lines[0].endswith("\r")
     if crlf:
         lines = [ln.removesuffix("\r") for ln in lines[:-1]] + lines[-1:]
-    if not lines[0].startswith("step,"):
-        return History([], [], damage="no header line starting with 'step,'")
     header = lines[0].split(",")
+    if "step" not in header:
+        return History([], [], damage="no header line with a column 'step'")
+    at = header.index("step")  # read with the step first, whatever the file's order
+    order = [at, *(i for i in range(len(header)) if i != at)]
+    header = [header[i] for i in order]
     rows, bad = [], []
     for i, line in enumerate(lines[1:-1], start=2):  # the last piece has no newline after it: empty or torn
         cells = line.split(",")
+        if at and len(cells) == len(order):
+            cells = [cells[j] for j in order]
         if len(cells) != len(header) or not cells[0].isascii() or not cells[0].isdigit():
             continue
         if all(_number(c) for c in cells[1:]):

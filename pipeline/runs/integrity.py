@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from ..errors import shown
 from .history import History, judge_history, read_history
-from .lease import lease_problem
 from .ids import run_id
+from .lease import lease_problem
 from .rundir import FINISHED, RunDir, read_config_file
 
 
@@ -85,16 +86,26 @@ def identity_problem(run: RunDir, config: dict | None, why: str) -> str:
     return ""
 
 
+def nonfinite_row(state: str | None, hist: History) -> int | None:
+    """The index of the first row with a non-finite cell where none can be, else None. A
+    non-finite training loss ends a run as diverged at once (pipeline/thresholds.py), and while the
+    loss is finite so is every metric: a non-finite value anywhere but in a diverged run's last row
+    is not the run's history."""
+    last = len(hist.rows) - 1 if state == "diverged" else len(hist.rows)
+    for i, row in enumerate(hist.rows[:last]):
+        if any(c and not math.isfinite(float(c)) for c in row):
+            return i
+    return None
+
+
 def loss_problem(state: str | None, hist: History) -> str:
-    """A non-finite training loss ends a run as diverged at once (pipeline/thresholds.py): one
-    anywhere else -- in a completed or unfinished run, or before a diverged run's last row -- is
-    not the run's history."""
-    losses = hist.column("loss")
-    last = len(losses) - 1 if state == "diverged" else len(losses)
-    for i, cell in enumerate(losses[:last]):
-        if cell and not math.isfinite(float(cell)):
-            return f"non-finite loss {cell} at step {hist.rows[i][0]} of a {state or 'new'} run"
-    return ""
+    """'' or what nonfinite_row found, naming the column and step."""
+    i = nonfinite_row(state, hist)
+    if i is None:
+        return ""
+    row = hist.rows[i]
+    col, cell = next((h, c) for h, c in zip(hist.header, row) if c and not math.isfinite(float(c)))
+    return f"non-finite {col} {cell} at step {row[0]} of a {state or 'new'} run"
 
 
 def step_problem(status: dict, config: dict | None) -> str:
@@ -128,21 +139,23 @@ def history_problem(status: dict, hist: History, max_steps: int | None = None) -
     found, good = judge_history(hist, need)
     nonfinite = loss_problem(state, hist)
     if nonfinite:
-        good = min(good, next(int(r[0]) for r, c in zip(hist.rows, hist.column("loss"))
-                              if c and not math.isfinite(float(c))) - 1)
+        good = min(good, int(hist.rows[nonfinite_row(state, hist)][0]) - 1)
     parts = list(dict.fromkeys(p for p in (flagged, found, nonfinite) if p))
     return "; ".join(parts), good
 
 
 def check(run: RunDir) -> Health:
     """The one rule (see the module doc), applied to `run`'s files as they are now."""
+    foreign = run.path.is_symlink() or (run.path.exists() and not run.path.is_dir())
+    if foreign:  # a link or a file where the run folder must be: never read through, never written
+        what = f"a link to {shown(os.readlink(run.path))}" if run.path.is_symlink() else "a file"
+        return Health({}, History([], [], missing_file=True), None,
+                      [f"{run.path.name}: {what}, not a run folder (nothing is written through it; remove it)"],
+                      foreign=True)
     st = run.status()
     damaged = [st.pop("unreadable")] if "unreadable" in st else []
     config, why = read_config_file(run.config)
     hist = read_history(run.metrics)
-    if run.path.is_symlink():
-        damaged.append(f"{run.path.name}: a link to {os.readlink(run.path)}, not a run folder (nothing is "
-                       "written through it; remove the link)")
     if st or config is not None or why or hist.rows or not hist.missing_file:
         ident = identity_problem(run, config, why)
         if ident:
@@ -155,7 +168,7 @@ def check(run: RunDir) -> Health:
         damaged.append(lease_why)
     top = ((config or {}).get("train") or {}).get("max_steps") if isinstance(config, dict) else None
     holes, good = history_problem(st, hist, top if isinstance(top, int) and not isinstance(top, bool) else None)
-    return Health(st, hist, config, damaged, holes, good, foreign=run.path.is_symlink())
+    return Health(st, hist, config, damaged, holes, good)
 
 
 def decide(health: Health, retry: bool, live: str | None = None) -> Decision:

@@ -37,9 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import LeaseHeld, LeaseLost, StoreError
+from ..errors import LeaseHeld, LeaseLost, StoreError, shown
 from ..errors import describe_holder as describe
-from ..errors import shown
 
 log = logging.getLogger(__name__)
 RECORD = "lease.json"
@@ -99,6 +98,8 @@ def damage(rec: dict) -> str:
         v = rec.get(key)
         if not isinstance(v, types) or isinstance(v, bool):
             return f"field {key} is {shown(json.dumps(v) if v is not None else 'missing', 40)}"
+    if not 0 < rec["pid"] < 2**31:
+        return f"field pid is {shown(rec['pid'], 40)}, not a process id"
     return ""
 
 

@@ -8,12 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 
 from . import lease
 from .ids import legacy_run_id, run_id
-from .rundir import RunDir
+from .rundir import RunDir, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +58,9 @@ def migrate(runs: Path, sweeps: Path | None = None) -> list[tuple[str, str]]:
 
 
 def yaml_load(path: Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a config")
+    data, why = read_config_file(path)
+    if data is None:
+        raise ValueError(why or f"{path}: missing")
     return data
 
 

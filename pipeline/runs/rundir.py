@@ -68,6 +68,8 @@ def read_config_file(path: Path) -> tuple[dict | None, str]:
         return None, why
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        return None, "config.yaml: nested too deeply, not a config of this pipeline"
     except yaml.YAMLError as e:
         return None, f"config.yaml: not valid YAML ({str(e).splitlines()[0][:80]})"
     if not isinstance(data, dict):
@@ -110,6 +112,19 @@ class RunDir:
             what = "a link" if self.path.is_symlink() else "a file" if self.path.exists() else "missing"
             raise StoreError(f"{self.path}: {what}, not a run folder; nothing is written through it "
                              "(remove it, or move it aside)")
+
+    FILES = ("config.yaml", "metrics.csv", "status.json", "checkpoint.pt", "checkpoint.prev.pt", "lease.json",
+             "job.json", "train.log", "provenance.json")
+
+    def usable(self) -> None:
+        """StoreError naming the first of the run's files that is a link, a folder or a special
+        file: a run writes only where regular files, or nothing, stand."""
+        for name in self.FILES:
+            p = self.path / name
+            if p.is_symlink() or (p.exists() and not p.is_file()):
+                what = "link" if p.is_symlink() else "folder" if p.is_dir() else "special file"
+                raise StoreError(f"{p}: a {what} where the run's file must be; nothing is written through it "
+                                 "and the run is left as it is (move it aside, then rerun)")
 
     def fence(self) -> None:
         """Raise LeaseLost when this process held the run's lease and no longer does."""
