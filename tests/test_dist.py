@@ -201,7 +201,7 @@ def test_migrate_renames_runs_to_their_current_ids(tmp_path):
     from pipeline.runs.migrate import migrate
 
     golden = json.loads((ROOT / "tests/data/preset_run_ids.json").read_text())["ids"]
-    moved = [r for r in golden if r[2] != r[3]]
+    moved = [r for r in golden if r[2] is not None and r[2] != r[3]]  # None: a preset added after the rule changed
     assert moved  # the presets' points that moved are pinned in the golden file, with their old ids
     for preset, point, old, new in moved:  # the old rule, as code, against the ids it gave
         assert legacy_run_id(make_cfg([f"sweep={preset}", *point.split()])) == old, (preset, point)
