@@ -45,6 +45,11 @@ def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Pat
         raise RedrawError(f"{csv}: no column {param}, the figure's x axis")
     if data.empty:
         raise RedrawError(f"{csv}: a header and no rows: nothing to draw")
+    for col in data.columns:  # a column of numbers with a word in it: one line, not a figure of it
+        numbers = pd.to_numeric(data[col], errors="coerce")
+        odd = data[col][numbers.isna() & data[col].notna()]
+        if numbers.notna().any() and len(odd):
+            raise RedrawError(f"{csv}: column {col} holds {str(odd.iloc[0])[:40]!r}, not a number")
     figures.use_style(style)
     out = Path(out) if out else csv.parent
     try:

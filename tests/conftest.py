@@ -72,7 +72,7 @@ def cfg_factory(tmp_path):
 
 def run_cli(args, cwd, timeout=300, env=None):
     """`python -m <args>` in a subprocess, from the repository's root on sys.path."""
-    e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    e = dict(os.environ, **{"PYTHONPATH": str(ROOT), **(env or {})})
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=timeout)
 

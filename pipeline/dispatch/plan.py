@@ -126,10 +126,10 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
         seen[p.run.id] = p.shown
         plan.points.append(p)
     for p in plan.points:
-        p.job, why = p.run.read_job()
+        p.health = check(p.run)
+        p.job, why = p.run.read_job() if not p.health.foreign else (None, "")
         if why:
             plan.warnings.append(f"run {p.run.id}: {why}; read as no job")
-        p.health = check(p.run)
     states, plan.slurm_error = slurm.job_states(
         [p.job["job_id"] for p in plan.points if p.job and p.job.get("backend") == "slurm"])
     for p in plan.points:
@@ -144,10 +144,11 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     return plan
 
 
-def register(plan: Plan) -> None:
+def register(plan: Plan) -> list[str]:
     """Create the sweep folder, a pending run directory (config, status) for each new run, the
     link `<sweep folder>/<run_id> -> <run directory>` for every run of the sweep, and
     `plan.json`: the points with their overrides and what was decided."""
+    said = []  # what registering found, one line each
     real_folder(plan.folder, "the sweep folder")
     root = str(Path(plan.points[0].cfg.paths.runs).resolve())
     with plan_lock(plan.folder):  # two sweeps into one folder at once: each adds its points to the other's
@@ -166,12 +167,13 @@ def register(plan: Plan) -> None:
         if link.is_symlink() and os.readlink(link) == target:
             continue
         if link.exists() and not link.is_symlink():
-            plan.warnings.append(f"{link}: a {'folder' if link.is_dir() else 'file'} where the sweep's link to "
-                                 f"run {p.run.id} goes; left as it is (the run is counted through plan.json)")
+            said.append(f"{link}: a {'folder' if link.is_dir() else 'file'} where the sweep's link to "
+                        f"run {p.run.id} goes; left as it is (the run is counted through plan.json)")
             continue
         if link.is_symlink():
             link.unlink()
         link.symlink_to(target, target_is_directory=True)
+    return said
 
 
 def real_folder(path: Path, what: str) -> None:

@@ -454,7 +454,8 @@ def run(preset, launcher="local", jobs=2, profile=None, retry=False, dry=False, 
             print(line)
         print("dry run: nothing created, nothing submitted")
         return 0
-    register(plan)
+    for line in register(plan):
+        print(f"warning: {line}", file=sys.stderr)
     if not plan.todo:
         return 0
     if launcher == "slurm":

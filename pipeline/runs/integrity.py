@@ -92,20 +92,23 @@ def nonfinite_row(state: str | None, hist: History) -> int | None:
     loss is finite so is every metric: a non-finite value anywhere but in a diverged run's last row
     is not the run's history."""
     last = len(hist.rows) - 1 if state == "diverged" else len(hist.rows)
-    for i, row in enumerate(hist.rows[:last]):
-        if any(c and not math.isfinite(float(c)) for c in row):
+    at = hist.header.index("loss") if "loss" in hist.header else None
+    for i, row in enumerate(hist.rows):
+        if (at is not None and row[at] == "") or (i < last and any(c and not math.isfinite(float(c)) for c in row)):
             return i
     return None
 
 
 def loss_problem(state: str | None, hist: History) -> str:
-    """'' or what nonfinite_row found, naming the column and step."""
+    """'' or what nonfinite_row found, naming the column and step (every row has its loss)."""
     i = nonfinite_row(state, hist)
     if i is None:
         return ""
     row = hist.rows[i]
-    col, cell = next((h, c) for h, c in zip(hist.header, row) if c and not math.isfinite(float(c)))
-    return f"non-finite {col} {cell} at step {row[0]} of a {state or 'new'} run"
+    col, cell = next((h, c) for h, c in zip(hist.header, row)
+                     if (h == "loss" and c == "") or (c and not math.isfinite(float(c))))
+    what = f"empty {col}" if cell == "" else f"non-finite {col} {cell}"
+    return f"{what} at step {row[0]} of a {state or 'new'} run"
 
 
 def step_problem(status: dict, config: dict | None) -> str:
