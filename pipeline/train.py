@@ -346,9 +346,13 @@ class PackJob(TrainJob):
         except (ConfigError, DataError) as e:
             self._say_each(ended, len(cfgs), None, str(e))
             raise
-        except DiskFull as e:
-            self._say_each(ended, len(cfgs), "pending", f"{e}; the run resumes from its last checkpoint once "
-                                                        "there is room")
+        except DiskFull as e:  # each run's line names its own file, or says whose write filled the disk
+            for i, c in enumerate(cfgs):
+                mine = Path(c.paths.runs) / run_id(c)
+                why = str(e) if mine in e.path.parents else \
+                    f"the pack stopped: no space left on the device writing {e.path} (another run of the pack)"
+                self._say(*ended.get(i, ("pending", f"{why}; the run resumes from its last checkpoint once there "
+                                                    "is room")), path=self.outcomes[i])
             raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:300]

@@ -17,6 +17,7 @@ that resumes to the same result; a history with holes is flagged, never passed o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -152,12 +153,20 @@ class RunDir:
     def create(self, cfg: DictConfig) -> bool:
         """Register a new run (config.yaml, status.json `pending`) unless it exists: the status
         file is created with link(2), which fails atomically if another process made one first."""
+        made = not self.path.exists() and not self.path.is_symlink()
         self.real_folder(create=True)
         if self.status_file.exists() or self.status_file.is_symlink():
             return False
-        self.write_config(cfg)
         st = dict(state="pending", step=0, attempts=0, run_id=self.id)
-        tmp = write_temp(self.status_file, (json.dumps(st, indent=1, sort_keys=True) + "\n").encode())
+        try:
+            self.write_config(cfg)
+            tmp = write_temp(self.status_file, (json.dumps(st, indent=1, sort_keys=True) + "\n").encode())
+        except BaseException:  # a full disk: nothing half-created is left (a folder without status.json)
+            if made:
+                self.config.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise
         try:
             os.link(tmp, self.status_file)
             return True
