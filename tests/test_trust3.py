@@ -394,3 +394,26 @@ def test_a_full_disk_is_one_line_per_run_a_true_tally_and_a_rerun_ends_identical
             assert mine.status()["state"] == "completed", mine.status()
             a, b = (rows(p).replace("", "nan").astype(float) for p in (mine.metrics, d / "metrics.csv"))
             pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9)  # fp64: packed or not
+
+
+def test_analysis_into_a_read_only_folder_is_one_line(tmp_path):
+    cfg = make_cfg(SMALL, runs=tmp_path / "runs")
+    train(cfg)
+    with tmpfs(tmp_path / "ro", "64k"):
+        subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "ro")], check=True)
+        r = run_cli(["analysis", str(tmp_path / "runs"), "--out", str(tmp_path / "ro" / "out"), "--no-figures"],
+                    cwd=tmp_path)
+    assert r.returncode == 1 and one_line(r.stderr).startswith(f"error: {tmp_path / 'ro' / 'out'}: "), r.stderr
+
+
+def test_pending_runs_are_not_counted_as_another_code_version(tmp_path, caplog):
+    """A sweep with runs not started yet (no provenance, no rows) draws its figures from the
+    finished runs without a warning about 'different code versions: ... unknown'."""
+    from analysis.__main__ import analyze
+
+    done = make_cfg(SMALL, runs=tmp_path / "runs")
+    train(done)
+    pending = make_cfg([*SMALL, "optim.beta=0.5"], runs=tmp_path / "runs")
+    RunDir(pending.paths.runs, run_id(pending)).create(pending)
+    analyze(tmp_path / "runs")
+    assert "unknown" not in caplog.text, caplog.text
