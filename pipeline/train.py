@@ -139,7 +139,7 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
 def _precheck(run: RunDir, cfg) -> str | None:
     """Before loading any data: LeaseHeld if the run is live elsewhere; its state if there is
     nothing to do (completed, or diverged/failed without retry); None to go on."""
-    live = holder(run.path, cfg.lease.get("host"))
+    live = holder(run.path, cfg.lease.get("host"), cfg.lease.timeout_s)
     if live:
         raise LeaseHeld(run.path, live)
     health = check(run)

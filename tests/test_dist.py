@@ -203,7 +203,7 @@ def test_migrate_renames_runs_to_their_current_ids(tmp_path):
     golden = json.loads((ROOT / "tests/data/preset_run_ids.json").read_text())["ids"]
     moved = [r for r in golden if r[2] is not None and r[2] != r[3]]  # None: a preset added after the rule changed
     assert moved  # the presets' points that moved are pinned in the golden file, with their old ids
-    for preset, point, old, new in moved:  # the old rule, as code, against the ids it gave
+    for preset, point, old, _ in moved:  # the old rule, as code, against the ids it gave
         assert legacy_run_id(make_cfg([f"sweep={preset}", *point.split()])) == old, (preset, point)
     preset, point, old, new = next(r for r in moved if r[0] == "synthetic")
     cfg = make_cfg([f"sweep={preset}", *point.split(), "train.max_steps=2"], runs=tmp_path / "runs")

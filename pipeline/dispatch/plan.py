@@ -23,7 +23,7 @@ from ..config.pack import packs, refusal
 from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError, StoreError, shown
 from ..runs import lease
-from ..runs.files import atomic_write_text, read_json_object
+from ..runs.files import atomic_write_text, read_json_object, real_folder
 from ..runs.ids import folder_name, run_id
 from ..runs.integrity import Decision, Health, check, decide
 from ..runs.rundir import RunDir
@@ -135,7 +135,7 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     for p in plan.points:
         if p.job and p.job.get("backend") == "slurm":
             p.slurm_state = states.get(p.job["job_id"])
-        owner = lease.holder(p.run.path)
+        owner = lease.holder(p.run.path, timeout_s=p.cfg.lease.timeout_s)  # this sweep's timeout, not the file's
         live = lease.describe(owner) if owner else live_job(p.job, p.slurm_state)
         if live is None and plan.slurm_error and p.job and p.job.get("backend") == "slurm" \
                 and p.health.state in (None, "pending", "running"):
@@ -149,7 +149,7 @@ def register(plan: Plan) -> list[str]:
     link `<sweep folder>/<run_id> -> <run directory>` for every run of the sweep, and
     `plan.json`: the points with their overrides and what was decided."""
     said = []  # what registering found, one line each
-    real_folder(plan.folder, "the sweep folder")
+    real_folder(plan.folder, "a sweep folder", create=True)
     root = str(Path(plan.points[0].cfg.paths.runs).resolve())
     with plan_lock(plan.folder):  # two sweeps into one folder at once: each adds its points to the other's
         earlier, _ = read_plan(plan.folder, plan.name)
@@ -174,18 +174,6 @@ def register(plan: Plan) -> list[str]:
             link.unlink()
         link.symlink_to(target, target_is_directory=True)
     return said
-
-
-def real_folder(path: Path, what: str) -> None:
-    """Create `path` as a real directory, or StoreError (one line) when a link or a file is there."""
-    if not path.is_symlink():
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            pass
-    if path.is_symlink() or not path.is_dir():
-        raise StoreError(f"{path}: {'a link' if path.is_symlink() else 'a file'}, not {what}; nothing is written "
-                         "through it (remove it, or choose another paths.sweeps)")
 
 
 @contextlib.contextmanager

@@ -564,7 +564,8 @@ def _status_table(folder: Path) -> Counter:
     rows.sort(key=lambda row: [(0, float(x)) if _is_number(x) else (1, x) for x in row[1:4]])
     _print_table([["run_id", "h", "beta", "rho", "state", "step", "last_loss", "pert_norm", "test_acc", "job",
                    "slurm_state"], *rows])
-    counts = Counter(r[4].split(" (")[0] if not r[4].startswith("queued (local)") else r[4] for r in rows)
+    counts = Counter(r[4].split(" (")[0].split(" [")[0] if not r[4].startswith("queued (local)") else r[4]
+                     for r in rows)
     print(f"\n{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)

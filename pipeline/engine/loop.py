@@ -162,8 +162,8 @@ def _open_record(cfg, run: RunDir, ranks: dist.Ranks, start: int, columns: list[
                     "and is flagged; retry=true recomputes it from step 0", run.id, start - 1, writer.holes, extra=tag)
     if writer.kept:
         log.warning("run %s: kept %s; flagged in status.json", run.id, writer.kept, extra=tag)
-    run.write_status(step=start, holes=writer.holes or None,
-                     **({"kept": "; ".join(filter(None, [run.status().get("kept"), writer.kept]))} if writer.kept else {}))
+    kept = "; ".join(filter(None, [run.status().get("kept"), writer.kept])) if writer.kept else None
+    run.write_status(step=start, holes=writer.holes or None, **({"kept": kept} if kept else {}))
     mirror = make_logger(cfg, run.path, run.id, sent_before=writer.last_written, fence=run.fence)
     if not isinstance(mirror, NullLogger):  # a mirrored row must be on disk: a resume sends only rows past it
         writer.flush_s = 0.0

@@ -27,6 +27,23 @@ def _temp_name(path: Path, tag: str | None = None) -> Path:
     return path.with_name(f".{path.name}.{tag}.{secrets.token_hex(4)}.tmp")
 
 
+def real_folder(path: Path, what: str, create: bool = False) -> None:
+    """StoreError (one line) unless `path` is a real directory (created first when `create`):
+    nothing is ever written through a link, nor into a file standing where a folder must be."""
+    path = Path(path)
+    if create and not path.is_symlink():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise_disk_full(e, path)
+            raise StoreError(f"{path}: cannot be created ({e.strerror or e})") from None
+    if path.is_symlink() or not path.is_dir():
+        found = "a link" if path.is_symlink() else "a file" if path.exists() else "missing"
+        raise StoreError(f"{path}: {found}, not {what}; nothing is written through it (remove it, or move it aside)")
+
+
 def private_folder(path: Path) -> Path:
     """`path`, created readable and writable by this user only (submitit's pickles, a sweep's
     outcomes and submission intents live there)."""

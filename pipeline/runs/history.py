@@ -99,7 +99,8 @@ def read_history(path) -> History:
     except FileNotFoundError:
         return History([], [], missing_file=True)
     except OSError as e:  # a link planted at the name is never read: it may be another run's file
-        return History([], [], damage=f"cannot be read ({'a link, not a file' if e.errno == errno.ELOOP else e.strerror or e})")
+        why = "a link, not a file" if e.errno == errno.ELOOP else e.strerror or e
+        return History([], [], damage=f"cannot be read ({why})")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

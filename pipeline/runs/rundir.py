@@ -30,7 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import faults
 from ..errors import StoreError, shown
-from .files import atomic_write_text, fsync_dir, json_safe, raise_disk_full, read_json_object, read_text, write_temp
+from .files import (
+    atomic_write_text,
+    fsync_dir,
+    json_safe,
+    raise_disk_full,
+    read_json_object,
+    read_text,
+    real_folder,
+    write_temp,
+)
 from .history import History, MetricsWriter, judge_history, read_history
 
 log = logging.getLogger(__name__)
@@ -98,22 +107,6 @@ class RunDir:
     log_file = property(lambda self: self.path / "train.log")
     provenance_file = property(lambda self: self.path / "provenance.json")
 
-    def real_folder(self, create: bool = False) -> None:
-        """Raise StoreError unless the run folder is a real directory (created when `create`):
-        nothing is ever written through a link, nor into a file standing where the folder must be."""
-        if create and not self.path.is_symlink():
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise_disk_full(e, self.path)
-                raise StoreError(f"{self.path}: cannot be created ({e.strerror or e})") from None
-        if self.path.is_symlink() or not self.path.is_dir():
-            what = "a link" if self.path.is_symlink() else "a file" if self.path.exists() else "missing"
-            raise StoreError(f"{self.path}: {what}, not a run folder; nothing is written through it "
-                             "(remove it, or move it aside)")
-
     FILES = ("config.yaml", "metrics.csv", "status.json", "checkpoint.pt", "checkpoint.prev.pt", "lease.json",
              "job.json", "train.log", "provenance.json")
 
@@ -154,7 +147,7 @@ class RunDir:
         """Register a new run (config.yaml, status.json `pending`) unless it exists: the status
         file is created with link(2), which fails atomically if another process made one first."""
         made = not self.path.exists() and not self.path.is_symlink()
-        self.real_folder(create=True)
+        real_folder(self.path, "a run folder", create=True)
         if self.status_file.exists() or self.status_file.is_symlink():
             return False
         st = dict(state="pending", step=0, attempts=0, run_id=self.id)
@@ -343,9 +336,10 @@ class RunDir:
         header, CR LF lines, damage, unparseable rows, holes before `resume_step`), the file as it
         is goes beside it as `metrics.csv.<time>.kept` first (hard-linked, so it costs no copy).
         Returns '' or one line saying what was kept and why."""
+        whole, _ = judge_history(hist, max(hist.steps, default=-1)) if hist.rows else ("", -1)
         why = hist.damage or ("columns differ from this run's" if hist.header and hist.header != columns else "") \
             or ("CR LF line endings" if hist.crlf else "") or ("unparseable rows" if hist.unparseable else "") \
-            or (holes if resume_step > 0 and hist.rows else "")
+            or (holes if resume_step > 0 and hist.rows else "") or whole
         if not why or hist.missing_file:
             return ""
         self.fence()
