@@ -10,12 +10,34 @@ from pipeline.runs.rundir import RunDir
 
 
 def _runs(tmp_path, n):
+    """n run folders and the plan.json of the sweep `grid` that names their runs root (as
+    `register` writes it before any submission)."""
     out = []
     for i in range(n):
         r = RunDir(tmp_path / "runs", f"{i:012x}")
         r.path.mkdir(parents=True)
         out.append(r)
+    sweep = tmp_path / "sweeps" / "grid"
+    sweep.mkdir(parents=True, exist_ok=True)
+    (sweep / "plan.json").write_text(json.dumps(dict(sweep="grid", runs_root=str((tmp_path / "runs").resolve()),
+                                                     points=[])))
     return out
+
+
+def test_an_intent_naming_a_folder_outside_the_runs_root_writes_nothing(tmp_path, monkeypatch):
+    """A planted intent naming ~/.ssh or ../victim: no job.json is written there; one warning."""
+    sweep = tmp_path / "sweeps" / "grid"
+    runs = _runs(tmp_path, 1)
+    victim = tmp_path / "victim" / "0123456789ab"
+    victim.mkdir(parents=True)
+    orphans.write_intent(sweep, runs, "default", "grid")
+    (intent,) = orphans.intents(sweep)
+    rec = json.loads(intent.read_text())
+    intent.write_text(json.dumps(dict(rec, runs=[str(victim)])))
+    monkeypatch.setattr(slurm, "jobs_with_comment", lambda marker: ({"77_0": "RUNNING"}, None))
+    lines = orphans.adopt(sweep)
+    assert len(lines) == 1 and "not <runs root>/<12 hex digits>" in lines[0]
+    assert not (victim / "job.json").exists()
 
 
 def test_jobs_of_an_interrupted_submission_are_adopted_in_submission_order(tmp_path, monkeypatch):

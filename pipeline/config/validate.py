@@ -111,11 +111,25 @@ def representable(key, v, dtype, precision, scaled=None):
                           f"allowed range [{tiny:.3g}, {largest:.3g}]")
 
 
+def _no_environment_in_semantic_keys(cfg) -> None:
+    """`${oc.env:...}` only where the run id and config.yaml never see its value (logger, paths, ...):
+    in a semantic key it would be resolved into config.yaml and the id."""
+    from ..runs.ids import NON_SEMANTIC
+    from ..runs.redact import env_paths
+
+    for path in env_paths(cfg):
+        if not any(path == k or path.startswith(k + ".") for k in NON_SEMANTIC):
+            raise ConfigError(f"{path}: an environment variable (oc.env) in a key that is part of the run id; allowed "
+                              "only in logger, paths and the other non-semantic keys (its value would be written "
+                              "into config.yaml)")
+
+
 FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first invalid key (a section at a time, in the order of the config)."""
+    _no_environment_in_semantic_keys(cfg)
     precision = _top_level(cfg)
     model = _model(cfg)
     _data(cfg, model)

@@ -38,7 +38,7 @@ def write_intent(sweep: Path, runs: list, profile: str, job_name: str) -> dict:
     """Record, durably, what is about to be submitted (array task i: runs[i], a RunDir or the
     list of a pack's); the intent (with its marker's token)."""
     folder = private_folder(Path(sweep) / FOLDER)
-    paths = [[str(r.path) for r in u] if isinstance(u, list) else str(u.path) for u in runs]
+    paths = [[str(r.path.absolute()) for r in u] if isinstance(u, list) else str(u.path.absolute()) for u in runs]
     intent = dict(token=secrets.token_hex(6), runs=paths, profile=profile,
                   job_name=job_name, created_at=time.time(), host=socket.gethostname(), pid=os.getpid())
     atomic_write_text(folder / f"{intent['token']}.json", json.dumps(intent, indent=1) + "\n")
@@ -59,6 +59,17 @@ def handle(job_id: str, intent: dict, sweep: Path) -> dict:
                 submitted_at=intent.get("created_at"), log=str(log), adopted=True)
 
 
+def _under_runs_root(sweep: Path, units: list) -> bool:
+    """Whether every run folder an intent names is `<the sweep's runs root>/<run id>`: a path taken
+    from a file is never written unless it is one of this sweep's run folders."""
+    from .plan import RUN_ID, read_plan
+
+    plan, _ = read_plan(Path(sweep), Path(sweep).name)
+    root = Path(plan["runs_root"]) if plan and plan.get("runs_root") else None
+    runs = [Path(r) for u in units for r in (u if isinstance(u, list) else [u])]
+    return root is not None and all(r.resolve().parent == root.resolve() and RUN_ID.fullmatch(r.name) for r in runs)
+
+
 def adopt(sweep: Path) -> list[str]:
     """Resolve every intent left in `sweep`; one line for each, saying what was done."""
     lines = []
@@ -69,6 +80,9 @@ def adopt(sweep: Path) -> list[str]:
                                                and all(isinstance(x, str) for x in r) for r in intent["runs"])):
             intent, why = None, (f"{path.name}: fields token and runs (a list of run folders, or of lists of them "
                                  "for packs) are required")
+        if intent is not None and not _under_runs_root(sweep, intent["runs"]):
+            intent, why = None, (f"{path.name}: names a run folder that is not <runs root>/<12 hex digits> of this "
+                                 "sweep's plan.json; nothing is written there")
         if intent is None:
             lines.append(f"warning: {path}: {why or 'empty'}; an interrupted submission's record cannot be read "
                          f"(check `squeue --me` for jobs of {Path(sweep).name} that no run knows; then remove it)")

@@ -22,7 +22,7 @@ from ..config.compose import Composer
 from ..config.pack import packs, refusal
 from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError, StoreError, shown
-from ..runs import lease
+from ..runs import lease, redact
 from ..runs.files import atomic_write_text, read_json_object, real_folder
 from ..runs.ids import folder_name, run_id
 from ..runs.integrity import Decision, Health, check, decide
@@ -154,8 +154,8 @@ def register(plan: Plan) -> list[str]:
     with plan_lock(plan.folder):  # two sweeps into one folder at once: each adds its points to the other's
         earlier, _ = read_plan(plan.folder, plan.name)
         points = {p["run_id"]: p for p in (earlier or {}).get("points", plan.earlier)}  # earlier points stay
-        points.update({p.run.id: dict(run_id=p.run.id, overrides=p.overrides, action=p.decision.action,
-                                      reason=p.decision.reason) for p in plan.points})
+        points.update({p.run.id: dict(run_id=p.run.id, overrides=redact.argv(p.overrides), reason=p.decision.reason,
+                                      action=p.decision.action) for p in plan.points})
         atomic_write_text(plan.folder / "plan.json", json.dumps(dict(
             sweep=plan.name, runs_root=root, points=list(points.values())), indent=1) + "\n")
     for p in plan.points:

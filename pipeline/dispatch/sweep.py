@@ -39,7 +39,7 @@ import submitit
 from .. import faults, threads
 from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError, DataError
-from ..runs import lease
+from ..runs import lease, redact
 from ..runs.files import private_folder, read_json_object
 from ..runs.ids import folder_name
 from ..runs.integrity import check
@@ -103,7 +103,9 @@ def submit_slurm(plan: Plan, profile: str, gpus=None, tasks=None) -> int:
     extra = dict(prof.pop("additional_parameters", None) or {})
     if prof.pop("requeue", True):
         extra["requeue"] = True  # where JobRequeue=0, a preempted or timed-out job could not come back
-    ex = submitit.SlurmExecutor(folder=plan.folder / ".submitit" / "%j",
+    # the job pickles a compute node unpickles: in a folder of this user's only (0700: nobody else can
+    # open, swap or read them whatever their own modes; a umask of 077 here would reach the jobs via sbatch)
+    ex = submitit.SlurmExecutor(folder=private_folder(plan.folder / ".submitit") / "%j",
                                 max_num_timeout=prof.pop("max_num_timeout", 3))
     units = plan.units
     # -- no orphans: the intent (array task i: the i-th run, or pack of runs; a marker in the jobs'
@@ -142,8 +144,8 @@ def _job(plan: Plan, unit: list, outcomes: bool = True) -> tuple:
     """(the callable, its argument) that a job runs: TrainJob for one run, PackJob for a pack."""
     paths = [str(outcome_path(plan, p.run)) if outcomes else None for p in unit]
     if len(unit) == 1:
-        return TrainJob(paths[0], sys.argv), unit[0].cfg
-    return PackJob(paths, sys.argv), [p.cfg for p in unit]
+        return TrainJob(paths[0], redact.argv(sys.argv)), unit[0].cfg
+    return PackJob(paths, redact.argv(sys.argv)), [p.cfg for p in unit]
 
 
 # -- what became of a run: its run directory's status.json, and the job's own outcome.json ----------

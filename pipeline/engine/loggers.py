@@ -11,8 +11,7 @@ import os
 import queue
 import threading
 
-from omegaconf import OmegaConf
-
+from ..runs import redact
 from ..runs.ids import folder_name
 from ..runs.rundir import FINISHED
 
@@ -61,7 +60,7 @@ class WandbLogger:
         self.init_kw = dict(
             project=lc.project, entity=lc.entity, group=folder_name(cfg, "") or None, id=rid,
             name=lc.get("name") or rid, resume="allow", dir=str(run_dir),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=redact.config(cfg),  # credentials and environment values masked
             tags=[cfg.model.name, cfg.data.name, cfg.optim.name] + list(lc.get("tags") or []))
         self.mode, self.init_timeout = wandb_mode(lc.mode), float(lc.init_timeout)
         self.queue: queue.Queue = queue.Queue()

@@ -46,8 +46,14 @@ def real_folder(path: Path, what: str, create: bool = False) -> None:
 
 def private_folder(path: Path) -> Path:
     """`path`, created readable and writable by this user only (submitit's pickles, a sweep's
-    outcomes and submission intents live there)."""
-    path.mkdir(parents=True, exist_ok=True)
+    outcomes and submission intents live there). A link there, or a folder another user owns (a
+    colleague who pre-created `.submitit` in a shared sweep folder could swap the job pickles that
+    a compute node unpickles), is StoreError: one line, nothing written."""
+    path = Path(path)
+    real_folder(path, "a private folder", create=True)
+    if path.stat().st_uid != os.getuid():
+        raise StoreError(f"{path}: owned by another user (uid {path.stat().st_uid}); job pickles and outcomes are "
+                         "written only into a folder of yours (remove it, or use a sweep folder of your own)")
     os.chmod(path, 0o700)
     return path
 

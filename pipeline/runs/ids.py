@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..ghost import ghost_size, uses_batch_norm
 from ..thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE
+from . import redact
 
 # The run id hashes the whole config except these keys (top-level names or dotted paths): where
 # files go, how progress is shown or logged, how the job is launched, how memory is chunked.
@@ -66,6 +67,7 @@ def semantic_config(cfg: DictConfig) -> dict:
         group, key = dotted.split(".", 1)
         if isinstance(out.get(group), dict) and key in out[group] and out[group][key] == old:
             del out[group][key]
+    out = redact.obj(out)  # a credential's value is never part of the id (config.yaml holds it masked)
     if isinstance(out.get("model"), dict):
         out["model"].pop("bn_group", None)
     if ghost is not None:

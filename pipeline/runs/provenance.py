@@ -8,7 +8,6 @@ summary.csv and warns when one figure mixes code versions.
 from __future__ import annotations
 
 import platform
-import re
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .. import ROOT  # the checkout this code runs from
 from ..threads import cores
+from . import redact
 
 
 def _git(repo: Path, *args: str) -> str | None:
@@ -54,13 +54,9 @@ def software_and_machine() -> dict:
                 cores=cores())
 
 
-SECRET = re.compile(r"(?i)^([^=]*(key|token|secret|password|passwd)[^=]*=).+$")
-
-
 def command_line(argv: list[str]) -> list[str]:
-    """`argv` with the value of any `...key=`, `...token=`, `...secret=`, `...password=` argument
-    replaced by `***`: a credential never lands in a run's folder."""
-    return [SECRET.sub(r"\1***", a) for a in argv]
+    """`argv` with every credential masked (pipeline/runs/redact.py): none lands in a run's folder."""
+    return redact.argv(argv)
 
 
 def collect(repo: Path = ROOT, launched_by: list[str] | None = None) -> tuple[dict, str | None]:
@@ -71,7 +67,7 @@ def collect(repo: Path = ROOT, launched_by: list[str] | None = None) -> tuple[di
                   recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if launched_by:
         record["launched_by"] = command_line(list(launched_by))
-    return record, diff
+    return record, redact.text(diff) if diff else diff
 
 
 def code_version(record: dict | None) -> str:

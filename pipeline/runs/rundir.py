@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import faults
 from ..errors import StoreError, shown
+from . import redact
 from .files import (
     atomic_write_text,
     fsync_dir,
@@ -84,7 +85,19 @@ def read_config_file(path: Path) -> tuple[dict | None, str]:
         return None, f"config.yaml: not valid YAML ({str(e).splitlines()[0][:80]})"
     if not isinstance(data, dict):
         return None, f"config.yaml: {'empty' if data is None else 'a YAML ' + type(data).__name__}, not a mapping"
+    planted = interpolation(data)
+    if planted:  # a file of the store is data: nothing in it is resolved (${oc.env:SECRET} would be)
+        return None, f"config.yaml: {planted} is an interpolation, which a stored config never holds; not resolved"
     return data, ""
+
+
+def interpolation(value, key: str = "") -> str:
+    """The first key whose value holds `${...}` (OmegaConf would resolve it), else ''."""
+    if isinstance(value, dict):
+        return next((found for k, v in value.items() if (found := interpolation(v, f"{key}.{k}".lstrip(".")))), "")
+    if isinstance(value, list):
+        return next((found for i, v in enumerate(value) if (found := interpolation(v, f"{key}.{i}"))), "")
+    return key or "a value" if isinstance(value, str) and "${" in value else ""
 
 
 class RunDir:
@@ -171,7 +184,8 @@ class RunDir:
     def write_config(self, cfg: DictConfig) -> None:
         from .ids import config_hash
 
-        atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True), self.fence, self._tag)
+        text = OmegaConf.to_yaml(OmegaConf.create(redact.config(cfg)))  # credentials masked (not in the id)
+        atomic_write_text(self.config, text, self.fence, self._tag)
         self.config_sha = config_hash(cfg)
 
     def job(self) -> dict | None:
