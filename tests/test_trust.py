@@ -57,7 +57,8 @@ def test_a_fenced_off_writer_writes_nothing_and_the_new_owner_ends_whole(tmp_pat
     b = None
     try:
         time.sleep(1.5)  # A's heartbeat is older than its timeout: stale for another host
-        b_args = args_in(runs, ["lease.host=node-b", "lease.timeout_s=1", "lease.heartbeat_s=0.2"])  # the cluster's one config
+        # B has the cluster's one lease config: its own timeout decides whether A is stale
+        b_args = args_in(runs, ["lease.host=node-b", "lease.timeout_s=1", "lease.heartbeat_s=0.2"])
         if b_done_first:
             r = run_cli(["pipeline.train", *b_args], cwd=tmp_path, env=SAME_THREADS)
             assert r.returncode == 0, r.stderr[-3000:]
