@@ -292,7 +292,15 @@ def test_hole_is_flagged_everywhere_and_retry_makes_it_whole(tmp_path, damage):
     from analysis.__main__ import analyze
     from pipeline.dispatch.sweep import view
 
-    assert view(check(run), None, None, None, None) == f"completed (metrics.csv: {missing})"
+    shown = view(check(run), None, None, None, None)
+    assert shown.startswith(f"completed (metrics.csv: {missing})"), shown
+    if damage != "deleted file":  # the file the resume could not continue is kept beside it, and said
+        (kept,) = run.path.glob("metrics.csv.*.kept")
+        assert f"[kept {kept.name}: metrics.csv before the resume at step 30 ({missing})]" in shown, shown
+        from pipeline.runs.history import read_history
+
+        steps = set(read_history(kept).steps)  # the file as the damage left it: 0-3 there, 4-6 not
+        assert {0, 1, 2, 3, 7} <= steps and not steps & {4, 5, 6}, sorted(steps)
     summary = analyze(tmp_path / "runs", figures=False, thresholds=(2.0, 1e-9))["summary"]
     s = pd.read_csv(summary).iloc[0]
     assert s["holes"] == missing
