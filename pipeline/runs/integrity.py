@@ -87,14 +87,16 @@ def identity_problem(run: RunDir, config: dict | None, why: str) -> str:
 
 
 def nonfinite_row(state: str | None, hist: History) -> int | None:
-    """The index of the first row with a non-finite cell where none can be, else None. A
-    non-finite training loss ends a run as diverged at once (pipeline/thresholds.py), and while the
-    loss is finite so is every metric: a non-finite value anywhere but in a diverged run's last row
-    is not the run's history."""
-    last = len(hist.rows) - 1 if state == "diverged" else len(hist.rows)
+    """The index of the first row with a non-finite cell, or no loss, where none can be, else None.
+    A non-finite training loss ends a run as diverged (pipeline/thresholds.py), and while the loss
+    is finite so is every metric: a non-finite value or an empty loss anywhere but from the row
+    where a diverged run's loss became non-finite on is not the run's history."""
     at = hist.header.index("loss") if "loss" in hist.header else None
     for i, row in enumerate(hist.rows):
-        if (at is not None and row[at] == "") or (i < last and any(c and not math.isfinite(float(c)) for c in row)):
+        lost = at is not None and (row[at] == "" or not math.isfinite(float(row[at])))
+        if state == "diverged" and lost:
+            return None  # where a diverged run's loss became non-finite: the rest is its end
+        if lost or any(c and not math.isfinite(float(c)) for c in row):
             return i
     return None
 
