@@ -186,6 +186,7 @@ def _register(args):
     register(plan)
 
 
+@pytest.mark.slow
 def test_two_sweeps_with_different_grids_into_one_folder_at_once_keep_every_point(tmp_path):
     """20 times: two processes register different grids (4 + 4 points) into one sweep folder at
     the same instant; plan.json keeps all 8 every time (it is merged under a lock)."""
