@@ -66,9 +66,13 @@ def env_paths(cfg) -> list[str]:
     found = []
 
     def walk(node, prefix):
-        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
-        for k, _ in items:
+        if node._is_none() or node._is_missing() or node._is_interpolation():
+            return
+        keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+        for k in keys:
             path = f"{prefix}{k}"
+            if path == "hydra":  # Hydra's own node (return_hydra_config): not the run's config
+                continue
             child = node._get_node(k)
             if isinstance(child, (DictConfig, ListConfig)):
                 walk(child, path + ".")
