@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import LeaseHeld, LeaseLost, StoreError, shown
 from ..errors import describe_holder as describe
+from .files import real_folder
 
 log = logging.getLogger(__name__)
 RECORD = "lease.json"
@@ -84,7 +85,7 @@ MAX_BYTES = 4096  # a record is a few hundred bytes: a bigger file is not one
 def read_file(path) -> dict:
     """A lease record file as a dict; {} when it is missing, garbled or not an object."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:  # never a link
             raw = f.read(MAX_BYTES + 1)
         rec = json.loads(raw or b"{}") if len(raw) <= MAX_BYTES else None
     except (OSError, ValueError, RecursionError):
@@ -211,9 +212,7 @@ class Lease:
         return True
 
     def acquire(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        if self.path.is_symlink() or not self.path.is_dir():
-            raise StoreError(f"{self.path}: a link or a file, not a run folder; nothing is written through it")
+        real_folder(self.path, "a run folder", create=True)
         lock = self.path / lock_name(self.host)
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
