@@ -247,6 +247,7 @@ def _folder_op(rng, op: str, case: Case, path: Path, other: Path, folder: Path) 
         _remove(folder / rid)
         (folder / rid).mkdir()
     elif op == "planted_lease" and real:
+        _remove(path / "lease.json")
         (path / "lease.json").write_text(rng.choice(['{"host": "evil\\nerror: forged", "pid": "1"}', "garbage",
                                                      '{"host": "n", "pid": 1, "timeout_s": 1e308}']))
         case.touched.add(rid)
