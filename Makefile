@@ -66,9 +66,9 @@ theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numer
 	$(PY) -m analysis.theory example23
 	$(PY) -m analysis.theory figures --out figures/theory
 
-sync: $(VENV)/.installed ## upload offline wandb runs
-	set -f; root=$$($(WHERE) --runs -- $(PATHS)) && set +f && shopt -s nullglob && runs=("$$root"/*/wandb/offline-run-*); \
-	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs under $$root/"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
+sync: $(VENV)/.installed ## upload the offline wandb runs of SWEEP's own runs (those of its plan.json)
+	set -f; mapfile -t runs < <($(WHERE) --wandb -- $(PATHS)) && \
+	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs in sweep $$SWEEP"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
 
 report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
 	$(PY) -m analysis.report "$$SWEEP" $(if $(DRY),--dry-run)

@@ -97,3 +97,20 @@ def test_the_plan_json_holds_no_credential(tmp_path):
     assert "KEY-zzz" not in text and "+logger.api_key=***" in text
     assert all("KEY-zzz" not in p.read_text() for p in (tmp_path / "runs").rglob("*.yaml"))
     json.loads(text)
+
+
+def test_make_sync_lists_only_the_offline_runs_of_the_sweeps_own_runs(tmp_path, capsys):
+    """An offline wandb run planted in a run folder that the sweep's plan does not name is never
+    uploaded with your credentials: `where --wandb` (what `make sync` sends) lists the plan's only."""
+    from pipeline.dispatch import sweep as sweep_mod
+    from pipeline.dispatch.plan import make_plan, register
+
+    paths = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps"]
+    plan = make_plan("synthetic", paths)
+    register(plan)
+    ours = plan.points[0].run.path / "wandb" / "offline-run-20261206_000000-abc"
+    ours.mkdir(parents=True)
+    planted = tmp_path / "runs" / "0123456789ab" / "wandb" / "offline-run-20261206_000000-evil"
+    planted.mkdir(parents=True)
+    assert sweep_mod.main(["where", "synthetic", "--wandb", "--", *paths]) == 0
+    assert capsys.readouterr().out.split() == [str(ours)]

@@ -656,6 +656,7 @@ def main(argv=None):
     w = sub.add_parser("where", help="print the sweep folder (or with --runs the runs root)")
     w.add_argument("preset")
     w.add_argument("--runs", action="store_true")
+    w.add_argument("--wandb", action="store_true", help="the offline wandb runs of the sweep's own runs (make sync)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # Hydra overrides
     argv = argv[:argv.index("--")] if "--" in argv else argv
@@ -668,9 +669,16 @@ def main(argv=None):
                    flag("DRY", a.dry), extra, count("GPUS", a.gpus), count("TASKS", a.tasks), pack_size(a.pack))
     if a.cmd == "where":
         try:
-            print(where(a.preset, extra)[1 if a.runs else 0])
+            folder, root = where(a.preset, extra)
         except ConfigError as e:
             _fail(e)
+        if a.wandb:  # only the runs of the sweep's plan: an offline run planted elsewhere in a shared root is not sent
+            for r in sweep_runs(folder)[0]:
+                if r.path.is_dir() and not r.path.is_symlink() and (r.path / "wandb").is_dir():
+                    for d in sorted((r.path / "wandb").glob("offline-run-*")):
+                        print(d)
+            return 0
+        print(root if a.runs else folder)
         return 0
     return status(a.preset, extra, seconds("WATCH", a.watch) if a.cmd == "status" else None)
 
