@@ -45,7 +45,7 @@ from .errors import (
     one_line,
 )
 from .runs import provenance
-from .runs.files import atomic_write_text
+from .runs.files import atomic_write_text, open_append
 from .runs.ids import run_id, with_added_keys
 from .runs.integrity import check, decide
 from .runs.lease import Lease, holder, slurm_job_id
@@ -58,8 +58,7 @@ class NoFollowFileHandler(logging.FileHandler):
     """A FileHandler that appends to its file but never through a link planted at its name."""
 
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+        return os.fdopen(open_append(self.baseFilename), "a", encoding=self.encoding or "utf-8", errors=self.errors)
 
 
 @contextlib.contextmanager

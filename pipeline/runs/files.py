@@ -130,6 +130,23 @@ def _type_names(types) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
+def read_bytes(path, limit: int | None = None) -> bytes:
+    """The file's bytes (at most `limit` + 1 of them), never through a link planted at its name
+    (OSError ELOOP: `unreadable` says so); a FIFO does not block."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+        return f.read() if limit is None else f.read(limit + 1)
+
+
+def unreadable(e: OSError) -> str:
+    """Why `read_bytes` failed, in words."""
+    return "a link, not a file" if e.errno == errno.ELOOP else str(e.strerror or e)
+
+
+def open_append(path) -> int:
+    """A descriptor appending to `path` (created 0666 less the umask), never through a link."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+
+
 MAX_BYTES = 1 << 20  # a run's JSON and YAML files are a few KB: one bigger than this is not one of ours
 MAX_DEPTH = 32  # ours nest 4 deep; a planted file nested thousands deep would exhaust the parser's stack
 
@@ -140,14 +157,11 @@ def read_text(path: Path, limit: int = MAX_BYTES) -> tuple[str | None, str]:
     the file). Never follows a link planted at the name."""
     name = Path(path).name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(limit + 1)
+        raw = read_bytes(path, limit)
     except FileNotFoundError:
         return None, ""
     except OSError as e:
-        why = "a link, not a file" if e.errno == errno.ELOOP else e.strerror or e
-        return None, f"{name}: cannot be read ({why})"
+        return None, f"{name}: cannot be read ({unreadable(e)})"
     if len(raw) > limit:
         return None, f"{name}: larger than {limit} bytes, not a file of this pipeline"
     try:

@@ -4,7 +4,6 @@ one reader, which keeps what a torn or damaged file still holds and says what is
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import faults
-from .files import raise_disk_full
+from .files import open_append, raise_disk_full, read_bytes, unreadable
 
 METRIC_COLUMNS = ["step", "loss", "acc", "pert_norm", "l1_norm", "l2_norm", "pert_norm_floor",
                   "test_loss", "test_acc", "time_s"]
@@ -94,13 +93,11 @@ def read_history(path) -> History:
     (anywhere in the file) is dropped, and so is the last piece when no newline ends it; a row
     with a cell that is not a number is noted in `unparseable`."""
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
-            raw = f.read()
+        raw = read_bytes(path)
     except FileNotFoundError:
         return History([], [], missing_file=True)
     except OSError as e:  # a link planted at the name is never read: it may be another run's file
-        why = "a link, not a file" if e.errno == errno.ELOOP else e.strerror or e
-        return History([], [], damage=f"cannot be read ({why})")
+        return History([], [], damage=f"cannot be read ({unreadable(e)})")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -219,7 +216,7 @@ class MetricsWriter:
         self.fence = fence or (lambda: None)
         self.flush_s = self.FLUSH_S  # 0 with a wandb mirror: it sends a row once it is on disk (never twice)
         # held open for the run's life, closed by close(); never through a link planted at its name
-        self.f = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
+        self.f = os.fdopen(open_append(path), "a")
         self.pending: list[str] = []
         self.flushed_at = time.monotonic()
 

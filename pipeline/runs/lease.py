@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..errors import LeaseHeld, LeaseLost, StoreError, shown
 from ..errors import describe_holder as describe
-from .files import real_folder
+from .files import read_bytes, real_folder
 
 log = logging.getLogger(__name__)
 RECORD = "lease.json"
@@ -85,8 +85,7 @@ MAX_BYTES = 4096  # a record is a few hundred bytes: a bigger file is not one
 def read_file(path) -> dict:
     """A lease record file as a dict; {} when it is missing, garbled or not an object."""
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:  # never a link
-            raw = f.read(MAX_BYTES + 1)
+        raw = read_bytes(path, MAX_BYTES)  # never through a link
         rec = json.loads(raw or b"{}") if len(raw) <= MAX_BYTES else None
     except (OSError, ValueError, RecursionError):
         return {}
