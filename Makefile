@@ -68,7 +68,7 @@ theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numer
 
 sync: $(VENV)/.installed ## upload the offline wandb runs of SWEEP's own runs (those of its plan.json)
 	set -f; mapfile -t runs < <($(WHERE) --wandb -- $(PATHS)) && \
-	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs in sweep $$SWEEP"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
+	if [ $${#runs[@]} -eq 0 ]; then echo "no offline wandb runs of sweep $$SWEEP under $$($(WHERE) --runs -- $(PATHS))"; else $(VENV)/bin/wandb sync "$${runs[@]}"; fi
 
 report: $(VENV)/.installed ## build a W&B report for SWEEP (needs the network)
 	$(PY) -m analysis.report "$$SWEEP" $(if $(DRY),--dry-run)

@@ -186,7 +186,7 @@ def test_runs_and_sweeps_variables_reach_every_target(tmp_path):
     assert a.returncode == 0, a.stderr
     assert (tmp_path / "sweeps" / "synthetic" / "analysis" / "summary.csv").exists()
     s = make("sync", tmp_path)
-    assert s.returncode == 0 and f"no offline wandb runs under {tmp_path}/runs" in s.stdout
+    assert s.returncode == 0 and f"no offline wandb runs of sweep synthetic under {tmp_path}/runs" in s.stdout
     assert not (ROOT / "runs").exists() or not any(
         p.name in {q.name for q in (tmp_path / "runs").iterdir()} for p in (ROOT / "runs").iterdir())
     assert not (ROOT / "train.log").exists()
