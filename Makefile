@@ -56,7 +56,8 @@ status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, loss, per
 	set -f; $(PY) -m pipeline.dispatch.sweep status "$$SWEEP" --watch "$$WATCH" -- $(PATHS)
 
 analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
-	set -f; dir=$$($(WHERE) -- $(PATHS)) && $(PY) -m analysis "$$dir" $${ANALYSIS_OUT:+--out "$$ANALYSIS_OUT"} $$ARGS
+	set -f; dir=$$($(WHERE) -- $(PATHS)) && store=$$($(WHERE) --store -- $(PATHS)) && \
+	$(PY) -m analysis "$$dir" $${ANALYSIS_OUT:+--out "$$ANALYSIS_OUT"} $$store $$ARGS
 
 table: $(VENV)/.installed ## a LaTeX/Markdown/CSV table of SWEEP's summary.csv (ARGS="--rows beta --cols rho --value at_loss_0.01_pert_norm --markdown")
 	set -f; dir=$$($(WHERE) -- $(PATHS)) && $(PY) -m analysis.table "$$dir/analysis" $$ARGS

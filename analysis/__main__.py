@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError
 
 from .columns import write_columns
 from .figures import all_figures
+from .outputs import output_folder, write_csv, write_parquet
 from .runs import curves_frame, load_runs
 from .summary import summary_frame, varying, without_empty, write_summary
 
@@ -66,9 +67,9 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     summary, empty = without_empty(summary, recorded)
     write_summary(summary, paths["summary"], out / "summary.parquet" if parquet else None)
     write_columns(summary.columns, paths["columns"], empty)
-    curves.to_csv(paths["curves"], index=False)
+    write_csv(curves, paths["curves"])
     if parquet:
-        curves.to_parquet(out / "curves.parquet", index=False)
+        write_parquet(curves, out / "curves.parquet")
     shown = summary[summary["damaged"].isna()] if "damaged" in summary else summary  # damaged runs: no values
     if "steps" in shown:  # a run without a row (pending, empty metrics.csv) has nothing to draw
         shown = shown[shown["steps"].fillna(0) > 0]
@@ -78,22 +79,6 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
         params = varying(shown) or [p for p in ("beta", "rho", "h") if p in shown and shown[p].notna().any()][:1]
         paths["figures"] = all_figures(shown, curves, out, thresholds, params, style, limit_reference(runs))
     return paths
-
-
-def output_folder(out: Path) -> None:
-    """`out` created as a real directory of this user's; StoreError (one line) for a link, a file,
-    or a folder another user owns: the analysis never writes through a link into someone's files."""
-    from pipeline.errors import StoreError
-
-    if out.is_symlink():
-        raise StoreError(f"{out}: a link; the analysis writes only into a real folder (remove it, or --out DIR)")
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{out}: a file, not a folder; choose another --out DIR")
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(os, "getuid") and out.stat().st_uid != os.getuid():
-        raise StoreError(f"{out}: owned by another user; the analysis writes only into your own folder (--out DIR)")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise StoreError(f"{out}: not writable; choose another --out DIR")
 
 
 def positive(name: str, integer: bool = False, minimum: float = 0.0, strict: bool = True):
@@ -141,7 +126,13 @@ def main(argv=None):
     ap.add_argument("--spike-factor", type=positive("--spike-factor", minimum=1), default=10.0)
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
+    ap.add_argument("--trust", default="", help="users and @groups whose run folders count beside yours "
+                    "(store.trust; comma-separated)")
+    ap.add_argument("--group", default=None, help="the shared store's group (store.group)")
     a = ap.parse_args(argv)
+    from pipeline.runs import owners
+
+    owners.configure(dict(trust=[t for t in a.trust.split(",") if t.strip()], group=a.group))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     paths = analyze(a.dir, a.out, a.thresholds, a.at_step, a.smooth, a.spike_factor,
                     figures=not a.no_figures, style=a.style)

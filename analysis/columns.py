@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .outputs import write_text
 from .summary import CSV_DIGITS
 
 FIXED = {
@@ -80,5 +81,5 @@ def write_columns(columns, path: Path, left_out=()) -> Path:
         lines += ["", "Left out, empty for every run (e.g. test columns of a model without a test set) or a setting "
                   "at its default in every run (loss auto, eval_mode exact, std unbiased, reshuffle false): "
                   + ", ".join(f"`{c}`" for c in left_out) + "."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path

@@ -26,6 +26,8 @@ import pandas as pd  # noqa: E402
 
 from pipeline.runs.rundir import FINISHED  # noqa: E402
 
+from .outputs import output_folder, save_figure, write_csv  # noqa: E402
+
 SYMBOL = {"beta": r"$\beta$", "rho": r"$\rho$", "h": r"$h$", "eps": r"$\varepsilon$"}
 LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "training loss",
          "test_acc": "test accuracy", "acc": "training accuracy", "l1_norm": r"$\|\nabla E\|_1$",
@@ -76,12 +78,12 @@ def _size(width: float, height: float) -> tuple[float, float]:
 
 def _save(fig, out: Path, name: str, data: pd.DataFrame) -> list[Path]:
     """`name`.png and .pdf, and the figure's data as `name`.csv beside them (to redraw it)."""
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     paths = [out / f"{name}.png", out / f"{name}.pdf", out / f"{name}.csv"]
     for p in paths[:2]:
-        fig.savefig(p, bbox_inches="tight")
+        save_figure(fig, p, bbox_inches="tight")
     plt.close(fig)
-    data.to_csv(paths[2], index=False, float_format="%.7g")  # what a figure can show, and summary.csv's digits
+    write_csv(data, paths[2], float_format="%.7g")  # what a figure can show, and summary.csv's digits
     return paths
 
 

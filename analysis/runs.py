@@ -116,7 +116,8 @@ def read_run(path: Path) -> dict:
     rows = health.history.in_step_order()
     return dict(run_id=run.id, path=path, config=(health.config or {}) if not health.damaged else {},
                 status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
-                damaged="; ".join(health.damaged), whole_until=health.whole_until, provenance=run.provenance())
+                damaged="; ".join(health.damaged), whole_until=health.whole_until, foreign=health.foreign,
+                provenance=run.provenance() if not health.foreign else [])
 
 
 def hyperparameters(config: dict) -> dict:
@@ -135,8 +136,8 @@ def load_runs(root) -> list[dict]:
         log.warning("%s", w)
     for r in runs:
         if r["damaged"]:
-            log.warning("run %s (%s): %s: its values are left out of the summary; retry=true "
-                        "recomputes it", r["run_id"], r["path"], r["damaged"])
+            log.warning("run %s (%s): %s: its values are left out of the summary%s", r["run_id"], r["path"],
+                        r["damaged"], "" if r.get("foreign") else "; retry=true recomputes it")
         elif r["metrics"].empty:
             log.warning("run %s (%s): metrics.csv missing or empty%s", r["run_id"], r["path"],
                         f" ({r['holes']})" if r["holes"] else "")

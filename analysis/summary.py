@@ -16,6 +16,7 @@ from pipeline.runs.rundir import FINISHED
 from pipeline.thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE, divergence_step
 from pipeline.thresholds import first_crossing as first_crossing_index
 
+from .outputs import write_csv, write_parquet
 from .runs import SETTING_BEFORE, hyperparameters
 
 NAN = float("nan")
@@ -198,9 +199,9 @@ def without_empty(df: pd.DataFrame, metrics: set[str]) -> tuple[pd.DataFrame, li
 def write_summary(df: pd.DataFrame, csv_path, parquet_path=None) -> None:
     """summary.csv with CSV_DIGITS significant digits (what a float32 run supports, and what a
     table needs); summary.parquet beside it, when asked, with every digit."""
-    df.to_csv(csv_path, index=False, float_format=f"%.{CSV_DIGITS}g")
+    write_csv(df, csv_path, float_format=f"%.{CSV_DIGITS}g")
     if parquet_path is not None:
-        df.to_parquet(parquet_path, index=False)
+        write_parquet(df, parquet_path)
 
 
 def varying(df: pd.DataFrame, candidates=("beta", "rho", "h", "eps")) -> list[str]:

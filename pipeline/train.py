@@ -44,7 +44,7 @@ from .errors import (
     StoreError,
     one_line,
 )
-from .runs import provenance
+from .runs import owners, provenance, redact
 from .runs.files import atomic_write_text, open_append
 from .runs.ids import run_id, with_added_keys
 from .runs.integrity import check, decide
@@ -94,6 +94,7 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
     Under torchrun or a multi-task Slurm job every rank calls it (pipeline/engine/dist.py)."""
     faults.arm()  # the crash tests' failpoints, from $ADAM_FAULTS (none in normal runs)
     validate(with_added_keys(cfg))  # a job pickled before a key existed gets that key's old value
+    owners.configure(cfg.get("store"))  # whose folders count, the modes of what is created
     check_dir_writable("paths.runs", cfg.paths.runs)
     from .engine import dist  # torch: only once the config is known to be good (a quick bad-input line)
     from .engine.data import load_dataset
@@ -192,6 +193,7 @@ def train_pack(cfgs: list[DictConfig], launched_by: list[str] | None = None, out
     why = problem(cfgs)
     if why:
         raise ConfigError(f"PACK: {why}")
+    owners.configure(cfgs[0].get("store"))
     check_dir_writable("paths.runs", cfgs[0].paths.runs)
     from .engine.data import load_dataset  # torch: only once the configs are known to be good
     from .engine.numerics import numerics
@@ -205,18 +207,18 @@ def train_pack(cfgs: list[DictConfig], launched_by: list[str] | None = None, out
         data = load_dataset(cfgs[0].data, device)  # missing or damaged data: before any directory
         check_user_code(cfgs[0], data)
         with contextlib.ExitStack() as held:
-            owners = {}
+            leases = {}
             for i in go:
-                owners[i] = Lease(runs[i].path, cfgs[i].lease.timeout_s, cfgs[i].lease.heartbeat_s,
+                leases[i] = Lease(runs[i].path, cfgs[i].lease.timeout_s, cfgs[i].lease.heartbeat_s,
                                   cfgs[i].lease.get("host"))
-                _skip(i, runs[i], cfgs[i], outcomes, lambda r, c, i=i: _begin(r, c, owners[i], held, launched_by))
+                _skip(i, runs[i], cfgs[i], outcomes, lambda r, c, i=i: _begin(r, c, leases[i], held, launched_by))
             go = [i for i in go if i not in outcomes]
             if not go:
                 return outcomes
             mine: dict = {}
             try:
                 pack_loop([cfgs[i] for i in go], [runs[i] for i in go], data, device, autocast,
-                          [owners[i] for i in go], mine)
+                          [leases[i] for i in go], mine)
             except BaseException as e:
                 _mark_unfinished(e, [(runs[i], mine.get(j)) for j, i in enumerate(go)])
                 raise
@@ -275,6 +277,8 @@ class TrainJob:
     `outcome`: a JSON file (in the sweep's own folder) where the job says how its run ended,
     with the one-line reason of an expected failure, so that the sweep reads JSON, never
     submitit's result pickles. `launched_by`: the sweep's command line, for the run's provenance.
+    `credentials`: {dotted key: environment variable} of the credentials masked in the pickled
+    config (runs/redact.py `for_job`), taken back from the job's environment.
 
     Jobs pickled by older code lack attributes added since: every one is read with a default."""
 
@@ -299,6 +303,7 @@ class TrainJob:
     def __call__(self, cfg: DictConfig) -> str:
         interruptible()
         try:
+            cfg = redact.restore(cfg, getattr(self, "credentials", None) or {})
             result = train(cfg, getattr(self, "launched_by", None))
         except LeaseHeld as e:  # another process (another sweep, a user) runs it: nothing to do here
             log.warning("%s", e)
@@ -341,6 +346,8 @@ class PackJob(TrainJob):
         interruptible()
         ended: dict = {}
         try:
+            names = getattr(self, "credentials", None) or [{}] * len(cfgs)
+            cfgs = [redact.restore(c, n) for c, n in zip(cfgs, names)]
             train_pack(cfgs, self.launched_by, ended)
         except (ConfigError, DataError) as e:
             self._say_each(ended, len(cfgs), None, str(e))

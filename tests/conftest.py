@@ -31,6 +31,17 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _store_policy_reset():
+    """The store policy (runs/owners.py) is process-wide, set by each train/sweep/analysis call:
+    every test starts from the default (your folders only, private modes)."""
+    from pipeline.runs import owners
+
+    owners.configure({})
+    yield
+    owners.configure({})
+
+
+@pytest.fixture(autouse=True)
 def _root_logging_restored():
     """A Hydra app run in this process (the CLI tests) configures the root logger with a handler on
     the stderr of that moment, which pytest closes after the test: put the root logger back."""

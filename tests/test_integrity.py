@@ -438,18 +438,28 @@ def test_status_json_stays_valid_json_when_the_loss_overflows(tmp_path):
     assert st["final_loss"] in ("inf", "nan")
 
 
-def test_files_follow_the_umask(tmp_path):
-    old = os.umask(0o002)  # a group-shared cluster account
-    try:
-        cfg = make_cfg(args_in(tmp_path / "runs", ["train.max_steps=4"]))
-        assert train(cfg) == "completed"
-    finally:
-        os.umask(old)
-    run = RunDir(cfg.paths.runs, run_id(cfg))
-    for name in ("config.yaml", "status.json", "metrics.csv", "checkpoint.pt", "train.log"):
-        assert stat.S_IMODE((run.path / name).stat().st_mode) == 0o664, name
-    # the lock file is its owner's alone: another user's read-only handle cannot hold the flock
-    assert stat.S_IMODE((run.path / f"lease.{socket.gethostname()}.lock").stat().st_mode) == 0o600
+@pytest.mark.parametrize("group", [None, "mine"])
+def test_files_get_the_store_policys_modes_whatever_the_umask(tmp_path, group):
+    """Private by default (folders 0700, files 0600); with store.group, folders 2770 and files
+    0660 in that group (runs/owners.py). A umask of 002 (a group-shared cluster account) or 077
+    changes neither: the modes are explicit."""
+    import grp
+
+    name = grp.getgrgid(os.getgid()).gr_name if group else None
+    for umask in (0o002, 0o077):
+        old = os.umask(umask)
+        try:
+            cfg = make_cfg(args_in(tmp_path / f"runs{umask}", ["train.max_steps=4", f"store.group={name or 'null'}"]))
+            assert train(cfg) == "completed"
+        finally:
+            os.umask(old)
+        run = RunDir(cfg.paths.runs, run_id(cfg))
+        assert stat.S_IMODE(run.path.stat().st_mode) == (0o2770 if group else 0o700)
+        for f in ("config.yaml", "status.json", "metrics.csv", "checkpoint.pt", "train.log", "provenance.json"):
+            assert stat.S_IMODE((run.path / f).stat().st_mode) == (0o660 if group else 0o600), f
+            assert (run.path / f).stat().st_gid == os.getgid()
+        # the lock file is its owner's alone: another user's read-only handle cannot hold the flock
+        assert stat.S_IMODE((run.path / f"lease.{socket.gethostname()}.lock").stat().st_mode) == 0o600
 
 
 def test_metrics_rows_reach_the_file_within_flush_s_before_a_checkpoint_and_at_close(tmp_path):

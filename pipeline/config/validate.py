@@ -136,6 +136,7 @@ def validate(cfg: DictConfig) -> None:
     optim = _optimizer(cfg, precision)
     _training(cfg, optim)
     _lease_and_logger(cfg)
+    _store(cfg)
 
 
 def _top_level(cfg) -> str:
@@ -295,6 +296,23 @@ def _loss(cfg) -> None:
     if loss != "auto" and _get(cfg, "data.name") == "bilinear":
         raise ConfigError(f"train.loss={loss}: data=bilinear is a regression with the loss 1/2 (y - f)^2 of "
                           "Section 6; allowed value auto")
+
+
+def _store(cfg) -> None:
+    """store.trust and store.group name users and groups of this machine (runs/owners.py)."""
+    from ..runs import owners
+
+    store = cfg.get("store") or {}
+    trust = store.get("trust")
+    if trust is not None and not isinstance(trust, (str, int)) and not OmegaConf.is_list(trust):
+        raise ConfigError(f"store.trust={trust}: allowed values are a list of user names, uids and @groups")
+    owners.make_policy(trust, store.get("group"))
+    group = store.get("group")
+    if group is not None and str(group) != "" and os.getuid() != 0:
+        gid = owners.make_policy((), group).group
+        if gid not in os.getgroups() and gid != os.getgid():
+            raise ConfigError(f"store.group={group}: you are not a member of that group (allowed: a group of "
+                              "yours, or null)")
 
 
 def _lease_and_logger(cfg) -> None:

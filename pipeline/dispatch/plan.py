@@ -23,6 +23,7 @@ from ..config.pack import packs, refusal
 from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError, StoreError, shown
 from ..runs import lease, redact
+from ..runs import owners
 from ..runs.files import atomic_write_text, read_json_object, real_folder
 from ..runs.ids import folder_name, run_id
 from ..runs.integrity import Decision, Health, check, decide
@@ -109,6 +110,7 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     if not points:
         raise ConfigError(f"{' '.join(overrides)}: the grid is empty")
     first = points[0].cfg
+    owners.configure(first.get("store"))  # whose folders count, the modes of what is created
     check_dir_writable("paths.runs", first.paths.runs)
     check_dir_writable("paths.sweeps", first.paths.sweeps)
     name = folder_name(first, preset or "adhoc")

@@ -40,6 +40,7 @@ from .. import faults, threads
 from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError, DataError
 from ..runs import lease, redact
+from ..runs import owners
 from ..runs.files import private_folder, read_json_object
 from ..runs.ids import folder_name
 from ..runs.integrity import check
@@ -143,9 +144,14 @@ def _n(k: int, noun: str) -> str:
 def _job(plan: Plan, unit: list, outcomes: bool = True) -> tuple:
     """(the callable, its argument) that a job runs: TrainJob for one run, PackJob for a pack."""
     paths = [str(outcome_path(plan, p.run)) if outcomes else None for p in unit]
+    cfgs, names = zip(*(redact.for_job(p.cfg) for p in unit))  # no credential in a pickle: they travel in the environment
     if len(unit) == 1:
-        return TrainJob(paths[0], redact.argv(sys.argv)), unit[0].cfg
-    return PackJob(paths, redact.argv(sys.argv)), [p.cfg for p in unit]
+        job = TrainJob(paths[0], redact.argv(sys.argv))
+        job.credentials = names[0]
+        return job, cfgs[0]
+    job = PackJob(paths, redact.argv(sys.argv))
+    job.credentials = list(names)
+    return job, list(cfgs)
 
 
 # -- what became of a run: its run directory's status.json, and the job's own outcome.json ----------
@@ -512,6 +518,7 @@ def where(name: str, extra=()) -> tuple[Path, Path]:
     with Composer() as c:
         plain = [o.input_line for o in c.parse(first + list(extra)) if not o.is_sweep_override()]
         cfg = c.compose(plain)
+    owners.configure(cfg.get("store"))
     return Path(cfg.paths.sweeps) / folder_name(cfg, name), Path(cfg.paths.runs)
 
 
@@ -657,6 +664,7 @@ def main(argv=None):
     w.add_argument("preset")
     w.add_argument("--runs", action="store_true")
     w.add_argument("--wandb", action="store_true", help="the offline wandb runs of the sweep's own runs (make sync)")
+    w.add_argument("--store", action="store_true", help="store.trust and store.group as arguments of python -m analysis")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # Hydra overrides
     argv = argv[:argv.index("--")] if "--" in argv else argv
@@ -677,6 +685,11 @@ def main(argv=None):
                 if r.path.is_dir() and not r.path.is_symlink() and (r.path / "wandb").is_dir():
                     for d in sorted((r.path / "wandb").glob("offline-run-*")):
                         print(d)
+            return 0
+        if a.store:  # make analyze: the analysis trusts whom the sweep trusts
+            p = owners.policy()
+            print(" ".join(([f"--trust={','.join(p.trust)}"] if p.trust else []) +
+                           ([f"--group={p.group_name}"] if p.group_name else [])))
             return 0
         print(root if a.runs else folder)
         return 0

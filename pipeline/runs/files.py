@@ -1,5 +1,5 @@
-"""Atomic files: replaced by a durable temporary file and a rename, with the process umask's
-permissions; and the readers that say, in one line naming the file, why one is damaged."""
+"""Atomic files: replaced by a durable temporary file and a rename, with the store policy's
+mode (runs/owners.py: 0600, or 0660 in a shared store's group); and the readers that say, in one line naming the file, why one is damaged."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from ..errors import DiskFull, StoreError
+from . import owners
 
 
 def raise_disk_full(e: OSError, path) -> None:
@@ -28,27 +29,31 @@ def _temp_name(path: Path, tag: str | None = None) -> Path:
 
 
 def real_folder(path: Path, what: str, create: bool = False) -> None:
-    """StoreError (one line) unless `path` is a real directory (created first when `create`):
-    nothing is ever written through a link, nor into a file standing where a folder must be."""
+    """StoreError (one line) unless `path` is a real directory (created first when `create`, with
+    the store policy's mode) that this user may use (runs/owners.py: owned by you or a trusted
+    user, writable by no one else unless the store is declared shared): nothing is ever written
+    through a link, into a file standing where a folder must be, nor into a colleague's folder."""
     path = Path(path)
     if create and not path.is_symlink():
         try:
-            path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            pass
+            owners.mkdir(path)
         except OSError as e:
             raise_disk_full(e, path)
             raise StoreError(f"{path}: cannot be created ({e.strerror or e})") from None
     if path.is_symlink() or not path.is_dir():
         found = "a link" if path.is_symlink() else "a file" if path.exists() else "missing"
         raise StoreError(f"{path}: {found}, not {what}; nothing is written through it (remove it, or move it aside)")
+    why = owners.problem(path)
+    if why:
+        raise StoreError(f"{path}: {why}; nothing is written into it")
 
 
 def private_folder(path: Path) -> Path:
     """`path`, created readable and writable by this user only (submitit's pickles, a sweep's
-    outcomes and submission intents live there). A link there, or a folder another user owns (a
-    colleague who pre-created `.submitit` in a shared sweep folder could swap the job pickles that
-    a compute node unpickles), is StoreError: one line, nothing written."""
+    outcomes and submission intents live there), whatever store.trust says. A link there, or a
+    folder another user owns (a colleague who pre-created `.submitit` in a shared sweep folder
+    could swap the job pickles that a compute node unpickles), is StoreError: one line, nothing
+    written."""
     path = Path(path)
     real_folder(path, "a private folder", create=True)
     if path.stat().st_uid != os.getuid():
@@ -59,13 +64,14 @@ def private_folder(path: Path) -> Path:
 
 
 def write_temp(path: Path, data: bytes, tag: str | None = None) -> Path:
-    """`data` in a durable temporary file beside `path`, created with the umask's permissions
-    (mkstemp would make it 0600, unreadable to the rest of a group on a shared cluster)."""
+    """`data` in a durable temporary file beside `path` (a random name, O_EXCL: no link can be
+    planted at it), with the store policy's mode and group (owners.adopt)."""
     path = Path(path)
     tmp = _temp_name(path, tag)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
+            owners.adopt(tmp, fd=f.fileno())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -143,8 +149,15 @@ def unreadable(e: OSError) -> str:
 
 
 def open_append(path) -> int:
-    """A descriptor appending to `path` (created 0666 less the umask), never through a link."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    """A descriptor appending to `path` (created with the store policy's mode), never through a
+    link."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return os.open(path, flags)
+    owners.adopt(path, fd=fd)
+    return fd
 
 
 MAX_BYTES = 1 << 20  # a run's JSON and YAML files are a few KB: one bigger than this is not one of ours

@@ -17,7 +17,7 @@ from . import redact
 # Anything else, including a key added tomorrow, is semantic by default. (The world size of a
 # distributed run is not in the config at all.)
 NON_SEMANTIC = (
-    "paths", "logger", "sweep", "retry", "device", "lease", "hydra",
+    "paths", "logger", "sweep", "retry", "device", "lease", "store", "hydra",
     "data.root", "data.download",
     "train.checkpoint_every", "train.log_every", "train.progress", "train.micro_batch", "train.threads",
 )

@@ -5,6 +5,8 @@ only what status.json says -- and every decision uses its answer: `decide()` (pi
 resume / restart and the sweep planner's launch / skip), `make status` and the analysis.
 
 A run is *whole* when
+- its folder is a real folder of yours or of a user store.trust names, writable by no one else
+  unless the store is declared shared (runs/owners.py); any other is skipped and never counted;
 - status.json is a JSON object with fields of the right types and a known state;
 - config.yaml is a mapping that hashes to the run id (the folder's name): the run is the run
   of that config (an edited, deleted or replaced config.yaml is an identity problem);
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from ..errors import shown
+from . import owners
 from .history import History, judge_history, read_history
 from .ids import run_id
 from .lease import lease_problem
@@ -157,6 +160,10 @@ def check(run: RunDir) -> Health:
         return Health({}, History([], [], missing_file=True), None,
                       [f"{run.path.name}: {what}, not a run folder (nothing is written through it; remove it)"],
                       foreign=True)
+    untrusted = owners.problem(run.path) if run.path.is_dir() else ""
+    if untrusted:  # a colleague's folder (or one anyone may write into) is neither trained nor counted
+        return Health({}, History([], [], missing_file=True), None,
+                      [f"{run.path.name}: {untrusted}; neither trained nor counted"], foreign=True)
     st = run.status()
     damaged = [st.pop("unreadable")] if "unreadable" in st else []
     config, why = read_config_file(run.config)

@@ -33,12 +33,14 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
 
 from ..errors import LeaseHeld, LeaseLost, StoreError, shown
 from ..errors import describe_holder as describe
+from . import owners
 from .files import read_bytes, real_folder
 
 log = logging.getLogger(__name__)
@@ -108,11 +110,14 @@ def read(run_path) -> dict | None:
     that is not well-formed has `damaged` (why)."""
     path = Path(run_path) / RECORD
     try:
-        age = time.time() - path.lstat().st_mtime
+        st = path.lstat()
     except OSError:
         return None
+    age = time.time() - st.st_mtime
     rec = read_file(path)
     why = "not a JSON object of at most 4 KB" if not rec else damage(rec)
+    if not why and not owners.trusted_owner(st.st_uid):  # a record planted by someone you do not trust
+        why = f"written by uid {st.st_uid}, neither you nor a user store.trust names"
     if why:
         rec["damaged"] = why
     rec["age_s"] = max(0.0, age)
@@ -193,8 +198,9 @@ class Lease:
     def _create_record(self) -> bool:
         """Create lease.json with our record, atomically and only if absent (link(2))."""
         tmp = self.path / f".{RECORD}.{os.getpid()}.{secrets.token_hex(8)}.tmp"  # no name to plant a link at
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
+            owners.adopt(tmp, fd=fd)
             os.write(fd, json.dumps(self.record).encode())
             os.link(tmp, self.path / RECORD)
         except FileExistsError:
@@ -210,14 +216,38 @@ class Lease:
         self.record_fd = fd
         return True
 
+    @staticmethod
+    def _open_lock(lock: Path) -> int:
+        """A descriptor on the run's lock file for this host: a regular file of this user's, 0600.
+        One that another user owns or could open (a read-only handle on it would hold the flock
+        and keep the run "live" for ever) is no lock of ours: it is removed and made anew."""
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+            except PermissionError:
+                fd = None
+            except OSError as e:
+                raise StoreError(f"{lock}: cannot be opened as the run's lock file ({e.strerror or e}); "
+                                 "remove it (a regular file, or nothing, is allowed)") from None
+            if fd is not None:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+                    return fd
+                os.close(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StoreError(f"{lock}: not a regular file; remove it (a regular file, or nothing, is allowed)")
+            try:
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StoreError(f"{lock}: another user's lock file that cannot be removed ({e.strerror or e}); "
+                                 "remove it") from None
+        raise StoreError(f"{lock}: replaced by another process each time it is made; remove it")
+
     def acquire(self) -> None:
         real_folder(self.path, "a run folder", create=True)
-        lock = self.path / lock_name(self.host)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            raise StoreError(f"{lock}: cannot be opened as the run's lock file ({e.strerror or e}); "
-                             "remove it (a regular file, or nothing, is allowed)") from None
+        fd = self._open_lock(self.path / lock_name(self.host))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -95,3 +95,64 @@ def config(cfg) -> dict:
             node = node[int(p)] if isinstance(node, list) else node[p]
         node[int(last) if isinstance(node, list) else last] = MASK
     return obj(out)
+
+
+_exported: dict[str, str] = {}  # credential value -> the environment variable that carries it to jobs
+
+
+def for_job(cfg):
+    """(a copy of `cfg` with every credential given as a literal value masked, {dotted key:
+    environment variable}): what a job's pickle may hold. The values go into this process's
+    environment (`ADAM_CREDENTIAL_<n>`), which the jobs inherit (submitit's local executor;
+    sbatch's default `--export=ALL`); `restore` puts them back in the job. Interpolations such
+    as `${oc.env:HF_TOKEN}` stay unresolved in the pickle and resolve in the job."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    found = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                path = f"{prefix}{k}"
+                if isinstance(v, (dict, list)):
+                    walk(v, path + ".")
+                elif secret_name(k) and v not in (None, "", MASK) and not isinstance(v, bool) and \
+                        not (isinstance(v, str) and "${" in v):
+                    found[path] = str(v)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}{i}.")
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    if not found:
+        return cfg, {}
+    out, names = cfg.copy(), {}
+    for path, value in found.items():
+        if value not in _exported:
+            _exported[value] = f"ADAM_CREDENTIAL_{len(_exported)}"
+            os.environ[_exported[value]] = value
+        names[path] = _exported[value]
+        OmegaConf.update(out, path, MASK, merge=False)
+    return out, names
+
+
+def restore(cfg, names: dict):
+    """`cfg` (from a job's pickle) with the credentials `for_job` masked taken back from the
+    environment; ConfigError naming the key when the job's environment lacks one."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from ..errors import ConfigError
+
+    if not names:
+        return cfg
+    out = cfg.copy()
+    for path, var in names.items():
+        if var not in os.environ:
+            raise ConfigError(f"{path}: the job's environment lacks {var}, which carries this credential from the "
+                              "submitting process (a Slurm profile with --export=NONE drops it; use the default "
+                              "--export=ALL, or put the credential in the environment of the job)")
+        OmegaConf.update(out, path, os.environ[var], merge=False)
+    return out
