@@ -404,7 +404,6 @@ def test_in_a_declared_shared_store_planted_files_cost_only_their_runs(store):
     runs = [store.shared / "runs" / i for i in ids]
     for r in runs:
         store.as_attacker(r, folder=True)
-    import fcntl
     import socket
     import subprocess
     import sys
@@ -412,8 +411,9 @@ def test_in_a_declared_shared_store_planted_files_cost_only_their_runs(store):
 
     lock = runs[0] / f"lease.{socket.gethostname()}.lock"
     store.as_attacker(lock, b"", mode=0o644)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-                               "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(900)", str(lock)],
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_SH); "
+            "print('held', flush=True); time.sleep(900)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)],
                               user=store.attacker.pw_uid, group=store.attacker.pw_gid, extra_groups=[store.gid],
                               stdout=subprocess.PIPE, text=True)
     try:

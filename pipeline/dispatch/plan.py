@@ -22,8 +22,7 @@ from ..config.compose import Composer
 from ..config.pack import packs, refusal
 from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError, StoreError, shown
-from ..runs import lease, redact
-from ..runs import owners
+from ..runs import lease, owners, redact
 from ..runs.files import atomic_write_text, read_json_object, real_folder
 from ..runs.ids import folder_name, run_id
 from ..runs.integrity import Decision, Health, check, decide

@@ -39,8 +39,7 @@ import submitit
 from .. import faults, threads
 from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError, DataError
-from ..runs import lease, redact
-from ..runs import owners
+from ..runs import lease, owners, redact
 from ..runs.files import private_folder, read_json_object
 from ..runs.ids import folder_name
 from ..runs.integrity import check
@@ -144,7 +143,8 @@ def _n(k: int, noun: str) -> str:
 def _job(plan: Plan, unit: list, outcomes: bool = True) -> tuple:
     """(the callable, its argument) that a job runs: TrainJob for one run, PackJob for a pack."""
     paths = [str(outcome_path(plan, p.run)) if outcomes else None for p in unit]
-    cfgs, names = zip(*(redact.for_job(p.cfg) for p in unit))  # no credential in a pickle: they travel in the environment
+    # no credential in a pickle: they travel in the environment
+    cfgs, names = zip(*(redact.for_job(p.cfg) for p in unit))
     if len(unit) == 1:
         job = TrainJob(paths[0], redact.argv(sys.argv))
         job.credentials = names[0]
@@ -664,7 +664,8 @@ def main(argv=None):
     w.add_argument("preset")
     w.add_argument("--runs", action="store_true")
     w.add_argument("--wandb", action="store_true", help="the offline wandb runs of the sweep's own runs (make sync)")
-    w.add_argument("--store", action="store_true", help="store.trust and store.group as arguments of python -m analysis")
+    w.add_argument("--store", action="store_true",
+                   help="store.trust and store.group as arguments of python -m analysis")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # Hydra overrides
     argv = argv[:argv.index("--")] if "--" in argv else argv

@@ -1,5 +1,6 @@
 """Atomic files: replaced by a durable temporary file and a rename, with the store policy's
-mode (runs/owners.py: 0600, or 0660 in a shared store's group); and the readers that say, in one line naming the file, why one is damaged."""
+mode (runs/owners.py: 0600, or 0660 in a shared store's group); and the readers that say, in one
+line naming the file, why one is damaged."""
 
 from __future__ import annotations
 
