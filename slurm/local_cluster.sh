@@ -2,17 +2,23 @@
 # A private single-node Slurm cluster on localhost, for the dispatch tests and for trying
 # `make sweep LAUNCHER=slurm` on a laptop. Debian packages, no systemd, no root services touched:
 # munged on its own socket and key, MariaDB on a private port and data dir, slurmdbd (so sacct
-# and submitit see job states), slurmctld and slurmd. Everything lives in $SLURM_LOCAL_DIR
-# (default /tmp/adam-slurm) and is stopped by PID, never by name.
+# and submitit see job states), slurmctld and slurmd. Everything lives in $SLURM_LOCAL_DIR, by
+# default a new private folder (mktemp -d: no fixed name in /tmp that another user could
+# pre-create), a folder of yours that is not a link; it is stopped by PID, never by name. The
+# commands after `up` find it through SLURM_LOCAL_DIR, or the SLURM_CONF that `up` exports.
 #
 #   bash slurm/local_cluster.sh install   # apt-get the packages when missing
-#   eval "$(bash slurm/local_cluster.sh up)"   # start; prints `export SLURM_CONF=...`
+#   eval "$(bash slurm/local_cluster.sh up)"   # start; prints `export SLURM_CONF=... SLURM_LOCAL_DIR=...`
 #   bash slurm/local_cluster.sh status
 #   bash slurm/local_cluster.sh running       # exit status 0 when it is up (scripts: reuse it, leave it up)
 #   bash slurm/local_cluster.sh down
 set -euo pipefail
 
-DIR=${SLURM_LOCAL_DIR:-/tmp/adam-slurm}
+DIR=${SLURM_LOCAL_DIR:-}
+conf=${SLURM_CONF:-}
+if [ -z "$DIR" ] && [ "$conf" != "${conf%/etc/slurm.conf}" ] && [ -f "${conf%/etc/slurm.conf}/.adam-local-cluster" ]; then
+  DIR=${conf%/etc/slurm.conf}  # the cluster that `up` started for this shell
+fi
 CLUSTER=adamtest
 DAEMONS=(slurmd slurmctld slurmdbd mariadbd munged)
 
@@ -103,11 +109,27 @@ EOF
   chmod 600 "$DIR/etc/slurmdbd.conf"
 }
 
-cmd_up() {
-  if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
-    log "already up in $DIR"; echo "export SLURM_CONF=$DIR/etc/slurm.conf"; return
+own_dir() {  # the cluster's folder must be a real folder of this user's
+  if [ -L "$DIR" ] || { [ -e "$DIR" ] && [ "$(stat -c %u "$DIR")" != "$(id -u)" ]; }; then
+    log "$DIR: a link or another user's folder; SLURM_LOCAL_DIR must name a folder of yours"; exit 2
   fi
-  rm -rf "$DIR"
+}
+
+need_dir() {
+  if [ -z "$DIR" ]; then log "no local cluster in this shell (SLURM_LOCAL_DIR and SLURM_CONF are unset)"; exit 1; fi
+  own_dir
+}
+
+cmd_up() {
+  if [ -z "$DIR" ]; then DIR=$(mktemp -d "${TMPDIR:-/tmp}/adam-slurm.XXXXXXXX"); fi
+  own_dir
+  if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
+    log "already up in $DIR"; echo "export SLURM_CONF=$DIR/etc/slurm.conf SLURM_LOCAL_DIR=$DIR"; return
+  fi
+  find "$DIR" -mindepth 1 -delete 2>/dev/null || true
+  mkdir -p "$DIR"
+  chmod 700 "$DIR"
+  touch "$DIR/.adam-local-cluster"
   mkdir -p "$DIR"/{etc,state,spool,run,log,tmp,munge,mysql}
   chmod 700 "$DIR/munge"
   CTLD_PORT=$(free_port); SLURMD_PORT=$(free_port); DBD_PORT=$(free_port); DB_PORT=$(free_port)
@@ -139,10 +161,11 @@ cmd_up() {
   slurmd -N localhost
   wait_for 30 "node idle" bash -c "sinfo -h -N -o %T | grep -q idle"
   log "up: $(sinfo -h -o '%P %D %T %c cpus') (state in $DIR)"
-  echo "export SLURM_CONF=$SLURM_CONF"
+  echo "export SLURM_CONF=$SLURM_CONF SLURM_LOCAL_DIR=$DIR"
 }
 
 cmd_down() {
+  need_dir
   for d in "${DAEMONS[@]}"; do
     local pidf="$DIR/run/$d.pid"
     [ -f "$pidf" ] || continue
@@ -158,6 +181,7 @@ cmd_down() {
 }
 
 cmd_status() {
+  need_dir
   export SLURM_CONF=$DIR/etc/slurm.conf
   for d in "${DAEMONS[@]}"; do
     local pidf="$DIR/run/$d.pid"
@@ -167,6 +191,7 @@ cmd_status() {
 }
 
 cmd_running() {
+  [ -n "$DIR" ] || return 1
   [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null &&
     SLURM_CONF=$DIR/etc/slurm.conf scontrol ping >/dev/null 2>&1
 }
@@ -177,6 +202,6 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  env) echo "export SLURM_CONF=$DIR/etc/slurm.conf" ;;
+  env) need_dir; echo "export SLURM_CONF=$DIR/etc/slurm.conf SLURM_LOCAL_DIR=$DIR" ;;
   *) echo "usage: $0 install|up|down|status|running|env" >&2; exit 2 ;;
 esac
