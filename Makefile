@@ -28,7 +28,7 @@ ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' MODE=exact|paper RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> PACK=auto|<runs per process> RUNS=<runs root> SWEEPS=<sweeps root>"
+	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' MODE=exact|paper RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> PACK=auto|<runs per process> RUNS=<runs root> SWEEPS=<sweeps root> NAME=<sweep folder> REPEATS=<runs per grid point>"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,10 +42,13 @@ install: $(VENV)/.installed ## create .venv and install the project (torch, hydr
 # never pasted into the shell's text: "$$VAR" is one word; $$EXTRA and $$ARGS are split into words at
 # blanks (with globbing off: set -f) and nothing in them is run -- Hydra's range(3), choice(a,b), a ';'
 # or a '$$(...)' arrive as written.
-export CASES SEED PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS
+export CASES SEED PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS NAME REPEATS
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
 # MODE=paper: the authors' setting on top of the preset (conf/mode/paper.yaml; its sweep folder is <SWEEP>-paper)
-PATHS = $${RUNS:+"paths.runs=$$RUNS"} $${SWEEPS:+"paths.sweeps=$$SWEEPS"} $${MODE:+"mode=$$MODE"} $$EXTRA
+# NAME=: the sweep folder's name (else the preset's, and <preset>.<6 hex> for a sweep whose EXTRA changes
+# settings); REPEATS=K: each grid point K times (conf/train.yaml sweep.repeats, sweep.repeat_by)
+PATHS = $${RUNS:+"paths.runs=$$RUNS"} $${SWEEPS:+"paths.sweeps=$$SWEEPS"} $${MODE:+"mode=$$MODE"} \
+	$${NAME:+"sweep.name=$$NAME"} $${REPEATS:+"sweep.repeats=$$REPEATS"} $$EXTRA
 WHERE = $(PY) -m pipeline.dispatch.sweep where "$$SWEEP"
 
 sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=toy); LAUNCHER=local|basic|slurm, DRY=1 plans only

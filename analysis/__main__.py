@@ -15,6 +15,7 @@ from pipeline.errors import ConfigError
 
 from .columns import write_columns
 from .figures import all_figures
+from .groups import group_frame, group_warnings
 from .outputs import output_folder, write_csv, write_parquet
 from .runs import curves_frame, load_runs
 from .summary import summary_frame, varying, without_empty, write_summary
@@ -65,6 +66,11 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     recorded = {c for r in runs if not r.get("damaged") for c in r["metrics"].columns if r["metrics"][c].notna().any()}
     summary, empty = without_empty(summary, recorded)
     write_summary(summary, paths["summary"], out / "summary.parquet" if parquet else None)
+    groups = group_frame(summary)
+    paths["groups"] = out / "groups.csv"
+    write_summary(groups, paths["groups"], out / "groups.parquet" if parquet else None)
+    for line in group_warnings(groups, summary):
+        logging.getLogger("analysis").warning("%s", line)
     write_columns(summary.columns, paths["columns"], empty)
     write_csv(curves, paths["curves"])
     if parquet:

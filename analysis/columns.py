@@ -42,6 +42,13 @@ FIXED = {
     "bn_group": "examples per BatchNorm group (empty: one group per micro-batch, or no BatchNorm)",
     "reshuffle": "the micro-batch partition (so the BatchNorm groups) redrawn every step",
     "code_version": "the commit that produced the run (+dirty when the tree was; 'a then b' across resumes)",
+    "point_id": "the run's grid point: 12 hex digits of its semantic config without the repeat keys (seed, "
+                "perturb_theta0); the repeats of a point (REPEATS=K) share it, and groups.csv has one row per point",
+    "setting": "the keys in which the sweep's runs differ besides h, β, ρ, ε and the repeat keys (e.g. "
+               "train.max_steps=400): runs of different settings are never drawn or averaged together "
+               "(empty: all runs share one setting)",
+    "perturb_theta0": "θ₀ moved by one ulp in every coordinate, with this seed (empty: not moved): a repeat of the "
+                      "rounding spread (REPEATS=K with sweep.repeat_by=perturb_theta0)",
 }
 METRICS = {
     "step": "the first step whose training loss is below {t}", "pert_norm": "the perturbed one-norm of the gradient",
@@ -81,5 +88,18 @@ def write_columns(columns, path: Path, left_out=()) -> Path:
         lines += ["", "Left out, empty for every run (e.g. test columns of a model without a test set) or a setting "
                   "at its default in every run (loss auto, eval_mode exact, std unbiased, reshuffle false): "
                   + ", ".join(f"`{c}`" for c in left_out) + "."]
+    lines += ["", "# groups.csv: its columns", "",
+              "One row per grid point (`point_id`), over its repeats (REPEATS=K; one run per point without "
+              "repeats): `point_id`, `setting` and the hyperparameters but the repeat keys; `n` runs, "
+              "`n_finished`, `n_diverged` (counted, and left out of every statistic), `repeats` (which: "
+              "`seed=0 seed=1 ...`). For every metric `m` of summary.csv: `m_n` (repeats with a value), "
+              "`m_mean`, `m_std` (sample standard deviation, empty for n < 2), `m_min`, `m_max`, and "
+              "`m_missing` (repeats without a value: a threshold never crossed is counted there, never "
+              "averaged away). For the metrics at a threshold or step, the hill and the best test accuracy, "
+              "and each swept hyperparameter `x`: `m_p_vs_prev_x`, the p-value of Welch's t-test "
+              "(scipy.stats.ttest_ind, equal_var=False) between this point's repeats and those of the point "
+              "at the next smaller `x` (all else equal), and `m_resolved_vs_prev_x`, true when p < 0.05: the "
+              "difference of the means exceeds the repeats' spread (empty with fewer than 2 values a side). "
+              "groups.parquet holds the same table with every digit."]
     write_text(path, "\n".join(lines) + "\n")
     return path

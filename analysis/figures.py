@@ -88,12 +88,26 @@ def _save(fig, out: Path, name: str, data: pd.DataFrame) -> list[Path]:
 
 
 def _others(frame: pd.DataFrame, param: str) -> list[str]:
-    """The swept hyperparameters other than `param` (more than one value among the runs)."""
-    return [c for c in HYPER if c != param and c in frame and frame[c].nunique(dropna=True) > 1]
+    """The swept hyperparameters other than `param` (more than one value among the runs), and
+    `setting` when the runs differ in a key no axis draws (analysis.runs.label_settings): each
+    combination is a series of its own, never joined to another."""
+    out = [c for c in HYPER if c != param and c in frame and frame[c].nunique(dropna=True) > 1]
+    if "setting" in frame and frame["setting"].fillna("").nunique() > 1:
+        out.append("setting")
+    return out
+
+
+def _key(values) -> tuple:
+    return tuple(values) if isinstance(values, (tuple, list)) else (values,)
 
 
 def _combo_label(names, values) -> str:
-    return ", ".join(f"{SYMBOL.get(o, o)}={v:g}" for o, v in zip(names, np.atleast_1d(values)))
+    return ", ".join((str(v) or "(default)") if o == "setting" else f"{SYMBOL.get(o, o)}={v:g}"
+                     for o, v in zip(names, _key(values)))
+
+
+def _with_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(setting=frame["setting"].fillna("").astype(str)) if "setting" in frame else frame
 
 
 def _xscale(ax, param, values):
@@ -179,6 +193,7 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
     pairs = [(c, m) for c, m in pairs if c in summary and np.isfinite(pd.to_numeric(summary[c], errors="coerce")).any()]
     if not pairs:
         return []
+    summary = _with_setting(summary)
     others = _others(summary, param)
     shown, dropped = summary, pd.DataFrame()
     if without_diverged:
@@ -186,7 +201,7 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
         shown, dropped = summary[~gone], summary[gone]
     fig, axes = plt.subplots(1, len(pairs), figsize=_size(3.2 * len(pairs), 2.5), squeeze=False)
     groups = list(shown.groupby(others, dropna=False)) if others else [(None, shown)]
-    handles, unfinished = {}, False
+    handles, unfinished, repeats = {}, False, set()
     for ax, (col, metric) in zip(axes[0], pairs):
         for i, (key, g) in enumerate(groups):
             g = g.dropna(subset=[param]).sort_values(param)
@@ -194,12 +209,15 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
             if not np.isfinite(y).any():
                 continue  # no legend entry without data
             colour, marker = f"C{i % COLOURS}", MARKERS[i // COLOURS % len(MARKERS)]
-            ax.plot(g[param], y, "-", color=colour)
             done = _finished(g).to_numpy()
-            ax.plot(g[param][done], y[done], marker, color=colour, ls="")
+            if g.groupby(param).size().max() > 1:  # repeats: one mean and its bar per x, never a line through runs
+                repeats |= _spread(ax, g, y, param, colour, marker)
+            else:
+                ax.plot(g[param], y, "-", color=colour)
+                ax.plot(g[param][done], y[done], marker, color=colour, ls="")
             if (~done).any():
                 unfinished = True
-                ax.plot(g[param][~done], y[~done], marker, mfc="white", color=colour, ls="")
+                ax.plot(g[param][~done], y[~done], marker, mfc="white", color=colour, ls="", zorder=4)
             label = "all runs" if key is None else _combo_label(others, key)
             handles.setdefault(label, matplotlib.lines.Line2D([], [], color=colour, marker=marker))
         if reference is not None:
@@ -211,6 +229,14 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
         ax.set_ylabel(_ylabel(metric, shown))
         if threshold is not None:
             ax.set_title(f"at the first step with loss < {threshold:g}")
+    if repeats:
+        n = f"n = {min(repeats)}" if len(repeats) == 1 else f"n = {min(repeats)} to {max(repeats)}"
+        handles[f"mean ± std over the repeats ({n})"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="")
+        handles["faint: each repeat"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="", alpha=0.3,
+                                                                 ms=3)
+        solid = matplotlib.lines.Line2D([], [], color="0.3")
+        handles["solid: adjacent means differ (Welch's t-test, p < 0.05)"] = solid
+        handles["dotted: within the repeats' spread"] = matplotlib.lines.Line2D([], [], color="0.3", ls=":")
     if unfinished:
         handles["open marker: run not finished"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o",
                                                                           mfc="white", ls="")
@@ -223,17 +249,45 @@ def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None,
         fig.text(0.01, -0.02, f"left out, diverged (no limit point): {listed}", fontsize=7,
                  va="top", wrap=True)
     cols = [c for c, _ in pairs]
-    data = shown[[c for c in ("run_id", *others, param, "state", *cols) if c in shown]]
+    data = shown[[c for c in ("run_id", "point_id", *others, param, "seed", "perturb_theta0", "state", "regime", *cols)
+                  if c in shown]]
     if reference is not None:  # analysis.redraw draws it again from the CSV
         data = data.assign(reference_one_norm=reference[0])
     return _save(fig, out, name or f"at_loss_{threshold:g}_vs_{param}", data)
+
+
+def _spread(ax, g: pd.DataFrame, y: pd.Series, param: str, colour, marker) -> set:
+    """The repeats of one series: each repeat a faint point; per x one marker at the mean of the
+    repeats that did not diverge and a bar of one standard deviation (analysis.groups.stats); the
+    means joined by a solid line where Welch's t-test resolves the difference (p < ALPHA), a dotted
+    one where it does not. The numbers of repeats drawn."""
+    from .groups import ALPHA, diverged, stats, welch
+
+    ax.plot(g[param], y, marker, color=colour, ls="", alpha=0.3, ms=3, zorder=1)
+    kept = ~diverged(g).to_numpy()
+    per_x = [(x, y[(g[param] == x).to_numpy() & kept]) for x in np.sort(g[param].unique())]
+    per_x = [(x, v, stats(v)) for x, v in per_x if stats(v)["n"]]
+    if not per_x:
+        return set()
+    xs = [x for x, _, _ in per_x]
+    means = [s["mean"] for _, _, s in per_x]
+    sds = [s["std"] if np.isfinite(s["std"]) else 0.0 for _, _, s in per_x]
+    for (x0, v0, s0), (x1, v1, s1) in zip(per_x, per_x[1:]):
+        p = welch(v0, v1)
+        ax.plot([x0, x1], [s0["mean"], s1["mean"]], color=colour, lw=1, zorder=2,
+                ls="-" if np.isfinite(p) and p < ALPHA else ":")
+    ax.errorbar(xs, means, yerr=sds, fmt=marker, color=colour, ms=4.5, capsize=2.5, elinewidth=1, zorder=3)
+    return {s["n"] for _, _, s in per_x}
 
 
 def curves_figure(curves: pd.DataFrame, param: str, out: Path,
                   metrics=("loss", "pert_norm"), name: str | None = None) -> list[Path]:
     """Per-step curves as small multiples (Figures 6-7): one row of panels per combination of
     the other swept hyperparameters, one column per metric (shared axes), one line per run
-    coloured by `param`; log y; the perturbed-norm panels draw the floor p sqrt(eps)."""
+    coloured by `param`; log y; the perturbed-norm panels draw the floor p sqrt(eps). With
+    repeats (runs of one point_id), one line per point: the median over its repeats at each step,
+    and a band from their min to their max."""
+    curves = _with_setting(curves)
     others = _others(curves, param)
     combos = (list(curves[others].drop_duplicates().sort_values(others).itertuples(index=False, name=None))
               if others else [None])
@@ -243,8 +297,14 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     rows = len(combos)
     fig, axes = plt.subplots(rows, len(metrics), figsize=_size(3.2 * len(metrics), min(1.9 * rows + 0.7, 11.0)),
                              squeeze=False, sharex=True, sharey="col")
-    keys = [c for c in ("run_id", *others, param) if c in curves]
-    shown = pd.concat([envelope(curves[curves["metric"].isin(metrics)], keys),
+    repeats = _repeat_counts(curves)
+    line = "point_id" if repeats or "run_id" not in curves else "run_id"  # a redrawn CSV of repeats: point_id
+    keys = [c for c in (line, *others, param) if c in curves]
+    drawn = curves[curves["metric"].isin(metrics)]
+    if repeats:  # the repeats of a point: their median per step, their min and max the band
+        drawn = drawn.groupby([*keys, "metric", "step"], dropna=False)["value"].agg(
+            value="median", lo="min", hi="max").reset_index()
+    shown = pd.concat([envelope(drawn, keys),
                        curves[curves["metric"] == "pert_norm_floor"].drop_duplicates(keys)], ignore_index=True)
     clipped = banded = False
     for i, key in enumerate(combos):
@@ -253,9 +313,9 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
             sel = sel[sel[o] == v]
         for ax, metric in zip(axes[i], metrics):
             sub = sel[sel["metric"] == metric]
-            for (_rid, v), g in sub.groupby(["run_id", param], dropna=False):
+            for (_rid, v), g in sub.groupby([line, param], dropna=False):
                 c = color.get(v, "gray")
-                if _visible_band(g, metric in LOG_METRICS):
+                if repeats or _visible_band(g, metric in LOG_METRICS):
                     ax.fill_between(g["step"], g["lo"], g["hi"], color=c, alpha=0.22, lw=0)
                     banded = True
                 ax.plot(g["step"], g["value"], color=c, lw=0.8)
@@ -275,7 +335,11 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     if "pert_norm" in metrics and (shown["metric"] == "pert_norm_floor").any():
         handles.append(matplotlib.lines.Line2D([], [], color="gray", ls=":", lw=1))
         labels.append(r"floor $p\sqrt{\varepsilon}$")
-    if banded:
+    if repeats:
+        n = f"{min(repeats)}" if len(repeats) == 1 else f"{min(repeats)} to {max(repeats)}"
+        handles.append(matplotlib.patches.Patch(color="0.5", alpha=0.3, lw=0))
+        labels.append(f"line: median of {n} repeats; band: their min to max")
+    elif banded:
         handles.append(matplotlib.patches.Patch(color="0.5", alpha=0.3, lw=0))
         labels.append(f"band: min to max over each of ≤{CURVE_POINTS} windows of steps")
     if clipped:
@@ -285,6 +349,14 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), frameon=False)
     cols = [c for c in (*keys, "metric", "step", "value", "lo", "hi") if c in shown]
     return _save(fig, out, name or f"curves_by_{param}", shown[cols])
+
+
+def _repeat_counts(curves: pd.DataFrame) -> set:
+    """The numbers of runs per point_id when some point has more than one (repeats), else empty."""
+    if "point_id" not in curves or "run_id" not in curves or curves["point_id"].isna().all():
+        return set()
+    counts = curves.dropna(subset=["point_id"]).groupby("point_id")["run_id"].nunique()
+    return set(counts.tolist()) if counts.max() > 1 else set()
 
 
 CURVE_POINTS = 500  # a curve of more steps is drawn (and saved) as this many windows: median, min, max
@@ -446,7 +518,8 @@ def _thinned(sel: pd.DataFrame, points: int = PATH_POINTS) -> pd.DataFrame:
     return sel[pd.MultiIndex.from_frame(sel[["run_id", "step"]]).isin(index)]
 
 
-REGIMES = {"stable": "#009E73", "spiky": "#E69F00", "diverged": "#000000"}  # Okabe-Ito: colour-blind safe
+# Okabe-Ito: colour-blind safe; "mixed": the repeats of a cell do not share one regime
+REGIMES = {"stable": "#009E73", "spiky": "#E69F00", "diverged": "#000000", "mixed": "#CC79A7"}
 MAP_MIN = 3  # a beta x rho map needs at least this many values of each
 MAP_LOG_SPAN = 5.0  # a heatmap's colours are logarithmic when its positive values span more than this factor
 NO_VALUE = "0.85"  # the colour of a cell without a value
@@ -462,21 +535,50 @@ def regime_map_figure(summary: pd.DataFrame, threshold: float, out: Path, name: 
     take MAP_MIN values or more."""
     if not {"beta", "rho"} <= set(summary) or min(summary["beta"].nunique(), summary["rho"].nunique()) < MAP_MIN:
         return []
+    summary = _with_setting(summary)
     others = [c for c in _others(summary, "beta") if c != "rho"]
     made = []
+    settings = sorted(summary["setting"].unique()) if "setting" in summary else []
     for key, g in (summary.groupby(others, dropna=False) if others else [(None, summary)]):
-        suffix = "" if key is None else "_" + "_".join(f"{o}{v:g}" for o, v in zip(others, np.atleast_1d(key)))
+        suffix = "" if key is None else "_" + "_".join(
+            f"setting{settings.index(v) + 1}" if o == "setting" else f"{o}{v:g}" for o, v in zip(others, _key(key)))
         made += _regime_map(g, threshold, out, name + suffix, None if key is None else _combo_label(others, key))
     return made
 
 
+def _cells(g: pd.DataFrame, columns) -> pd.DataFrame:
+    """One row per (beta, rho) cell: with repeats, each numeric column's mean over the repeats that
+    did not diverge (analysis.groups.stats), the regime they share or `mixed`, and `n` runs."""
+    from .groups import diverged, stats
+
+    rows = []
+    for (b, r), c in g.groupby(["beta", "rho"]):
+        kept = c[~diverged(c)]
+        row = dict(beta=b, rho=r, n=len(c))
+        for col in columns:
+            if col == "regime":
+                regimes = set(c["regime"].dropna()) - {""}
+                row[col] = regimes.pop() if len(regimes) == 1 else "mixed" if regimes else ""
+            else:
+                row[col] = stats(kept[col])["mean"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: str | None) -> list[Path]:
     betas, rhos = np.sort(g["beta"].dropna().unique()), np.sort(g["rho"].dropna().unique())
+    runs = g
+    n = g.groupby(["beta", "rho"]).size()
+    g = _cells(g, [c for c in ("regime", "hill_height", f"at_loss_{threshold:g}_pert_norm",
+                               f"at_loss_{threshold:g}_test_acc") if c in g])
+    if n.max() > 1:  # repeats: each cell is their mean (regime: the one they share, or mixed)
+        title = (title + "; " if title else "") + (f"mean of {n.min()} repeats per cell" if n.min() == n.max()
+                                                   else f"mean of {n.min()} to {n.max()} repeats per cell")
     where = {(b, r): i for i, (b, r) in enumerate(zip(g["beta"], g["rho"]))}
     panels = [("regime", "regime"), ("hill_height", LABEL["hill_height"]),
               (f"at_loss_{threshold:g}_pert_norm", LABEL["pert_norm"] + f" at loss < {threshold:g}"),
               (f"at_loss_{threshold:g}_test_acc",
-               _ylabel("test_acc", g).replace("\n", " ", 1) + f" at loss < {threshold:g}")]
+               _ylabel("test_acc", runs).replace("\n", " ", 1) + f" at loss < {threshold:g}")]
     panels = [(c, t) for c, t in panels
               if c in g and (c == "regime" or pd.to_numeric(g[c], errors="coerce").notna().any())]
     rows = 1 if len(panels) < 3 else 2
@@ -526,7 +628,8 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
         legend.append((matplotlib.patches.Patch(color=NO_VALUE), f"no value (loss never < {threshold:g}, or no run)"))
     legend.append((matplotlib.lines.Line2D([], [], color="0.2", ls="--", lw=0.8), r"$\beta = \rho$"))
     fig.legend(*zip(*legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(legend))
-    data = g[[c for c in ("run_id", "h", "eps", "beta", "rho", "state", *[c for c, _ in panels]) if c in g]]
+    data = runs[[c for c in ("run_id", "point_id", "h", "eps", "beta", "rho", "seed", "perturb_theta0", "state",
+                             *[c for c, _ in panels]) if c in runs]]
     return _save(fig, out, name, data.sort_values(["beta", "rho"]))
 
 

@@ -16,12 +16,15 @@ from omegaconf import OmegaConf
 def build_report(sweep: str, project: str, entity: str, thresholds=(0.1, 0.01)):
     import wandb_workspaces.reports.v2 as wr
 
+    # the repeats of a grid point (REPEATS=K) share config.point_id: grouped by it, each point is
+    # one line (the mean over its repeats) and a min-max band
     runset = wr.Runset(entity=entity, project=project, name=sweep,
-                       filters=f"Group = '{sweep}'" if sweep else "")
-    curves = [wr.LinePlot(title="training loss", x="Step", y=["loss"], log_y=True),
+                       filters=f"Group = '{sweep}'" if sweep else "", groupby=["config.point_id"])
+    band = dict(groupby=wr.Config("point_id"), groupby_aggfunc="mean", groupby_rangefunc="minmax")
+    curves = [wr.LinePlot(title="training loss", x="Step", y=["loss"], log_y=True, **band),
               wr.LinePlot(title="perturbed one-norm ||grad E||_{1,eps}", x="Step", y=["pert_norm"],
-                          log_y=True),
-              wr.LinePlot(title="test accuracy", x="Step", y=["test_acc"])]
+                          log_y=True, **band),
+              wr.LinePlot(title="test accuracy", x="Step", y=["test_acc"], **band)]
     scatter = []
     for t in thresholds:
         for param in ("beta", "rho", "h"):

@@ -7,14 +7,17 @@ directories), or a single run directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from pipeline.dispatch.plan import sweep_runs
-from pipeline.runs.ids import ADDED_KEYS
+from pipeline.runs.ids import ADDED_KEYS, semantic_config, without_repeat
 from pipeline.runs.integrity import check
 from pipeline.runs.rundir import RunDir
 
@@ -28,7 +31,7 @@ HYPER = {
     "micro_batch": "train.micro_batch", "eps_inside": "optim.eps_inside",
     "bias_correction": "optim.bias_correction", "precision": "precision",
     "loss": "train.loss", "eval_mode": "train.eval_mode", "std": "data.std", "bn_group": "model.bn_group",
-    "reshuffle": "train.reshuffle",
+    "reshuffle": "train.reshuffle", "perturb_theta0": "train.perturb_theta0",
 }
 # what a run made before a setting existed had: the value pipeline/runs/ids.py keeps its id with
 SETTING_BEFORE = {k: ADDED_KEYS[v] for k, v in HYPER.items() if v in ADDED_KEYS}
@@ -114,10 +117,64 @@ def read_run(path: Path) -> dict:
     run = RunDir(path.parent, path.name)
     health = check(run)
     rows = health.history.in_step_order()
-    return dict(run_id=run.id, path=path, config=(health.config or {}) if not health.damaged else {},
+    config = (health.config or {}) if not health.damaged else {}
+    return dict(run_id=run.id, path=path, config=config, point_id=_point(config),
                 status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
                 damaged="; ".join(health.damaged), whole_until=health.whole_until, foreign=health.foreign,
                 provenance=run.provenance() if not health.foreign else [])
+
+
+def _semantic(config: dict) -> dict | None:
+    """The semantic config of a stored config.yaml (pipeline/runs/ids.py), or None."""
+    if not config:
+        return None
+    try:
+        return semantic_config(OmegaConf.create(config))
+    except Exception:  # a config.yaml of an older or foreign shape: no point id, the run still counts
+        return None
+
+
+def _point(config: dict) -> str | None:
+    sem = _semantic(config)
+    if sem is None:
+        return None
+    blob = json.dumps(without_repeat(sem), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]  # = pipeline.runs.ids.point_id of the run's config
+
+
+DRAWN = ("optim.h", "optim.beta", "optim.rho", "optim.eps")  # what the figures draw on an axis or as series
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def label_settings(runs: list[dict]) -> list[str]:
+    """Each run's `setting`: the keys (and their values) in which the runs differ besides the
+    drawn hyperparameters h, beta, rho, eps and the repeat keys -- `train.max_steps=400` beside
+    `train.max_steps=1000` -- '' when they differ in none. Figures, groups and tables keep runs of
+    different settings apart, and say so. The keys found varying, in order."""
+    flats = {}
+    for r in runs:
+        sem = None if r.get("damaged") else _semantic(r["config"])
+        if sem is not None:
+            flats[r["run_id"]] = {k: v for k, v in _flat(without_repeat(sem)).items() if k not in DRAWN}
+    keys = sorted({k for f in flats.values() for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats.values()}) > 1]
+    for r in runs:
+        f = flats.get(r["run_id"])
+        r["setting"] = " ".join(f"{k}={_shown(f.get(k))}" for k in varying) if f is not None else ""
+    return varying
+
+
+def _shown(v) -> str:
+    return "null" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def hyperparameters(config: dict) -> dict:
@@ -132,6 +189,7 @@ def hyperparameters(config: dict) -> dict:
 def load_runs(root) -> list[dict]:
     warnings = []
     runs = [read_run(p) for p in find_runs(root, warnings)]
+    label_settings(runs)
     for w in warnings:
         log.warning("%s", w)
     for r in runs:
@@ -147,7 +205,8 @@ def load_runs(root) -> list[dict]:
     return runs
 
 
-CURVE_KEYS = ("h", "beta", "rho", "eps", "seed")  # beside each curve row; the rest of a run's config: summary.csv
+# beside each curve row (the rest of a run's config: summary.csv)
+CURVE_KEYS = ("h", "beta", "rho", "eps", "seed", "perturb_theta0")
 
 
 def curves_frame(runs: list[dict]) -> pd.DataFrame:
@@ -162,8 +221,10 @@ def curves_frame(runs: list[dict]) -> pd.DataFrame:
         hyper = hyperparameters(r["config"])
         for k in reversed(CURVE_KEYS):
             long.insert(0, k, hyper[k])
+        long.insert(0, "setting", r.get("setting", ""))
+        long.insert(0, "point_id", r.get("point_id"))
         long.insert(0, "run_id", r["run_id"])
         frames.append(long)
     if not frames:
-        return pd.DataFrame(columns=["run_id", *CURVE_KEYS, "step", "metric", "value"])
+        return pd.DataFrame(columns=["run_id", "point_id", "setting", *CURVE_KEYS, "step", "metric", "value"])
     return pd.concat(frames, ignore_index=True)

@@ -113,10 +113,12 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
     that do not depend on its missing rows; the rest stays empty."""
     m, st, holes = run["metrics"], run["status"], run.get("holes", "")
     if run.get("damaged"):  # not the run it claims to be, or its status unreadable: no values at all
-        return dict(run_id=run["run_id"], **dict.fromkeys(hyperparameters({})), state=st.get("state") or "damaged",
+        return dict(run_id=run["run_id"], point_id=None, setting="", **dict.fromkeys(hyperparameters({})),
+                    state=st.get("state") or "damaged",
                     holes=holes, damaged=run["damaged"])
     state = st.get("state", "unknown" if m.empty else "running")
-    row = dict(run_id=run["run_id"], **hyperparameters(run["config"]), state=state,
+    row = dict(run_id=run["run_id"], point_id=run.get("point_id"), setting=run.get("setting", ""),
+               **hyperparameters(run["config"]), state=state,
                steps=int(m["step"].max()) if "step" in m and len(m) else 0,  # last step reached
                holes=holes)
     has_loss = "loss" in m and len(m)

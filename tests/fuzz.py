@@ -349,7 +349,7 @@ def commands(tmp: Path, folder: Path, figures: bool = True) -> list[tuple[str, O
     from pipeline.dispatch.sweep import main as sweep_main
 
     sweep = as_command(sweep_main)
-    paths = ["--", f"paths.runs={tmp}/runs", f"paths.sweeps={tmp}/sweeps", *SHRINK]
+    paths = ["--", f"paths.runs={tmp}/runs", f"paths.sweeps={tmp}/sweeps", f"sweep.name={PRESET}", *SHRINK]
     done = [("status", call(sweep, ["status", PRESET, *paths]))]
     done.append(("analyze", call(as_command(analysis_main), [str(folder)] + ([] if figures else ["--no-figures"]))))
     done.append(("table", call(as_command(table_main), [str(folder / "analysis"), "--rows", "beta", "--cols", "rho",
@@ -423,7 +423,7 @@ def check_case(case: Case, tmp: Path, ref: dict[str, list], done: list[tuple[str
 
 # -- the base sweep ------------------------------------------------------------------------------------
 def _sweep_cli(tmp: Path, *args, env=None) -> subprocess.CompletedProcess:
-    paths = [f"paths.runs={tmp}/runs", f"paths.sweeps={tmp}/sweeps"]
+    paths = [f"paths.runs={tmp}/runs", f"paths.sweeps={tmp}/sweeps", f"sweep.name={PRESET}"]
     e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **(env or {}))
     return subprocess.run([sys.executable, "-m", "pipeline.dispatch.sweep", *args, "--", *paths, *SHRINK],
                           cwd=tmp, env=e, capture_output=True, text=True, timeout=900)

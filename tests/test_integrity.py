@@ -81,7 +81,8 @@ def test_second_process_on_a_live_run_is_refused_and_changes_nothing(tmp_path):
 def test_two_identical_sweeps_at_once_run_every_run_once(tmp_path):
     paths = [f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps"]
     extra = "EXTRA=train.max_steps=40 data.n_train=64 data.n_test=32"
-    cmd = ["make", "-s", "-C", str(ROOT), "sweep", "SWEEP=synthetic", "LAUNCHER=local", "JOBS=2", *paths, extra]
+    cmd = ["make", "-s", "-C", str(ROOT), "sweep", "SWEEP=synthetic", "NAME=synthetic", "LAUNCHER=local", "JOBS=2",
+           *paths, extra]
     env = dict(os.environ, WANDB_MODE="offline")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]

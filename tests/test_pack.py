@@ -79,6 +79,21 @@ def test_packed_points_equal_their_unpacked_runs_in_fp64(tmp_path, base):
             sorted(p.name for p in (tmp_path / "s" / run_id(c)).iterdir())
 
 
+def test_repeats_pack_each_from_its_own_theta0_and_equal_their_unpacked_runs(tmp_path):
+    """The repeats of a point (REPEATS=K: seeds, or one-ulp perturbations of theta_0) in one pack:
+    each starts from its own theta_0 and its fp64 history equals its unpacked run's to 1e-12."""
+    base = [*MLP, "precision=fp64", "train.max_steps=12"]
+    grid = [["seed=0"], ["seed=1"], ["seed=2", "optim.beta=0.5"], ["train.perturb_theta0=1"]]
+    packed, single = cfgs(tmp_path / "p", base, grid), cfgs(tmp_path / "s", base, grid)
+    assert all(v == ("completed", None) for v in train_pack(packed).values())
+    for c in single:
+        assert train(c) == "completed"
+    for c in packed:
+        assert_same_history(tmp_path / "p", tmp_path / "s", c, 1e-12)
+    first = [table(tmp_path / "p", c)[1][0][1] for c in packed[:3]]  # the loss at theta_0 of each seed
+    assert len(set(first)) == 3  # three different starting points (the one-ulp repeat: its unpacked run's)
+
+
 @pytest.mark.parametrize("optim,grid", [
     (["optim=rmsprop"], [["optim.rho=0.5"], ["optim.rho=0.99", "optim.h=1e-2"], ["optim.eps=1e-4"]]),
     (["optim=rmsprop", "optim.eps_inside=false"], [["optim.rho=0.9"], ["optim.rho=0.99", "optim.h=3e-3"]]),
@@ -232,8 +247,10 @@ def test_which_points_pack_and_why_not(tmp_path):
     assert packs([bn, bn], "auto") == [[0], [1]]  # auto: what cannot pack runs alone
     for flag in ("train.reshuffle=true", "train.bias_term=true", "compile=true", "channels_last=true"):
         assert refusal(make_cfg(TOY + [flag])).startswith(flag), flag
-    other = make_cfg(TOY + ["seed=3"])
-    assert problem([toy[0], other]) == "a pack's points differ only in optim.h/beta/rho/eps; these differ in seed"
+    assert problem([toy[0], make_cfg(TOY + ["seed=3"]), make_cfg(TOY + ["train.perturb_theta0=2"])]) is None
+    other = make_cfg(TOY + ["train.eval_every=50"])
+    assert problem([toy[0], other]) == ("a pack's points differ only in optim.h/beta/rho/eps and theta_0 (seed, "
+                                        "train.perturb_theta0); these differ in train.eval_every")
     with pytest.raises(Exception, match="PACK: a pack's points differ only"):
         train_pack([toy[0], other])
     assert not (tmp_path / run_id(other)).exists()

@@ -265,7 +265,7 @@ class Store:
 
         return subprocess.run(["make", "-s", "-C", str(ROOT), target, "SWEEP=synthetic", f"LAUNCHER={launcher}",
                                f"RUNS={self.shared}/runs", f"SWEEPS={self.shared}/sweeps",
-                               f"EXTRA={FAST2} {extra}".strip(), f"RETRY={retry}", "JOBS=2",
+                               f"EXTRA={FAST2} {extra}".strip(), f"RETRY={retry}", "JOBS=2", "NAME=synthetic",
                                *[f"{k}={v}" for k, v in more.items()]],
                               user=self.victim.pw_uid, group=self.victim.pw_gid, extra_groups=[self.gid],
                               cwd=self.scratch, env=self.env(), capture_output=True, text=True, timeout=timeout)

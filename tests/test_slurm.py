@@ -56,7 +56,8 @@ def make(tmp_path, target="sweep", extra="", sweep="synthetic", env=None, timeou
     """`make <target>` on the cluster; one job (array task) per run unless `pack` says otherwise."""
     return subprocess.run(["make", "-s", "-C", str(ROOT), target, f"SWEEP={sweep}", "LAUNCHER=slurm",
                            f"PROFILE={PROFILE}", f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps",
-                           f"EXTRA={extra}", f"PACK={pack}", *more], capture_output=True, text=True, timeout=timeout,
+                           f"EXTRA={extra}", f"PACK={pack}", f"NAME={sweep}", *more], capture_output=True, text=True,
+                          timeout=timeout,
                           cwd=tmp_path, env=dict(os.environ, **(env or {})), **kw)
 
 

@@ -18,7 +18,7 @@ from .conftest import ROOT
 def make(target, tmp_path, sweep="synthetic", launcher="basic", extra="", retry=0, timeout=600, *more):
     return subprocess.run(["make", "-s", "-C", str(ROOT), target, f"SWEEP={sweep}", f"LAUNCHER={launcher}",
                            f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps", f"EXTRA={extra}",
-                           f"RETRY={retry}", "JOBS=2", *more],
+                           f"RETRY={retry}", "JOBS=2", f"NAME={sweep}", *more],  # NAME: one folder whatever EXTRA
                           capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
                           env=dict(os.environ, WANDB_MODE="offline"))
 

@@ -79,7 +79,7 @@ def test_the_local_launcher_gives_each_run_its_share(tmp_path, jobs):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "pipeline.dispatch.sweep", "run", "synthetic", "--jobs", str(jobs),
-                        "--", f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps",
+                        "--", f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "sweep.name=synthetic",
                         "train.max_steps=3", "data.n_train=64", "data.n_test=32"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -31,6 +31,8 @@ SAME_THREADS = dict(WANDB_MODE="offline")  # children compared with a run in thi
 def sweep_cli(tmp_path, *args, extra=(), timeout=600, env=None):
     """`python -m pipeline.dispatch.sweep <args> -- RUNS SWEEPS <extra>` (what `make sweep` runs)."""
     paths = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps"]
+    if len(args) > 1 and args[0] in ("run", "status", "where"):
+        paths.append(f"sweep.name={args[1]}")  # NAME=: the preset's folder whatever the extra settings
     return run_cli(["pipeline.dispatch.sweep", *args, "--", *paths, *extra], cwd=tmp_path, timeout=timeout,
                    env=dict(ENV1, **(env or {})))
 
@@ -350,7 +352,7 @@ def test_a_damaged_file_gives_one_line_naming_it(done_sweep, tmp_path, name, dam
     folder = tmp_path / "sweeps" / "synthetic"
     run.write_job(dict(backend="local", job_id="1", host="elsewhere", submitted_at=1.0))
     damage_file(run, folder, name, damage)
-    paths = ["--", f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", *FAST]
+    paths = ["--", f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "sweep.name=synthetic", *FAST]
     # make status
     assert sweep_mod.main(["status", "synthetic", *paths]) == 0
     out = capsys.readouterr()
@@ -459,7 +461,7 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
     it) gives one line, no traceback; every run is pending and the next sweep completes them all,
     identical to a sweep never interrupted."""
     extra = ["train.max_steps=12", "data.n_train=64", "data.n_test=32"]
-    paths = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps"]
+    paths = [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "sweep.name=synthetic"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), ADAM_FAULTS="row@5:stop", **ENV1)
     p = subprocess.Popen([sys.executable, "-m", "pipeline.dispatch.sweep", "run", "synthetic", "--jobs", "2", "--",
                           *paths,
@@ -499,7 +501,7 @@ def test_ctrl_c_on_a_local_sweep_leaves_runs_pending_without_tracebacks(tmp_path
     assert r.returncode == 0 and "4 completed" in r.stdout, r.stdout + r.stderr[-2000:]
     ref = tmp_path / "ref"
     r = run_cli(["pipeline.dispatch.sweep", "run", "synthetic", "--launcher", "basic", "--", f"paths.runs={ref}/runs",
-                 f"paths.sweeps={ref}/sweeps", *extra], cwd=tmp_path, env=ENV1)
+                 f"paths.sweeps={ref}/sweeps", "sweep.name=synthetic", *extra], cwd=tmp_path, env=ENV1)
     assert r.returncode == 0
     for d in (tmp_path / "runs").iterdir():
         ours, theirs = without_time(d / "metrics.csv"), without_time(ref / "runs" / d.name / "metrics.csv")
@@ -541,6 +543,6 @@ def test_the_sweep_unpickles_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     rc = sweep_mod.main(["run", "synthetic", "--jobs", "2", "--", f"paths.runs={tmp_path}/runs",
-                         f"paths.sweeps={tmp_path}/sweeps", *FAST[:3]])
+                         f"paths.sweeps={tmp_path}/sweeps", "sweep.name=synthetic", *FAST[:3]])
     assert rc == 0
     assert {RunDir(tmp_path / "runs", d.name).status()["state"] for d in (tmp_path / "runs").iterdir()} == {"completed"}

@@ -172,7 +172,8 @@ def test_another_presets_plan_is_not_adopted(tmp_path):
         dict(run_id="0123456789ab", overrides=[], action="start", reason="new")])))
     plan, why = read_plan(folder, "synthetic")
     assert plan is None and "the plan of sweep toy, not of synthetic" in why
-    p = make_plan("synthetic", [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", *SMALL[:3]])
+    p = make_plan("synthetic", [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps",
+                                "sweep.name=synthetic", *SMALL[:3]])
     assert any("not adopted" in w for w in p.warnings)
     register(p)
     ids = [q["run_id"] for q in json.loads((folder / "plan.json").read_text())["points"]]
@@ -192,7 +193,8 @@ def test_two_sweeps_with_different_grids_into_one_folder_at_once_keep_every_poin
     the same instant; plan.json keeps all 8 every time (it is merged under a lock)."""
     ctx = multiprocessing.get_context("fork")
     for i in range(20):
-        paths = [f"paths.runs={tmp_path}/runs{i}", f"paths.sweeps={tmp_path}/sweeps{i}", *SMALL[:3]]
+        paths = [f"paths.runs={tmp_path}/runs{i}", f"paths.sweeps={tmp_path}/sweeps{i}", "sweep.name=synthetic",
+                 *SMALL[:3]]
         barrier = ctx.Barrier(2)
         grids = [[*paths, "optim.h=1e-3"], [*paths, "optim.h=2e-3"]]
         procs = [ctx.Process(target=_register, args=((g, barrier),)) for g in grids]
@@ -242,7 +244,8 @@ def test_analysis_out_that_is_a_file_or_a_link_is_one_line(tmp_path):
 
 
 def test_registering_over_a_file_or_a_folder_entry_is_one_line_per_run(tmp_path, capsys):
-    paths = ["--", f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", *SMALL[:3], "train.max_steps=2",
+    paths = ["--", f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "sweep.name=synthetic", *SMALL[:3],
+             "train.max_steps=2",
              "logger=none"]
     plan = make_plan("synthetic", paths[1:])
     ids = [p.run.id for p in plan.points]

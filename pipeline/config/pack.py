@@ -1,9 +1,10 @@
 """Which grid points may train together in one process (a pack, `make sweep PACK=K`), in one
-place. Points that differ only in the optimizer's numbers h, beta, rho, eps share the model,
-theta_0 (the seed), the data and the micro-batch partition, so their K parameter sets are stacked
-and trained together (pipeline/engine/stack.py); every point is still its own run (its own id,
-directory, lease, metrics.csv, checkpoint, status.json, wandb run). Torch-free: the sweep
-groups its points and refuses what cannot pack before anything starts.
+place. Points that differ only in the optimizer's numbers h, beta, rho, eps and in theta_0 (the
+seed, train.perturb_theta0: the repeats of a point) share the model, the data and the
+micro-batch partition, so their K parameter sets are stacked and trained together
+(pipeline/engine/stack.py); every point is still its own run (its own id, directory, lease,
+metrics.csv, checkpoint, status.json, wandb run). Torch-free: the sweep groups its points and
+refuses what cannot pack before anything starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..ghost import uses_batch_norm
 from ..runs.ids import semantic_config
 
 PER_POINT = ("h", "beta", "rho", "eps")  # the optim keys a pack's points may differ in
+PER_POINT_THETA0 = ("seed", "train.perturb_theta0")  # and theta_0: each point's own (the repeats of REPEATS=K)
 SHARED_HOW = ("device", "train.micro_batch", "train.checkpoint_every", "train.threads")  # not semantic, but one process
 AUTO_MODELS = ("bilinear", "mlp", "cnn")  # PACK=auto packs these; a ResNet fills a device by itself
 AUTO_MAX = 16  # PACK=auto: at most this many points per pack (on 1 CPU thread a step costs K times one point's)
@@ -43,6 +45,8 @@ def shared(cfg: DictConfig) -> dict:
     numbers, with how the process computes (device, micro-batch, checkpoint period, threads)."""
     sem = semantic_config(cfg)
     sem["optim"] = {k: v for k, v in sem.get("optim", {}).items() if k not in PER_POINT}
+    sem.pop("seed", None)  # theta_0 only (a pack has no reshuffle, whose order the seed would also set)
+    sem.get("train", {}).pop("perturb_theta0", None)
     sem["_how"] = {k: OmegaConf.select(cfg, k) for k in SHARED_HOW}
     return sem
 
@@ -63,7 +67,8 @@ def problem(cfgs: list[DictConfig]) -> str | None:
         other = shared(c)
         if other != first:
             diff = sorted(_differing(first, other))
-            return (f"a pack's points differ only in optim.{'/'.join(PER_POINT)}; these differ in "
+            return (f"a pack's points differ only in optim.{'/'.join(PER_POINT)} and theta_0 "
+                    f"({', '.join(PER_POINT_THETA0)}); these differ in "
                     f"{', '.join(diff[:4])}")
     return None
 

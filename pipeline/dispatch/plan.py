@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..catalog import missing_data
 from ..config.compose import Composer
@@ -24,13 +24,13 @@ from ..config.validate import check_dir_writable, validate_grid
 from ..errors import ConfigError, StoreError, shown
 from ..runs import lease, owners, redact
 from ..runs.files import atomic_write_text, read_json_object, real_folder
-from ..runs.ids import folder_name, run_id
+from ..runs.ids import folder_name, run_id, variant
 from ..runs.integrity import Decision, Health, check, decide
 from ..runs.rundir import RunDir
 from . import slurm
 
 # overrides that every point carries: not shown as the point's own
-COMMON = ("sweep=", "paths.", "retry=", "hydra.")
+COMMON = ("sweep=", "sweep.", "paths.", "retry=", "hydra.", "store.")
 
 
 @dataclass
@@ -100,12 +100,35 @@ def live_job(job: dict | None, state: str | None) -> str | None:
     return None
 
 
+def with_repeats(composer, overrides: list[str], grid: list) -> list:
+    """The grid with each point `sweep.repeats` times (REPEATS=K): the repeat key of
+    `sweep.repeat_by` (seed: seed..seed+K-1; perturb_theta0: 1..K, theta_0 moved by one ulp) added
+    as one more grid axis, so each repeat is a run of its own. ConfigError when the grid already
+    varies that key (a preset or EXTRA that sweeps the seed)."""
+    cfg = grid[0][1] if grid else None
+    k = int(OmegaConf.select(cfg, "sweep.repeats") or 1) if cfg is not None else 1
+    if k == 1:
+        return grid
+    by = OmegaConf.select(cfg, "sweep.repeat_by")
+    key = "seed" if by == "seed" else "train.perturb_theta0"
+    values = sorted({str(OmegaConf.select(c, key)) for _, c in grid})
+    if len(values) > 1:
+        raise ConfigError(f"REPEATS={k}: the grid already sweeps {key} ({', '.join(values)}); repeats vary it "
+                          "themselves: drop one or the other")
+    first = OmegaConf.select(cfg, key)
+    start = int(first) if first is not None else (0 if key == "seed" else 1)
+    return validate_grid(composer, overrides + [f"{key}={','.join(str(start + r) for r in range(k))}"])
+
+
 def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     """Every point of `sweep=<preset>` x `extra` (Hydra overrides, grids included), decided.
     Raises ConfigError (one line naming the key and the grid point) before touching anything."""
-    overrides = ([f"sweep={preset}"] if preset else []) + list(extra) + [f"retry={str(retry).lower()}"]
+    v = variant(extra)  # a sweep with settings of its own: its own folder
+    overrides = ([f"sweep={preset}"] if preset else []) + list(extra) + ([f"sweep.variant='{v}'"] if v else []) + \
+        [f"retry={str(retry).lower()}"]
     with Composer() as c:
-        points = [Point(ov, cfg, RunDir(cfg.paths.runs, run_id(cfg))) for ov, cfg in validate_grid(c, overrides)]
+        grid = with_repeats(c, overrides, validate_grid(c, overrides))
+        points = [Point(ov, cfg, RunDir(cfg.paths.runs, run_id(cfg))) for ov, cfg in grid]
     if not points:
         raise ConfigError(f"{' '.join(overrides)}: the grid is empty")
     first = points[0].cfg

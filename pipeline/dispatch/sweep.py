@@ -41,7 +41,7 @@ from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError, DataError
 from ..runs import lease, owners, redact
 from ..runs.files import private_folder, read_json_object
-from ..runs.ids import folder_name
+from ..runs.ids import folder_name, variant
 from ..runs.integrity import check
 from ..runs.rundir import FINISHED, RunDir
 from ..threads import child_env
@@ -511,13 +511,15 @@ def _view(health, job: dict | None, sstate: str | None, owner: dict | None, slur
 
 
 def where(name: str, extra=()) -> tuple[Path, Path]:
-    """(the sweep folder `<paths.sweeps>/<sweep.name>`, the runs root `paths.runs`) as the config
-    of the preset `name` (or of an ad-hoc sweep of that name) and the overrides set them: the
-    one place that knows the default folders is conf/train.yaml."""
+    """(the sweep folder `<paths.sweeps>/<sweep.name>[.<variant>]`, the runs root `paths.runs`) as
+    the config of the preset `name` (or of an ad-hoc sweep of that name) and the overrides set
+    them (the same EXTRA as `make sweep`'s finds its folder): the one place that knows the
+    default folders is conf/train.yaml."""
     first = [f"sweep={name}"] if name in presets() else [f"sweep.name={name}"]
+    v = variant(extra)  # the folder of a sweep run with this EXTRA (make sweep's rule)
     with Composer() as c:
         plain = [o.input_line for o in c.parse(first + list(extra)) if not o.is_sweep_override()]
-        cfg = c.compose(plain)
+        cfg = c.compose(plain + ([f"sweep.variant='{v}'"] if v else []))
     owners.configure(cfg.get("store"))
     return Path(cfg.paths.sweeps) / folder_name(cfg, name), Path(cfg.paths.runs)
 

@@ -12,7 +12,7 @@ import queue
 import threading
 
 from ..runs import redact
-from ..runs.ids import folder_name
+from ..runs.ids import folder_name, point_id, repeat_of
 from ..runs.rundir import FINISHED
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ def wandb_mode(requested: str) -> str:
 
 class WandbLogger:
     """One wandb run per run id (`resume="allow"`), so a resumed or requeued job continues it;
-    group = sweep name, tags = model/data/optimizer. Rows with step <= `sent_before` were
+    group = sweep name, tags = model/data/optimizer; the config carries `point_id` (the grid point
+    without the repeat: the repeats of REPEATS=K share it) and `repeat` (`seed=1`), which the run's
+    name ends with. Rows with step <= `sent_before` were
     mirrored by an earlier attempt and are not sent again. If the server cannot be reached the
     rows go to an offline run instead, which `make sync` uploads later."""
 
@@ -59,8 +61,9 @@ class WandbLogger:
         self.sent_before, self.finish_timeout = sent_before, float(lc.finish_timeout)
         self.init_kw = dict(
             project=lc.project, entity=lc.entity, group=folder_name(cfg, "") or None, id=rid,
-            name=lc.get("name") or rid, resume="allow", dir=str(run_dir),
-            config=redact.config(cfg),  # credentials and environment values masked
+            name=lc.get("name") or f"{rid} {repeat_of(cfg)}", resume="allow", dir=str(run_dir),
+            # credentials and environment values masked; point_id: group by it to draw the repeats' mean and band
+            config=dict(redact.config(cfg), point_id=point_id(cfg), repeat=repeat_of(cfg)),
             tags=[cfg.model.name, cfg.data.name, cfg.optim.name] + list(lc.get("tags") or []))
         self.mode, self.init_timeout = wandb_mode(lc.mode), float(lc.init_timeout)
         self.queue: queue.Queue = queue.Queue()

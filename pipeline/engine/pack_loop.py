@@ -1,4 +1,4 @@
-"""The training loop of a pack: K runs that differ only in h, beta, rho, eps (pipeline/config/pack.py)
+"""The training loop of a pack: K runs that differ only in h, beta, rho, eps and theta_0 (pipeline/config/pack.py)
 stepped together in one process, their parameters stacked (engine/stack.py). Each point is
 written exactly as its own run would be (engine/loop.py, whose row, judging and record helpers
 it uses): its metrics.csv rows, checkpoints (the unpacked form: TrainState.state_dict), status.json,
@@ -75,7 +75,7 @@ def pack_loop(cfgs, runs: list[RunDir], data, device, autocast, owners, outcomes
     columns = METRIC_COLUMNS + [f"theta_{i}" for i in range(n_params * record)]
     thresholds = sorted(float(t) for t in tc.loss_thresholds)
     log.info("pack of %d runs (%s): stacked and trained together", len(cfgs), " ".join(r.id for r in runs))
-    points = [_open_point(k, c, run, owner, stack, model, device, columns)
+    points = [_open_point(k, c, run, owner, stack, model, device, columns, cfg, data)
               for k, (c, run, owner) in enumerate(zip(cfgs, runs, owners))]
 
     def checkpoint(pt: Point, slot: int, step: int) -> None:
@@ -132,11 +132,15 @@ def pack_loop(cfgs, runs: list[RunDir], data, device, autocast, owners, outcomes
     return outcomes
 
 
-def _open_point(k: int, cfg, run: RunDir, owner, stack: Stack, model, device, columns) -> Point:
-    """Point k of the pack, resumed from its own (unpacked-form) checkpoint when it has one, its
-    metrics.csv open from its step on, its mirror and progress line."""
+def _open_point(k: int, cfg, run: RunDir, owner, stack: Stack, model, device, columns, template, data) -> Point:
+    """Point k of the pack, resumed from its own (unpacked-form) checkpoint when it has one, else
+    from its own theta_0 (a repeat of another seed than the `template` config's), its metrics.csv
+    open from its step on, its mirror and progress line."""
     pt = Point(k, cfg, run, owner, TrainState(model, build_optimizer(model.parameters(), cfg.optim), device))
     ck = run.load_checkpoint(map_location=device, required=REQUIRED)
+    if ck is None and _own_theta0(cfg, template):  # a repeat: its own seed or one-ulp perturbation
+        own, _, _ = build(cfg, data, device)
+        stack.into_slot(k, own, build_optimizer(own.parameters(), cfg.optim), 0)
     if ck is not None:
         pt.state.load_state_dict(ck, lambda: _initial_loss(run))
         stack.into_slot(k, model, pt.state.optimizer, pt.state.step)
@@ -148,6 +152,12 @@ def _open_point(k: int, cfg, run: RunDir, owner, stack: Stack, model, device, co
     pt.progress = Progress(mode, pt.state.step, tc.max_steps + 1, tc.log_every, run.id, extra=pt.tag)
     pt.t0, pt.eps = time.perf_counter() - pt.state.time_s, float(cfg.optim.eps)
     return pt
+
+
+def _own_theta0(cfg, template) -> bool:
+    """Whether point `cfg` starts from another theta_0 than the pack's template (`build` of the
+    first config): another seed or another one-ulp perturbation."""
+    return (cfg.seed, cfg.train.get("perturb_theta0")) != (template.seed, template.train.get("perturb_theta0"))
 
 
 def _record(pt: Point, slot: int, tc, outcomes: dict, checkpoint) -> None:

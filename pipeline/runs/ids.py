@@ -95,9 +95,64 @@ def run_id(cfg: DictConfig) -> str:
     return config_hash(cfg)[:12]
 
 
+def without_repeat(sem: dict) -> dict:
+    """A semantic config (semantic_config's dict) without the REPEAT_KEYS: what the repeats of
+    one grid point share."""
+    sem = json.loads(json.dumps(sem))
+    for dotted in REPEAT_KEYS:
+        *parents, last = dotted.split(".")
+        node = sem
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return sem
+
+
+def point_id(cfg: DictConfig) -> str:
+    """The grid point of a run: 12 hex digits of its semantic config without the repeat keys
+    (seed, train.perturb_theta0). The repeats of a point share it; wandb groups by it."""
+    blob = json.dumps(without_repeat(semantic_config(cfg)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def repeat_of(cfg: DictConfig) -> str:
+    """Which repeat of its point a run is, in words: `seed=1`, `seed=0 perturb_theta0=2`."""
+    p = cfg.train.get("perturb_theta0") if "train" in cfg else None
+    return f"seed={cfg.get('seed')}" + (f" perturb_theta0={p}" if p is not None else "")
+
+
+# The keys that repeats of a grid point vary (`make sweep REPEATS=K`, sweep.repeat_by): the
+# analysis aggregates over these, and only these (analysis/groups.py).
+REPEAT_KEYS = ("seed", "train.perturb_theta0")
+
+
 def folder_name(cfg, default: str) -> str:
     """The sweep's folder (and wandb group): `sweep.name` (else `default`), with `-<sweep.mode>`
-    for a mode that is not the default (mode=paper: `fig4-paper`), so the modes never mix."""
+    for a mode that is not the default (mode=paper: `fig4-paper`), so the modes never mix, and
+    `.<sweep.variant>` for a sweep run with settings of its own (`variant`)."""
     name = cfg.sweep.get("name") or default
-    return f"{name}-{cfg.sweep.mode}" if cfg.sweep.get("mode") else name
+    name = f"{name}-{cfg.sweep.mode}" if cfg.sweep.get("mode") else name
+    return f"{name}.{cfg.sweep.variant}" if cfg.sweep.get("variant") else name
+
+
+def variant(overrides) -> str | None:
+    """Six hex digits of the settings that the command-line `overrides` (make's EXTRA) change in
+    the runs -- every semantic key but the repeat keys, grids included -- or None when they change
+    none, or name the sweep (`sweep.name=`, NAME=): a sweep run with other settings lands in a
+    folder of its own, never beside the preset's runs."""
+    keys = []
+    for o in overrides:
+        key, eq, value = str(o).partition("=")
+        key = key.lstrip("+~")
+        if key == "sweep.name":
+            return None
+        top = key.split(".", 1)[0]
+        if not eq or key in ("mode", "retry") or top in NON_SEMANTIC or key in NON_SEMANTIC or \
+                key in REPEAT_KEYS or any(key.startswith(k + ".") for k in NON_SEMANTIC):
+            continue
+        keys.append(f"{key}={value}")
+    if not keys:
+        return None
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:6]
 
