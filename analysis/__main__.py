@@ -144,10 +144,18 @@ def main(argv=None):
     import pandas as pd
 
     s = pd.read_csv(paths["summary"])
-    cols = [c for c in ("run_id", "h", "beta", "rho", "state", "steps", "final_loss", "hill_height",
+    # every key in which the runs differ: h, beta, rho, the setting (a key no axis draws) and the repeat
+    keys = [c for c in ("h", "beta", "rho") if c in s] + [c for c in ("eps", "setting", "seed", "perturb_theta0")
+                                                         if c in s and s[c].nunique(dropna=True) > 1]
+    cols = [c for c in ("run_id", *keys, "state", "steps", "final_loss", "hill_height",
                         "max_test_acc", "regime", "limit_one_norm") if c in s and s[c].notna().any()]
     print(s[cols].to_string(index=False))
-    print(f"\nwrote {paths['summary']} (its columns: {paths['columns'].name}), {paths['curves']}" +
+    g = pd.read_csv(paths["groups"]) if paths["groups"].exists() else pd.DataFrame()
+    if len(g) and g["n"].max() > 1:
+        print(f"\n{len(g)} grid points, {g['n'].min()}{'' if g['n'].min() == g['n'].max() else f' to {g.n.max()}'} "
+              f"repeats each: groups.csv has each metric's n, mean, std, min, max and the Welch tests")
+    print(f"\nwrote {paths['summary']}, {paths['groups'].name} (their columns: {paths['columns'].name}), "
+          f"{paths['curves']}" +
           (f" and {len(paths.get('figures', []))} figure files" if "figures" in paths else ""))
 
 

@@ -7,8 +7,6 @@ directories), or a single run directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from pipeline.dispatch.plan import sweep_runs
-from pipeline.runs.ids import ADDED_KEYS, semantic_config, without_repeat
+from pipeline.runs.ids import ADDED_KEYS, REPEAT_KEYS, differing, flat_semantic, point_id
 from pipeline.runs.integrity import check
 from pipeline.runs.rundir import RunDir
 
@@ -124,35 +122,15 @@ def read_run(path: Path) -> dict:
                 provenance=run.provenance() if not health.foreign else [])
 
 
-def _semantic(config: dict) -> dict | None:
-    """The semantic config of a stored config.yaml (pipeline/runs/ids.py), or None."""
-    if not config:
-        return None
+def _point(config: dict) -> str | None:
+    """pipeline.runs.ids.point_id of a stored config.yaml, or None when it cannot be read as one."""
     try:
-        return semantic_config(OmegaConf.create(config))
+        return point_id(OmegaConf.create(config)) if config else None
     except Exception:  # a config.yaml of an older or foreign shape: no point id, the run still counts
         return None
 
 
-def _point(config: dict) -> str | None:
-    sem = _semantic(config)
-    if sem is None:
-        return None
-    blob = json.dumps(without_repeat(sem), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]  # = pipeline.runs.ids.point_id of the run's config
-
-
 DRAWN = ("optim.h", "optim.beta", "optim.rho", "optim.eps")  # what the figures draw on an axis or as series
-
-
-def _flat(d, prefix="") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
-    return out
 
 
 def label_settings(runs: list[dict]) -> list[str]:
@@ -160,13 +138,8 @@ def label_settings(runs: list[dict]) -> list[str]:
     drawn hyperparameters h, beta, rho, eps and the repeat keys -- `train.max_steps=400` beside
     `train.max_steps=1000` -- '' when they differ in none. Figures, groups and tables keep runs of
     different settings apart, and say so. The keys found varying, in order."""
-    flats = {}
-    for r in runs:
-        sem = None if r.get("damaged") else _semantic(r["config"])
-        if sem is not None:
-            flats[r["run_id"]] = {k: v for k, v in _flat(without_repeat(sem)).items() if k not in DRAWN}
-    keys = sorted({k for f in flats.values() for k in f})
-    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats.values()}) > 1]
+    flats = {r["run_id"]: None if r.get("damaged") else flat_semantic(r["config"]) for r in runs}
+    varying = [k for k in differing(flats.values()) if k not in DRAWN and k not in REPEAT_KEYS]
     for r in runs:
         f = flats.get(r["run_id"])
         r["setting"] = " ".join(f"{k}={_shown(f.get(k))}" for k in varying) if f is not None else ""

@@ -7,8 +7,12 @@ hyperparameters, as LaTeX (booktabs), Markdown or CSV.
     python -m analysis.table analysis/toy --rows beta --cols rho --value final_loss --where h=0.01
 
 The input is a summary.csv (`make analyze` writes one per sweep) or the folder holding it. Every
-cell is one run: points that share (row, column) but differ elsewhere (another h, another seed)
-must be told apart with `--where key=value`, or averaged with `--agg mean` (the table says so).
+cell is one grid point. The repeats of a point (REPEATS=K: runs that differ only in the seed or
+train.perturb_theta0) are one cell, printed as mean ± spread (`--spread std` by default, `sem`,
+`ci95`: a bootstrap interval of the mean, scipy.stats.bootstrap, or `minmax`), n in the caption;
+diverged repeats are left out and counted. Points that share (row, column) but differ elsewhere
+(another h, another setting) must be told apart with `--where key=value`, or averaged with
+`--agg mean` (the table says so).
 A cell without a value (a threshold never crossed, a run not finished) is an em dash. Numbers
 are printed to `--fmt` (a Python format spec, default `.4g`; integers such as steps exactly);
 in LaTeX powers of ten as `1.2\\times10^{-5}` and every name escaped.
@@ -68,9 +72,40 @@ def _where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
     return df
 
 
-def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str | None = None):
-    """(the rows x cols table of `value`, one run per cell or `agg` over the runs of a cell; which
-    cells hold a run that has not finished: running, pending, failed)."""
+SPREADS = ("std", "sem", "ci95", "minmax")
+
+
+def spread(values, kind: str) -> tuple[float, float, float]:
+    """(mean, lo, hi) of the finite `values`: lo/hi the mean -/+ one std or sem, the bootstrap
+    95 % interval of the mean (scipy.stats.bootstrap, percentile, a fixed seed) or min/max."""
+    import numpy as np
+
+    x = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return (math.nan, math.nan, math.nan)
+    m = float(x.mean())
+    if kind == "minmax":
+        return m, float(x.min()), float(x.max())
+    if len(x) < 2:
+        return m, math.nan, math.nan
+    if kind == "ci95":
+        if np.ptp(x) == 0:
+            return m, m, m
+        from scipy import stats
+
+        ci = stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                             random_state=0).confidence_interval
+        return m, float(ci.low), float(ci.high)
+    d = float(x.std(ddof=1)) / (math.sqrt(len(x)) if kind == "sem" else 1.0)
+    return m, m - d, m + d
+
+
+def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str | None = None,
+          kind: str = "std"):
+    """(the rows x cols table of `value`, one point per cell or `agg` over the runs of a cell; which
+    cells hold a run that has not finished: running, pending, failed; the repeats' spread: None
+    without repeats, else {(row, col): (mean, lo, hi)} and a caption)."""
     for name, col in (("--rows", rows), ("--cols", cols), ("--value", value)):
         if col not in df:
             raise TableError(f"{name} {col}: not a column of the summary (a column empty for every run is left "
@@ -78,10 +113,14 @@ def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str
     if len({rows, cols, value}) < 3:
         raise TableError(f"--rows {rows} --cols {cols} --value {value}: three different columns are needed")
     df = _where(df, list(where))
+    if "damaged" in df:
+        df = df[df["damaged"].isna()]
     counts = df.groupby([rows, cols]).size()
-    if agg is None and (counts > 1).any():
+    repeats = agg is None and (counts > 1).any() and "point_id" in df and df["point_id"].notna().all() and \
+        bool((df.groupby([rows, cols])["point_id"].nunique() == 1).all())
+    if agg is None and (counts > 1).any() and not repeats:
         (r, c), n = next((k, v) for k, v in counts.items() if v > 1)
-        varying = [k for k in ("h", "beta", "rho", "eps", "seed", "model", "data", "optim")
+        varying = [k for k in ("h", "beta", "rho", "eps", "setting", "model", "data", "optim")
                    if k in df and k not in (rows, cols) and df[k].nunique() > 1]
         raise TableError(f"{n} runs have {rows}={r}, {cols}={c} (they differ in {', '.join(varying) or 'other keys'}): "
                          "choose them with --where key=value, or average them with --agg mean")
@@ -91,9 +130,27 @@ def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str
     unfinished = ~df["state"].isin(FINISHED) if "state" in df else pd.Series(False, index=df.index)
     df = df.assign(**{value: values, "_unfinished": unfinished.astype(float)})
     shape = dict(index=rows, columns=cols, dropna=False)
-    table = df.pivot_table(values=value, aggfunc=agg or "first", **shape).sort_index().sort_index(axis=1)
+    if not repeats:
+        table = df.pivot_table(values=value, aggfunc=agg or "first", **shape).sort_index().sort_index(axis=1)
+        marks = df.pivot_table(values="_unfinished", aggfunc="max", **shape).reindex_like(table).fillna(0) > 0
+        return table, marks, None
+    from .groups import diverged
+
+    gone = diverged(df)
+    kept = df[~gone]
+    cells = {k: spread(g[value], kind) for k, g in kept.groupby([rows, cols])}
+    n = kept.groupby([rows, cols])[value].apply(lambda v: int(pd.to_numeric(v, errors="coerce").notna().sum()))
+    table = df.pivot_table(values=value, aggfunc="first", **shape).sort_index().sort_index(axis=1) * math.nan
+    for (r, c), (m, _, _) in cells.items():
+        table.at[r, c] = m
     marks = df.pivot_table(values="_unfinished", aggfunc="max", **shape).reindex_like(table).fillna(0) > 0
-    return table, marks
+    what = {"std": "mean ± std", "sem": "mean ± standard error", "ci95": "mean [95 % bootstrap interval of the mean]",
+            "minmax": "mean [min, max]"}[kind]
+    ns = f"{n.min()}" if n.min() == n.max() else f"{n.min()} to {n.max()}"
+    caption = f"{what} over n = {ns} repeats per cell"
+    if gone.any():
+        caption += f"; {int(gone.sum())} diverged repeat(s) left out"
+    return table, marks, (cells, caption)
 
 
 def number(v, fmt: str, integral: bool, style: str) -> str:
@@ -122,19 +179,48 @@ def label(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _cell(table, spreads, r, c, fmt: str, integral: bool, style: str) -> str:
+    """A cell's number, with its repeats' spread when there is one: `a ± b` (LaTeX `$a \\pm b$`)
+    for std and sem, `a [lo, hi]` for an interval; a CSV cell gets the mean only (the spread
+    goes into a column of its own)."""
+    text = number(table.at[r, c], fmt, integral, style)
+    if spreads is None or style == "csv" or (r, c) not in spreads[0]:
+        return text
+    m, lo, hi = spreads[0][(r, c)]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return text
+    kind = spreads[2]
+
+    def num(v):
+        return number(v, fmt, False, style).strip("$")
+    if kind in ("std", "sem"):
+        return f"${num(m)} \\pm {num(hi - m)}$" if style == "latex" else f"{num(m)} ± {num(hi - m)}"
+    return f"${num(m)}\\ [{num(lo)}, {num(hi)}]$" if style == "latex" else f"{num(m)} [{num(lo)}, {num(hi)}]"
+
+
 def render(table: pd.DataFrame, marks: pd.DataFrame, rows: str, cols: str, value: str, style: str, fmt: str,
-           agg: str | None) -> str:
+           agg: str | None, spreads=None) -> str:
     finite = table.to_numpy(float)[~pd.isna(table.to_numpy(float))]
     integral = fmt == ".4g" and finite.size > 0 and bool((finite == finite.round()).all()) and abs(finite).max() < 1e15
+    integral = integral and spreads is None  # a mean of integers is not one
     star = {"latex": "$^{*}$", "markdown": "\\*", "csv": ""}[style]  # a CSV keeps plain numbers
-    cells = [[number(table.at[r, c], fmt, integral, style) + (star if marks.at[r, c] else "") for c in table.columns]
-             for r in table.index]
+    cells = [[_cell(table, spreads, r, c, fmt, integral, style) + (star if marks.at[r, c] else "")
+              for c in table.columns] for r in table.index]
     what = f"{value}{f' ({agg} over runs)' if agg else ''}"
+    if spreads is not None:
+        what += f": {spreads[1]}"
     if marks.to_numpy().any():
         what += "; * a run that has not finished (running, pending or failed): not its final value"
     if style == "csv":
         head = [f"{rows}\\{cols}", *map(label, table.columns)]
-        return "\n".join(",".join(x) for x in [head, *[[label(r), *row] for r, row in zip(table.index, cells)]]) + "\n"
+        body = [[label(r), *row] for r, row in zip(table.index, cells)]
+        if spreads is not None:  # the spread beside each mean: <col>_lo, <col>_hi
+            head = [head[0]] + [f"{h}{s}" for h in head[1:] for s in ("", "_lo", "_hi")]
+            body = [[label(r)] + [x for c, v in zip(table.columns, row) for x in
+                                  (v, *(number(b, fmt, False, style) for b in spreads[0].get((r, c), (0, math.nan,
+                                                                                                    math.nan))[1:]))]
+                    for r, row in zip(table.index, cells)]
+        return "\n".join(",".join(x) for x in [head, *body]) + "\n"
     if style == "markdown":
         head = [f"{rows} \\ {cols}", *map(label, table.columns)]
         out = [f"| {' | '.join(head)} |", "| " + " | ".join(["---"] * len(head)) + " |"]
@@ -158,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--agg", choices=("mean", "median", "min", "max"), default=None)
     ap.add_argument("--fmt", default=".4g", help="a Python format spec for the numbers (default .4g)")
+    ap.add_argument("--spread", choices=SPREADS, default="std",
+                    help="the repeats' spread beside each mean: std (default), sem, ci95 (bootstrap), minmax")
     style = ap.add_mutually_exclusive_group()
     for s in ("latex", "markdown", "csv"):
         style.add_argument(f"--{s}", dest="style", action="store_const", const=s)
@@ -169,11 +257,12 @@ def main(argv=None) -> int:
         print(f"error: --fmt {a.fmt}: not a Python format spec for a number (e.g. .3g, .2e, .4f)", file=sys.stderr)
         return 2
     try:
-        table = pivot(read_summary(a.summary), a.rows, a.cols, a.value, a.where, a.agg)
+        table, marks, spreads = pivot(read_summary(a.summary), a.rows, a.cols, a.value, a.where, a.agg, a.spread)
     except TableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = render(*table, a.rows, a.cols, a.value, a.style or "latex", a.fmt, a.agg)
+    spreads = (*spreads, a.spread) if spreads is not None else None
+    text = render(table, marks, a.rows, a.cols, a.value, a.style or "latex", a.fmt, a.agg, spreads)
     if a.out:
         Path(a.out).write_text(text)
         print(f"wrote {a.out}")

@@ -41,13 +41,13 @@ def records(path):
 
 
 def read_run(path) -> dict:
-    """{'id', 'group', 'tags', 'config', 'history': [row dicts], 'finished'} of one run file
-    (`finished`: its exit record is written; wandb's service writes the file asynchronously)."""
-    out = dict(id=None, group=None, tags=[], config={}, history=[], finished=False)
+    """{'id', 'name', 'group', 'tags', 'config', 'history': [row dicts], 'finished'} of one run
+    file (`finished`: its exit record is written; wandb's service writes the file asynchronously)."""
+    out = dict(id=None, name=None, group=None, tags=[], config={}, history=[], finished=False)
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out.update(id=rec.run.run_id, group=rec.run.run_group, tags=list(rec.run.tags))
+            out.update(id=rec.run.run_id, name=rec.run.display_name, group=rec.run.run_group, tags=list(rec.run.tags))
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update
                                   if not i.key.startswith("_")})
         elif kind == "exit":

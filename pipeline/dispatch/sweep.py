@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ from ..config.compose import CONF_DIR, Composer
 from ..errors import ConfigError, DataError
 from ..runs import lease, owners, redact
 from ..runs.files import private_folder, read_json_object
-from ..runs.ids import folder_name, variant
+from ..runs.ids import REPEAT_KEYS, differing, flat_semantic, folder_name, variant
 from ..runs.integrity import check
 from ..runs.rundir import FINISHED, RunDir
 from ..threads import child_env
@@ -562,27 +563,49 @@ def _status_table(folder: Path) -> Counter:
     warnings += [f"run {rid}: {why}; read as no job" for rid, (_, why) in handles.items() if why]
     jobs = {rid: job for rid, (job, _) in handles.items()}
     states, error = slurm.job_states([j["job_id"] for j in jobs.values() if j and j.get("backend") == "slurm"])
+    healths = {r.id: check(r) for r in runs}
+    flats = {rid: flat_semantic(h.config) if not h.damaged else None for rid, h in healths.items()}
+    # every key in which the runs differ (the seed of repeats included, last: a point's repeats side by side)
+    keys = [k for k in ("optim.h", "optim.beta", "optim.rho") if k not in differing(flats.values())]
+    keys += differing(flats.values())
     rows = []
     for r in runs:
-        health, job = check(r), jobs[r.id]
-        o = (health.config or {}).get("optim") if not health.damaged else {}
-        o = o if isinstance(o, dict) else {}
+        health, job, flat = healths[r.id], jobs[r.id], flats[r.id] or {}
         sstate = states.get(job["job_id"]) if job and job.get("backend") == "slurm" else None
-        rows.append([r.id, str(o.get("h", "")), str(o.get("beta", "")), str(o.get("rho", "")),
+        rows.append([r.id, *(_cell(flat.get(k)) for k in keys),
                      view(health, job, sstate, lease.holder(r.path), error), str(health.status.get("step", "")),
                      *(_last(health.history, c) for c in ("loss", "pert_norm", "test_acc")),
                      str(job.get("job_id") or "") if job else "", sstate or ""])
-    rows.sort(key=lambda row: [(0, float(x)) if _is_number(x) else (1, x) for x in row[1:4]])
-    _print_table([["run_id", "h", "beta", "rho", "state", "step", "last_loss", "pert_norm", "test_acc", "job",
-                   "slurm_state"], *rows])
-    counts = Counter(r[4].split(" (")[0].split(" [")[0] if not r[4].startswith("queued (local)") else r[4]
+    rows.sort(key=lambda row: [(0, float(x)) if _is_number(x) else (1, x) for x in row[1:1 + len(keys)]])
+    _print_table([["run_id", *(_short(k, keys) for k in keys), "state", "step", "last_loss", "pert_norm", "test_acc",
+                   "job", "slurm_state"], *rows])
+    at = 1 + len(keys)
+    counts = Counter(r[at].split(" (")[0].split(" [")[0] if not r[at].startswith("queued (local)") else r[at]
                      for r in rows)
-    print(f"\n{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    points = {point_key(flats[r.id]) for r in runs if flats[r.id] is not None}
+    grouped = f" ({len(points)} points x their repeats)" if len(points) < sum(f is not None for f in flats.values()) \
+        else ""
+    print(f"\n{len(runs)} runs{grouped}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if error and any(j and j.get("backend") == "slurm" for j in jobs.values()):
         print(f"warning: {error}: the Slurm columns are incomplete", file=sys.stderr)
     return counts
+
+
+def _cell(v) -> str:
+    return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _short(key: str, keys: list[str]) -> str:
+    """A column's name: the key's last word (beta, seed), or more of it where two keys share one."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def point_key(flat: dict) -> str:
+    """The grid point of a flat semantic config: it without the repeat keys (runs.ids.REPEAT_KEYS)."""
+    return json.dumps({k: v for k, v in flat.items() if k not in REPEAT_KEYS}, sort_keys=True, default=str)
 
 
 def _is_number(text: str) -> bool:

@@ -61,7 +61,7 @@ class WandbLogger:
         self.sent_before, self.finish_timeout = sent_before, float(lc.finish_timeout)
         self.init_kw = dict(
             project=lc.project, entity=lc.entity, group=folder_name(cfg, "") or None, id=rid,
-            name=lc.get("name") or f"{rid} {repeat_of(cfg)}", resume="allow", dir=str(run_dir),
+            name=f"{rid} {repeat_of(cfg)}", resume="allow", dir=str(run_dir),  # (logger.name is the logger kind)
             # credentials and environment values masked; point_id: group by it to draw the repeats' mean and band
             config=dict(redact.config(cfg), point_id=point_id(cfg), repeat=repeat_of(cfg)),
             tags=[cfg.model.name, cfg.data.name, cfg.optim.name] + list(lc.get("tags") or []))

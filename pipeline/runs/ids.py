@@ -116,6 +116,36 @@ def point_id(cfg: DictConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def flat_semantic(config) -> dict | None:
+    """A stored config (a dict, config.yaml's) as {dotted key: value} of its semantic config;
+    None when it cannot be read as one (an older or foreign shape)."""
+    try:
+        sem = semantic_config(OmegaConf.create(config)) if config else None
+    except Exception:
+        return None
+    if sem is None:
+        return None
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
+    walk(sem, "")
+    return out
+
+
+def differing(flats) -> list[str]:
+    """The dotted keys whose values differ among the flat configs `flats` (None entries skipped),
+    sorted, the repeat keys last: what tells the runs of one sweep apart."""
+    flats = [f for f in flats if f is not None]
+    keys = sorted({k for f in flats for k in f})
+    out = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+    return [k for k in out if k not in REPEAT_KEYS] + [k for k in REPEAT_KEYS if k in out]
+
+
 def repeat_of(cfg: DictConfig) -> str:
     """Which repeat of its point a run is, in words: `seed=1`, `seed=0 perturb_theta0=2`."""
     p = cfg.train.get("perturb_theta0") if "train" in cfg else None
