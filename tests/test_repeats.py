@@ -256,3 +256,14 @@ def test_a_sweep_with_repeats_end_to_end_killed_and_resumed(tmp_path):
         assert wb["config"]["point_id"] == summary.at[run.name, "point_id"]
         assert wb["config"]["repeat"] == f"seed=0 perturb_theta0={summary.at[run.name, 'perturb_theta0']:g}"
         assert wb["name"] == f"{run.name} {wb['config']['repeat']}"
+
+
+def test_the_progress_lines_tell_every_run_of_a_sweep_apart(tmp_path):
+    from pipeline.dispatch.plan import make_plan
+    from pipeline.dispatch.sweep import _params
+
+    plan = make_plan("synthetic", [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "sweep.repeats=2",
+                                   "train.max_steps=4,8"])
+    labels = [_params(p) for p in plan.points]
+    assert len(set(labels)) == len(labels) == 16
+    assert labels[0].startswith("h=0.003 beta=0.9 rho=0.99 ") and "seed=" in labels[0] and "train.max_steps=" in labels[0]

@@ -188,6 +188,8 @@ def test_report_builds_without_saving():
     grids = [b for b in r.blocks if type(b).__name__ == "PanelGrid"]
     assert len(grids) == 2 and len(grids[0].panels) == 3 and len(grids[1].panels) == 6
     assert grids[0].runsets[0].project == "p"
+    assert grids[0].runsets[0].groupby == ["config.point_id"]  # the repeats of a point: one line and its band
+    assert all(p.groupby_rangefunc == "minmax" for p in grids[0].panels)
 
 
 def test_threshold_summary_in_wandb(cfg_factory, monkeypatch):

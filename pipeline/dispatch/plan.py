@@ -42,10 +42,29 @@ class Point:
     job: dict | None = None  # the handle of the job a sweep submitted for the run
     slurm_state: str | None = None
     health: Health | None = None
+    label: str = ""  # h, beta, rho and every other key whose value differs among the plan's points
 
     @property
     def shown(self) -> str:
         return " ".join(o for o in self.overrides if not o.startswith(COMMON))
+
+
+def label_points(points: list[Point]) -> None:
+    """Each point's `label` for the progress lines: `h=.. beta=.. rho=..` and every other
+    override whose value differs among the points (the seed of REPEATS=K, a grid over
+    train.max_steps), so that no two runs of a sweep print the same line."""
+    values: dict[str, set] = {}
+    for p in points:
+        for o in p.overrides:
+            k, _, v = o.partition("=")
+            values.setdefault(k, set()).add(v)
+    drawn = ("optim.h", "optim.beta", "optim.rho")
+    varying = [k for k, vs in values.items() if len(vs) > 1 and k not in drawn and not k.startswith(COMMON)]
+    for p in points:
+        o = p.cfg.optim
+        mine = dict(x.partition("=")[::2] for x in p.overrides)
+        p.label = " ".join([f"{k}={o[k]}" for k in ("h", "beta", "rho") if k in o] +
+                           [f"{k}={mine[k]}" for k in varying if k in mine]) or p.shown
 
 
 @dataclass
@@ -142,6 +161,7 @@ def make_plan(preset: str | None, extra=(), retry=False) -> Plan:
     if why:
         plan.warnings.append(f"{plan.folder}/{why}; it is written anew from this plan (the runs it named "
                              "keep their directories)")
+    label_points(points)
     seen = {}
     for p in points:  # points that differ only in non-semantic keys are one run
         if p.run.id in seen:

@@ -191,6 +191,10 @@ def _outcome(run: RunDir, path: Path | None, started: float = 0.0) -> tuple[str,
 
 
 def _params(p) -> str:
+    """The point as the progress lines show it: plan.label_points's label (h, beta, rho and every
+    other key that varies, the seed of repeats included), else h, beta, rho."""
+    if getattr(p, "label", ""):
+        return p.label
     o = p.cfg.optim
     return " ".join(f"{k}={o[k]}" for k in ("h", "beta", "rho") if k in o) or p.shown
 
