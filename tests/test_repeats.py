@@ -266,4 +266,5 @@ def test_the_progress_lines_tell_every_run_of_a_sweep_apart(tmp_path):
                                    "train.max_steps=4,8"])
     labels = [_params(p) for p in plan.points]
     assert len(set(labels)) == len(labels) == 16
-    assert labels[0].startswith("h=0.003 beta=0.9 rho=0.99 ") and "seed=" in labels[0] and "train.max_steps=" in labels[0]
+    assert labels[0].startswith("h=0.003 beta=0.9 rho=0.99 ")
+    assert "seed=" in labels[0] and "train.max_steps=" in labels[0]

@@ -538,9 +538,11 @@ def status(preset, extra=(), watch: float | None = None) -> int:
     except ConfigError as e:
         _fail(e)
     if not folder.is_dir():
-        others = sorted(p.name for p in folder.parent.glob(f"{preset}*") if p.is_dir()) if folder.parent.is_dir() else []
+        others = sorted(p.name for p in folder.parent.glob(f"{preset}*") if p.is_dir()) \
+            if folder.parent.is_dir() else []
+        hint = f"; folders of this preset: {', '.join(others)} (NAME=<folder> picks one)" if others else ""
         _fail(f"SWEEP={preset}: no sweep folder {folder} (run `make sweep SWEEP={preset}` with the same EXTRA "
-              f"first{'; folders of this preset: ' + ', '.join(others) + ' (NAME=<folder> picks one)' if others else ''})")
+              f"first{hint})")
     while True:
         counts = _status_table(folder)
         if not watch or not set(counts) & {"running", "starting", "queued", "queued (local)"}:
