@@ -24,11 +24,13 @@ ANALYSIS_OUT ?=
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help install sweep status analyze table theory sync report data migrate bench fidelity gpucheck fuzz test test-fast lint clean-venv
+.PHONY: help install sweep status analyze table redraw theory sync report data migrate bench fidelity gpucheck fuzz test test-fast lint clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: SWEEP=$(SWEEP) LAUNCHER=local|basic|slurm EXTRA='<hydra overrides>' MODE=exact|paper RETRY=0|1 DRY=1 JOBS=$(JOBS) PROFILE=$(PROFILE) GPUS=<per run> TASKS=<per run> PACK=auto|<runs per process> RUNS=<runs root> SWEEPS=<sweeps root> NAME=<sweep folder> REPEATS=<runs per grid point>"
+	@echo "             WATCH=<seconds> (status) ARGS='<more arguments>' (analyze, table, redraw, bench) ANALYSIS_OUT=<folder> FIG=<figure csv> STYLE=paper|talk DATA_ROOT=<folder> DATASETS='cifar10 cifar100' (data) CASES= SEED= (fuzz) PYTEST_ARGS= (test)"
+	@echo "  presets (SWEEP=): $$(ls conf/sweep | sed 's/\.yaml$$//' | tr '\n' ' ')"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +44,7 @@ install: $(VENV)/.installed ## create .venv and install the project (torch, hydr
 # never pasted into the shell's text: "$$VAR" is one word; $$EXTRA and $$ARGS are split into words at
 # blanks (with globbing off: set -f) and nothing in them is run -- Hydra's range(3), choice(a,b), a ';'
 # or a '$$(...)' arrive as written.
-export CASES SEED PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS NAME REPEATS
+export CASES SEED PYTEST_ARGS SWEEP LAUNCHER EXTRA RETRY DRY MODE WATCH JOBS GPUS TASKS PACK PROFILE DATA_ROOT RUNS SWEEPS ANALYSIS_OUT ARGS DATASETS NAME REPEATS FIG STYLE
 # the default folders live in conf/train.yaml (paths.runs, paths.sweeps); RUNS=/SWEEPS= override them
 # MODE=paper: the authors' setting on top of the preset (conf/mode/paper.yaml; its sweep folder is <SWEEP>-paper)
 # NAME=: the sweep folder's name (else the preset's, and <preset>.<6 hex> for a sweep whose EXTRA changes
@@ -64,6 +66,9 @@ analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (AR
 
 table: $(VENV)/.installed ## a LaTeX/Markdown/CSV table of SWEEP's summary.csv (ARGS="--rows beta --cols rho --value at_loss_0.01_pert_norm --markdown")
 	set -f; dir=$$($(WHERE) -- $(PATHS)) && $(PY) -m analysis.table "$$dir/analysis" $$ARGS
+
+redraw: $(VENV)/.installed ## a figure again from its CSV (FIG=sweeps/x/analysis/<figure>.csv STYLE=talk: <figure>_talk.png beside it)
+	set -f; $(PY) -m analysis.redraw "$$FIG" --style "$${STYLE:-paper}" $$ARGS
 
 theory: $(VENV)/.installed ## verify the modified ODEs of Theorems 3.1/4.2 numerically, draw Figures 1-3
 	$(PY) -m analysis.theory verify

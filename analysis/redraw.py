@@ -1,11 +1,12 @@
 """Draw a sweep figure again from the CSV saved beside it, in seconds, without the runs:
 
-    python -m analysis.redraw sweeps/digits/analysis/at_loss_0.01_vs_beta.csv --style talk
-    python -m analysis.redraw sweeps/toy/analysis/curves_by_rho.csv --out slides/
+    make redraw FIG=sweeps/digits/analysis/at_loss_0.01_vs_beta.csv STYLE=talk
+    .venv/bin/python -m analysis.redraw sweeps/toy/analysis/curves_by_rho.csv --out slides/
 
 The figure is known by the CSV's name (`at_loss_<T>_vs_<param>`, `max_test_acc_hill_vs_<param>`,
-`limit_one_norm_vs_<param>`, `curves_by_<param>`, `trajectories_by_<param>`), as `python -m
-analysis` wrote it; the PNG and PDF are written beside the CSV (or into `--out`).
+`limit_one_norm_vs_<param>`, `curves_by_<param>`, `trajectories_by_<param>`, `regime_map...`), as
+`python -m analysis` wrote it; the PNG and PDF are written beside the CSV (or into `--out`), named
+`<figure>_<style>` for a style other than paper: a talk version never replaces the paper's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import pandas as pd
 
 from . import figures
 
-KINDS = (r"at_loss_(?P<t>[^_]+)_vs_(?P<param>\w+)", r"max_test_acc_hill_vs_(?P<param>\w+)",
-         r"limit_one_norm_vs_(?P<param>\w+)", r"curves_by_(?P<param>\w+)", r"trajectories_by_(?P<param>\w+)")
+KINDS = (r"at_loss_(?P<t>[^_]+)_vs_(?P<param>[a-z0-9]+)", r"max_test_acc_hill_vs_(?P<param>[a-z0-9]+)",
+         r"limit_one_norm_vs_(?P<param>[a-z0-9]+)", r"curves_by_(?P<param>[a-z0-9]+)",
+         r"trajectories_by_(?P<param>[a-z0-9]+)", r"regime_map(?P<param>)(_.+)?")
+STYLED = re.compile(r"(?P<stem>.+)_(?P<style>paper|talk)")  # a redrawn figure's own CSV names its style
 
 
 class RedrawError(ValueError):
@@ -29,18 +32,20 @@ class RedrawError(ValueError):
 
 def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Path]:
     csv = Path(csv)
-    name = csv.stem
-    match = next(((i, m) for i, k in enumerate(KINDS) if (m := re.fullmatch(k, name))), None)
+    styled = STYLED.fullmatch(csv.stem)
+    base = styled.group("stem") if styled else csv.stem  # the figure it is, whatever style drew it last
+    name = base if style == "paper" else f"{base}_{style}"
+    match = next(((i, m) for i, k in enumerate(KINDS) if (m := re.fullmatch(k, base))), None)
     if match is None:
         raise RedrawError(f"{csv}: not a figure's CSV of python -m analysis (names: at_loss_<T>_vs_<param>, "
                          "max_test_acc_hill_vs_<param>, limit_one_norm_vs_<param>, curves_by_<param>, "
-                         "trajectories_by_<param>)")
+                         "trajectories_by_<param>, regime_map)")
     try:
         data = pd.read_csv(csv)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RedrawError(f"{csv}: not a readable CSV ({str(e).splitlines()[0][:100]})") from None
     kind, m = match
-    param = m.group("param")
+    param = m.group("param") or "beta"  # the regime map: beta x rho
     if param not in data:
         raise RedrawError(f"{csv}: no column {param}, the figure's x axis")
     if data.empty:
@@ -75,6 +80,10 @@ def _draw(kind: int, m, data: pd.DataFrame, param: str, out: Path, name: str) ->
                                         reference=reference)
     if kind == 3:
         return figures.curves_figure(data, param, out, name=name)
+    if kind == 5:
+        t = [c[len("at_loss_"):-len("_pert_norm")] for c in data if c.startswith("at_loss_") and c.endswith("_pert_norm")]
+        threshold = float(t[0]) if t else 0.01
+        return figures._regime_map(data, threshold, out, name, None)
     minima = data["minima"].dropna() if "minima" in data else pd.Series(dtype=float)
     return figures.trajectories_figure(data, param, out, float(minima.iloc[0]) if len(minima) else None, name=name)
 

@@ -73,6 +73,7 @@ def _where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
 
 
 SPREADS = ("std", "sem", "ci95", "minmax")
+ONE_WAY = "_value"  # the column of a one-way table (no --cols): its header is the value's name
 
 
 def spread(values, kind: str) -> tuple[float, float, float]:
@@ -106,6 +107,8 @@ def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str
     """(the rows x cols table of `value`, one point per cell or `agg` over the runs of a cell; which
     cells hold a run that has not finished: running, pending, failed; the repeats' spread: None
     without repeats, else {(row, col): (mean, lo, hi)} and a caption)."""
+    if cols in (None, ONE_WAY):  # a one-way table: one column, the value
+        df, cols = df.assign(**{ONE_WAY: value}), ONE_WAY
     for name, col in (("--rows", rows), ("--cols", cols), ("--value", value)):
         if col not in df:
             raise TableError(f"{name} {col}: not a column of the summary (a column empty for every run is left "
@@ -120,9 +123,10 @@ def pivot(df: pd.DataFrame, rows: str, cols: str, value: str, where=(), agg: str
         bool((df.groupby([rows, cols])["point_id"].nunique() == 1).all())
     if agg is None and (counts > 1).any() and not repeats:
         (r, c), n = next((k, v) for k, v in counts.items() if v > 1)
+        at = f"{rows}={r}" if cols == ONE_WAY else f"{rows}={r}, {cols}={c}"
         varying = [k for k in ("h", "beta", "rho", "eps", "setting", "model", "data", "optim")
                    if k in df and k not in (rows, cols) and df[k].nunique() > 1]
-        raise TableError(f"{n} runs have {rows}={r}, {cols}={c} (they differ in {', '.join(varying) or 'other keys'}): "
+        raise TableError(f"{n} runs have {at} (they differ in {', '.join(varying) or 'other keys'}): "
                          "choose them with --where key=value, or average them with --agg mean")
     values = pd.to_numeric(df[value], errors="coerce")
     if values.isna().all() and df[value].notna().any():
@@ -211,8 +215,9 @@ def render(table: pd.DataFrame, marks: pd.DataFrame, rows: str, cols: str, value
         what += f": {spreads[1]}"
     if marks.to_numpy().any():
         what += "; * a run that has not finished (running, pending or failed): not its final value"
+    corner, names = _headers(table, rows, cols, style)
     if style == "csv":
-        head = [f"{rows}\\{cols}", *map(label, table.columns)]
+        head = [corner, *names]
         body = [[label(r), *row] for r, row in zip(table.index, cells)]
         if spreads is not None:  # the spread beside each mean: <col>_lo, <col>_hi
             head = [head[0]] + [f"{h}{s}" for h in head[1:] for s in ("", "_lo", "_hi")]
@@ -222,16 +227,24 @@ def render(table: pd.DataFrame, marks: pd.DataFrame, rows: str, cols: str, value
                     for r, row in zip(table.index, cells)]
         return "\n".join(",".join(x) for x in [head, *body]) + "\n"
     if style == "markdown":
-        head = [f"{rows} \\ {cols}", *map(label, table.columns)]
+        head = [corner, *names]
         out = [f"| {' | '.join(head)} |", "| " + " | ".join(["---"] * len(head)) + " |"]
         out += [f"| {label(r)} | {' | '.join(row)} |" for r, row in zip(table.index, cells)]
         return f"<!-- {what} -->\n" + "\n".join(out) + "\n"
-    corner = f"{_latex_name(rows)} \\textbackslash{{}} {_latex_name(cols)}"
-    head = [corner, *(latex_escape(label(c)) for c in table.columns)]
+    corner = _latex_name(rows) if cols == ONE_WAY else f"{_latex_name(rows)} \\textbackslash{{}} {_latex_name(cols)}"
+    head = [corner, *(latex_escape(n) for n in names)]
     out = [f"% {latex_escape(what)}", r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule",
            " & ".join(head) + r" \\", r"\midrule"]
     out += [f"{latex_escape(label(r))} & " + " & ".join(row) + r" \\" for r, row in zip(table.index, cells)]
     return "\n".join([*out, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def _headers(table: pd.DataFrame, rows: str, cols: str, style: str) -> tuple[str, list[str]]:
+    """(the corner, the column headers): `rows \\ cols` and the values of cols; a one-way table's
+    corner is its rows' name and its one header the value's name."""
+    if cols == ONE_WAY:
+        return rows, [str(c) for c in table.columns]
+    return {"csv": f"{rows}\\{cols}", "markdown": f"{rows} \\ {cols}"}.get(style, ""), [label(c) for c in table.columns]
 
 
 def main(argv=None) -> int:
@@ -239,7 +252,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("summary", help="a summary.csv, or the folder that holds it")
     ap.add_argument("--rows", required=True)
-    ap.add_argument("--cols", required=True)
+    ap.add_argument("--cols", default=None, help="(default: none: a one-way table of --rows)")
     ap.add_argument("--value", required=True)
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--agg", choices=("mean", "median", "min", "max"), default=None)
@@ -262,7 +275,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     spreads = (*spreads, a.spread) if spreads is not None else None
-    text = render(table, marks, a.rows, a.cols, a.value, a.style or "latex", a.fmt, a.agg, spreads)
+    text = render(table, marks, a.rows, a.cols or ONE_WAY, a.value, a.style or "latex", a.fmt, a.agg, spreads)
     if a.out:
         Path(a.out).write_text(text)
         print(f"wrote {a.out}")

@@ -374,10 +374,29 @@ def test_redraw_draws_every_figure_again_from_its_csv(tmp_path, capsys):
     before = {p: p.read_text() for p in csvs}
     assert redraw_main([*map(str, csvs), "--style", "talk", "--out", str(tmp_path / "again")]) == 0
     for p in csvs:
-        assert (tmp_path / "again" / f"{p.stem}.png").stat().st_size > 1000
+        assert (tmp_path / "again" / f"{p.stem}_talk.png").stat().st_size > 1000
         assert p.read_text() == before[p]
     assert redraw_main([str(paths["summary"])]) == 2
     assert "not a figure's CSV" in capsys.readouterr().err
+    # beside the original, never over it: <figure>_talk.png; the paper's PNG and PDF unchanged
+    png = csvs[0].with_suffix(".png")
+    paper = png.read_bytes()
+    assert redraw_main([str(csvs[0]), "--style", "talk"]) == 0
+    assert png.read_bytes() == paper and csvs[0].with_name(f"{csvs[0].stem}_talk.png").stat().st_size > 1000
+
+
+def test_the_regime_map_redraws_from_its_csv(tmp_path):
+    from analysis.figures import regime_map_figure
+    from analysis.redraw import redraw
+
+    rows = [dict(run_id=f"{i:012x}", h=0.1, beta=b, rho=r, state="completed", regime="stable", hill_height=1.0 + i,
+                 **{"at_loss_0.01_pert_norm": 0.1 * (1 + i), "at_loss_0.01_test_acc": 0.9})
+            for i, (b, r) in enumerate((b, r) for b in (0.5, 0.9, 0.99) for r in (0.5, 0.9, 0.99))]
+    paths = regime_map_figure(pd.DataFrame(rows), 0.01, tmp_path)
+    csv = next(p for p in paths if p.suffix == ".csv")
+    again = redraw(csv, tmp_path / "again")
+    assert {p.name for p in again} == {"regime_map.png", "regime_map.pdf", "regime_map.csv"}
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "regime_map.csv"), pd.read_csv(csv))
 
 
 def test_a_dense_beta_rho_grid_gets_its_phase_diagram(tmp_path):

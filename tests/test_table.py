@@ -143,3 +143,13 @@ def test_every_column_of_a_real_summary_is_explained(tmp_path, cfg_factory):
     assert unexplained == [], unexplained
     text = paths["columns"].read_text()
     assert all(f"| `{c}` |" in text for c in columns)
+
+
+def test_a_one_way_table_from_rows_alone(summary, capsys):
+    folder, df = summary
+    code, out, _ = run(capsys, str(folder), "--rows", "beta", "--value", "hill_height", "--where", "h=0.01",
+                       "--where", "rho=0.99", "--markdown")
+    assert code == 0 and "| beta | hill_height |" in out
+    assert [ln.split(" | ")[1].rstrip(" |") for ln in out.splitlines()[3:]] == ["1.49", "1.89"]
+    code, out, err = run(capsys, str(folder), "--rows", "beta", "--value", "hill_height", "--where", "h=0.01")
+    assert code == 2 and "3 runs have beta=0.5 (they differ in rho)" in err
