@@ -81,7 +81,7 @@ def _draw(kind: int, m, data: pd.DataFrame, param: str, out: Path, name: str) ->
     if kind == 3:
         return figures.curves_figure(data, param, out, name=name)
     if kind == 5:
-        t = [c[len("at_loss_"):-len("_pert_norm")] for c in data if c.startswith("at_loss_") and c.endswith("_pert_norm")]
+        t = [m.group(1) for c in data if (m := re.fullmatch(r"at_loss_(.+)_pert_norm", c))]
         threshold = float(t[0]) if t else 0.01
         return figures._regime_map(data, threshold, out, name, None)
     minima = data["minima"].dropna() if "minima" in data else pd.Series(dtype=float)
