@@ -25,8 +25,14 @@ FIXED = {
     "last_loss": "the training loss at the last row, finished or not",
     "final_loss": "the training loss at the end of a finished run (empty otherwise)",
     "max_test_acc": "the largest test accuracy over the run's evaluations",
-    "hill_height": "the hill of the perturbed one-norm P (Section 7): max over s < t of P_t − P_s",
-    "hill_trough_step": "the step s of the hill's trough", "hill_peak_step": "the step t of the hill's peak",
+    "hill_height": "the paper's hill of the perturbed one-norm P (Section 7): the largest rise P_t − P_s (s < t) "
+                   "after the start-up, i.e. with s at or after the first step whose training loss is ≤ 5 % of the "
+                   "initial loss; empty when the loss never falls that far or P rises after it by less than 5 % of "
+                   "P_s (a monotone curve)",
+    "rise_max": "the largest rise P_t − P_s (s < t) anywhere in the run, the start-up bump of Adam's first steps "
+                "included (0 when P never rises): the hill_height of the rule before 2026-12-06",
+    "hill_trough_step": "the step s of the hill's trough (empty: no hill)",
+    "hill_peak_step": "the step t of the hill's peak (empty: no hill)",
     "hill_height_rel_trough": "hill_height / P_s: the rise relative to the trough",
     "hill_height_rel_floor": "hill_height / (p √ε): the rise relative to the norm's floor at a zero gradient",
     "regime": "stable, spiky (a jump above the spike factor × the running minimum) or diverged",

@@ -33,7 +33,8 @@ LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "traini
          "test_acc": "test accuracy", "acc": "training accuracy", "l1_norm": r"$\|\nabla E\|_1$",
          "l2_norm": r"$\|\nabla E\|_2$", "bias_norm": "norm of the bias term (3)",
          "max_test_acc": "max test accuracy", "limit_one_norm": r"$|\theta_1| + |\theta_2|$ at the end",
-         "hill_height": r"hill height of $\|\nabla E\|_{1,\varepsilon}$"}
+         "hill_height": r"hill of $\|\nabla E\|_{1,\varepsilon}$ after the start-up",
+         "rise_max": r"largest rise of $\|\nabla E\|_{1,\varepsilon}$"}
 
 
 TEST_METRICS = ("test_acc", "test_loss", "max_test_acc")
@@ -304,8 +305,9 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     if repeats:  # the repeats of a point: their median per step, their min and max the band
         drawn = drawn.groupby([*keys, "metric", "step"], dropna=False)["value"].agg(
             value="median", lo="min", hi="max").reset_index()
+    marks = curves[curves["metric"].isin(HILL_MARKS)] if not repeats else curves.iloc[0:0]
     shown = pd.concat([envelope(drawn, keys),
-                       curves[curves["metric"] == "pert_norm_floor"].drop_duplicates(keys)], ignore_index=True)
+                       curves[curves["metric"] == "pert_norm_floor"].drop_duplicates(keys), marks], ignore_index=True)
     clipped = banded = False
     for i, key in enumerate(combos):
         sel = shown
@@ -319,9 +321,8 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
                     ax.fill_between(g["step"], g["lo"], g["hi"], color=c, alpha=0.22, lw=0)
                     banded = True
                 ax.plot(g["step"], g["value"], color=c, lw=0.8)
-            floor = sel.loc[sel["metric"] == "pert_norm_floor", "value"]
-            if metric == "pert_norm" and len(floor):
-                ax.axhline(float(floor.iloc[0]), color="gray", ls=":", lw=1)
+            if metric == "pert_norm":
+                _floor_and_hills(ax, sel, param, color)
             clipped |= _curve_yscale(ax, metric, sub["value"])
             if i == 0 or key is not None:
                 ax.set_title(_combo_label(others, key) if key is not None else "")
@@ -330,11 +331,35 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
         axes[i, 0].set_ylabel(LABEL.get(metrics[0], metrics[0]))
         if len(metrics) > 1:
             axes[i, 1].set_ylabel(LABEL.get(metrics[1], metrics[1]))
+    handles, labels = _curves_legend(shown, param, values, color, metrics, repeats, banded, clipped)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), frameon=False)
+    cols = [c for c in (*keys, "metric", "step", "value", "lo", "hi") if c in shown]
+    return _save(fig, out, name or f"curves_by_{param}", shown[cols])
+
+
+def _floor_and_hills(ax, sel: pd.DataFrame, param: str, color: dict) -> None:
+    """A perturbed-norm panel's floor p sqrt(eps) (dotted) and each run's hill (analysis.summary.hill):
+    its trough and its peak as open triangles in the run's colour."""
+    floor = sel.loc[sel["metric"] == "pert_norm_floor", "value"]
+    if len(floor):
+        ax.axhline(float(floor.iloc[0]), color="gray", ls=":", lw=1)
+    for kind, m in HILL_MARKS.items():
+        pts = sel[sel["metric"] == kind]
+        if len(pts):
+            ax.scatter(pts["step"], pts["value"], marker=m, s=14, zorder=3, linewidths=0.6,
+                       facecolors="white", edgecolors=[color.get(v, "gray") for v in pts[param]])
+
+
+def _curves_legend(shown, param, values, color, metrics, repeats, banded, clipped) -> tuple[list, list]:
     handles = [matplotlib.lines.Line2D([], [], color=color[v], lw=1.5) for v in values]
     labels = [f"{SYMBOL.get(param, param)}={v:g}" for v in values]
     if "pert_norm" in metrics and (shown["metric"] == "pert_norm_floor").any():
         handles.append(matplotlib.lines.Line2D([], [], color="gray", ls=":", lw=1))
         labels.append(r"floor $p\sqrt{\varepsilon}$")
+    if shown["metric"].isin(HILL_MARKS).any():
+        handles.append(matplotlib.lines.Line2D([], [], color="0.3", marker="v", mfc="white", ls="", ms=4))
+        labels.append("hill: trough (▽) and peak (△) after the start-up (loss ≤ 5 % of its start)")
     if repeats:
         n = f"{min(repeats)}" if len(repeats) == 1 else f"{min(repeats)} to {max(repeats)}"
         handles.append(matplotlib.patches.Patch(color="0.5", alpha=0.3, lw=0))
@@ -345,10 +370,26 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     if clipped:
         handles.append(matplotlib.lines.Line2D([], [], ls=""))
         labels.append(f"loss axis cut at {LOSS_FLOOR:g}")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), frameon=False)
-    cols = [c for c in (*keys, "metric", "step", "value", "lo", "hi") if c in shown]
-    return _save(fig, out, name or f"curves_by_{param}", shown[cols])
+    return handles, labels
+
+
+HILL_MARKS = {"hill_trough": "v", "hill_peak": "^"}  # rows of a curves figure's data: where each run's hill is
+
+
+def hill_marks(summary: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the curves frame's shape (metric hill_trough / hill_peak, the step, the perturbed
+    norm there) for every run with a hill (summary.csv's hill_trough_step, hill_peak_step)."""
+    if "hill_trough_step" not in summary or curves.empty:
+        return curves.iloc[0:0]
+    norm = curves[curves["metric"] == "pert_norm"]
+    out = []
+    for _, r in summary.dropna(subset=["hill_trough_step", "hill_peak_step"]).iterrows():
+        run = norm[norm["run_id"] == r["run_id"]]
+        for kind, col in (("hill_trough", "hill_trough_step"), ("hill_peak", "hill_peak_step")):
+            at = run[run["step"] == r[col]]
+            if len(at):
+                out.append(at.iloc[:1].assign(metric=kind))
+    return pd.concat(out, ignore_index=True) if out else curves.iloc[0:0]
 
 
 def _repeat_counts(curves: pd.DataFrame) -> set:
@@ -625,7 +666,8 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
     fig.tight_layout()
     legend = [(matplotlib.patches.Patch(color=c), r) for r, c in REGIMES.items() if r in seen]
     if blank:  # no legend entry without a cell to show it
-        legend.append((matplotlib.patches.Patch(color=NO_VALUE), f"no value (loss never < {threshold:g}, or no run)"))
+        legend.append((matplotlib.patches.Patch(color=NO_VALUE),
+                       f"no value (loss never < {threshold:g}, no hill, or no run)"))
     legend.append((matplotlib.lines.Line2D([], [], color="0.2", ls="--", lw=0.8), r"$\beta = \rho$"))
     fig.legend(*zip(*legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(legend))
     data = runs[[c for c in ("run_id", "point_id", "h", "eps", "beta", "rho", "seed", "perturb_theta0", "state",
@@ -644,7 +686,7 @@ def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, threshol
             made += threshold_figure(summary, param, t, out)
         made += threshold_figure(summary, param, None, out, metrics=("max_test_acc", "hill_height"),
                                  name=f"max_test_acc_hill_vs_{param}")
-        made += curves_figure(curves, param, out)
+        made += curves_figure(pd.concat([curves, hill_marks(summary, curves)], ignore_index=True), param, out)
         if "limit_one_norm" in summary:  # few-parameter models (Figures 2-3): where the runs end
             ref = (limit_reference, f"smallest one-norm of a minimum: {limit_reference:.4g}") if limit_reference \
                 else None

@@ -51,19 +51,15 @@ def at_step(m: pd.DataFrame, step: int, metrics=("pert_norm", "test_acc", "loss"
             for c in metrics}
 
 
-def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1) -> dict:
-    """The largest rise of the perturbed norm P over the run: max over s < t of (P_t - P_s),
-    with the trough step s and the peak step t; also relative to P_s and to the floor
-    p sqrt(eps). `smooth` > 1 applies a trailing moving average first. A curve that never
-    rises has height 0 and no trough/peak step."""
-    ok = p.notna() & np.isfinite(p)
-    p, steps = p[ok].to_numpy(float), steps[ok].to_numpy()
-    out = dict(hill_height=NAN, hill_trough_step=NAN, hill_peak_step=NAN,
-               hill_height_rel_trough=NAN, hill_height_rel_floor=NAN)
+HILL_LOSS = 0.05  # the paper's hill comes after the start-up: its trough is searched from the first step whose
+#                  training loss is at most HILL_LOSS times the initial loss (95 % of the loss gone)
+HILL_MIN_REL = 0.05  # a rise of less than 5 % of its trough is no hill (jitter of the descent, a flat floor)
+
+
+def _largest_rise(p: np.ndarray) -> tuple[float, int | None, int | None]:
+    """(max over s < t of p_t - p_s, s, t); (0.0, None, None) when p never rises."""
     if len(p) < 2:
-        return out
-    if smooth > 1:
-        p = pd.Series(p).rolling(smooth, min_periods=1).mean().to_numpy()
+        return 0.0, None, None
     run_min = np.minimum.accumulate(p)
     arg_min = np.zeros(len(p), dtype=int)  # index of the running minimum
     for i in range(1, len(p)):
@@ -71,17 +67,44 @@ def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1) ->
     rise = p[1:] - run_min[:-1]  # P_t - min_{s<t} P_s
     t = int(np.argmax(rise)) + 1
     height = float(rise[t - 1])
-    if height <= 0:
-        out.update(hill_height=0.0, hill_height_rel_trough=0.0,
-                   hill_height_rel_floor=0.0 if floor > 0 else NAN)
+    return (height, int(arg_min[t - 1]), t) if height > 0 else (0.0, None, None)
+
+
+def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1, loss: pd.Series | None = None) -> dict:
+    """The paper's hill of the perturbed norm P (Section 7, Figures 6-7: P falls steeply, rises
+    again mid-training, then falls further): the largest rise max over t0 <= s < t of (P_t - P_s)
+    after the start-up, t0 being the first step whose training `loss` is at most HILL_LOSS x the
+    initial loss; its trough step s and peak step t; the height relative to P_s and to the floor
+    p sqrt(eps). No hill (empty cells) without a loss that falls that far, or when P rises after
+    t0 by less than HILL_MIN_REL of its trough (a monotone curve, the jitter of a descent).
+    `rise_max`: the largest rise anywhere, the start-up bump of Adam's first steps included (0
+    for a curve that never rises): the hill of the rule before 2026-12-06. `smooth` > 1 applies a
+    trailing moving average to P first."""
+    ok = p.notna() & np.isfinite(p)
+    loss = loss[ok].to_numpy(float) if loss is not None else None
+    p, steps = p[ok].to_numpy(float), steps[ok].to_numpy()
+    out = dict(hill_height=NAN, hill_trough_step=NAN, hill_peak_step=NAN,
+               hill_height_rel_trough=NAN, hill_height_rel_floor=NAN, rise_max=NAN)
+    if len(p) < 2:
         return out
-    s = int(arg_min[t - 1])
+    if smooth > 1:
+        p = pd.Series(p).rolling(smooth, min_periods=1).mean().to_numpy()
+    out["rise_max"] = _largest_rise(p)[0]
+    if loss is None or not np.isfinite(loss[0]):
+        return out
+    with np.errstate(invalid="ignore"):
+        down = np.nonzero(loss <= HILL_LOSS * loss[0])[0]
+    if not len(down):
+        return out
+    t0 = int(down[0])
+    height, s, t = _largest_rise(p[t0:])
+    if s is None or height <= HILL_MIN_REL * abs(p[t0 + s]):
+        return out
+    s, t = s + t0, t + t0
     out.update(hill_height=height, hill_trough_step=int(steps[s]), hill_peak_step=int(steps[t]),
                hill_height_rel_trough=height / p[s],
                hill_height_rel_floor=height / floor if floor and floor > 0 else NAN)
     return out
-
-
 
 
 def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
@@ -135,7 +158,7 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
         m["test_acc"].notna().any() else NAN
     floor = float(m["pert_norm_floor"].iloc[0]) if "pert_norm_floor" in m and len(m) else NAN
     if "pert_norm" in m and whole:
-        row.update(hill(m["pert_norm"], m["step"], floor, smooth))
+        row.update(hill(m["pert_norm"], m["step"], floor, smooth, loss=m["loss"]))
     else:
         row.update(hill(pd.Series(dtype=float), pd.Series(dtype=float)))
     tc = (run["config"].get("train") or {}) if isinstance(run["config"], dict) else {}
@@ -178,6 +201,7 @@ def needs(column: str) -> str | None:
     crossing = rf"at_(?:loss|step)_.+?_({'|'.join((*CROSSING_METRICS, 'loss'))})"  # first_crossing's, at_step's
     for pattern, metric in ((crossing, None), (r"max_test_acc", "test_acc"),
                             (r"hill_height_rel_floor", "pert_norm_floor"), (r"hill_.+", "pert_norm"),
+                            (r"rise_max", "pert_norm"),
                             (r"limit_grad_one_norm", "l1_norm"), (r"limit_.+", "theta_0")):
         m = re.fullmatch(pattern, column)
         if m:

@@ -66,7 +66,8 @@ def test_hill_of_known_height_and_position():
     p = 10 * np.exp(-np.arange(100) / 5.0)  # decline ...
     p[30:60] += np.concatenate([np.linspace(0, 4, 15), np.linspace(4, 0, 15)])  # ... a hill of 4 ...
     p = pd.Series(p)
-    out = hill(p, steps, floor=0.5)
+    loss = pd.Series(np.exp(-np.arange(100) / 5.0))  # 5 % of its start from step 15 on
+    out = hill(p, steps, floor=0.5, loss=loss)
     trough = int(np.argmin(p[:45].to_numpy()))
     assert out["hill_trough_step"] == trough and out["hill_peak_step"] == 44
     assert out["hill_height"] == pytest.approx(p[44] - p[trough], rel=1e-12)
@@ -77,15 +78,39 @@ def test_hill_of_known_height_and_position():
     assert out["hill_height_rel_floor"] == pytest.approx(out["hill_height"] / 0.5)
 
 
-def test_hill_monotone_curve_has_zero_height_and_no_steps():
-    out = hill(pd.Series(np.linspace(5, 1, 20)), pd.Series(range(20)))
-    assert out["hill_height"] == 0.0 and np.isnan(out["hill_peak_step"])
+def test_hill_monotone_curve_has_no_hill_an_empty_cell():
+    out = hill(pd.Series(np.linspace(5, 1, 20)), pd.Series(range(20)), loss=pd.Series(np.geomspace(1, 1e-3, 20)))
+    assert np.isnan(out["hill_height"]) and np.isnan(out["hill_peak_step"]) and out["rise_max"] == 0.0
+
+
+def test_the_hill_is_the_mid_training_one_not_the_start_up_bump():
+    """Adam's start-up: P rises from 60 to 84 in the first 5 steps and jitters on its way down (a
+    rise of 20 % at step 12), falls to ~3 by step 40, then a mid-training hill of 2 at steps 60-100
+    (the paper's Figure 6). The hill is the last; the bump is `rise_max`. The trough search starts
+    where the loss is first <= 5 % of its start (step 15 here)."""
+    n = np.arange(200)
+    p = 3 + 81 * np.exp(-np.maximum(n - 5, 0) / 6.0)
+    p[:6] = np.linspace(60, 84, 6)  # the start-up bump
+    p[12] *= 1.2  # jitter of the descent
+    p[60:101] += 2 * np.sin(np.linspace(0, np.pi, 41))  # the hill
+    loss = pd.Series(2.3 * np.exp(-n / 5.0))
+    out = hill(pd.Series(p), pd.Series(n), loss=loss)
+    assert 60 <= out["hill_trough_step"] <= 61 and out["hill_peak_step"] == 80
+    assert out["hill_height"] == pytest.approx(p[80] - p[int(out["hill_trough_step"])], rel=1e-12)
+    assert out["rise_max"] == pytest.approx(24.0)
+    # a loss that never falls to 5 % of its start has not finished its start-up: no hill; no loss: none
+    assert np.isnan(hill(pd.Series(p), pd.Series(n), loss=pd.Series(np.linspace(2.3, 1.0, 200)))["hill_height"])
+    assert np.isnan(hill(pd.Series(p), pd.Series(n))["hill_height"])
+    # a rise of less than 5 % of its trough (rounding along the floor) is no hill
+    flat = pd.Series(np.r_[10.0, 4.0, 3.0, 3.0 * 1.04, 3.0])
+    assert np.isnan(hill(flat, pd.Series(range(5)), loss=pd.Series([1.0, 0.5, 0.01, 0.01, 0.01]))["hill_height"])
 
 
 def test_hill_smoothing_removes_oscillation():
     p = pd.Series(np.linspace(5, 1, 40) + 0.3 * (-1) ** np.arange(40))
-    assert hill(p, pd.Series(range(40)))["hill_height"] > 0.3
-    assert hill(p, pd.Series(range(40)), smooth=2)["hill_height"] == 0.0
+    loss = pd.Series(np.geomspace(1, 1e-4, 40))
+    assert hill(p, pd.Series(range(40)), loss=loss)["hill_height"] > 0.3
+    assert np.isnan(hill(p, pd.Series(range(40)), smooth=2, loss=loss)["hill_height"])
 
 
 def test_regimes():
@@ -155,7 +180,7 @@ def test_summary_csv_has_the_digits_the_data_supports_and_parquet_every_digit(tm
         raw = next(csv.DictReader(f))
     full = pd.read_parquet(tmp_path / "analysis" / "summary.parquet").iloc[0]
     assert full["last_loss"] == loss[-1] and raw["last_loss"] == f"{loss[-1]:.7g}"
-    for col in ("last_loss", "final_loss", "at_loss_0.5_pert_norm", "hill_height"):
+    for col in ("last_loss", "final_loss", "at_loss_0.5_pert_norm", "rise_max"):
         digits = raw[col].split("e")[0].replace("-", "").replace(".", "").lstrip("0")
         assert 0 < len(digits) <= 7, (col, raw[col])
         assert float(raw[col]) == pytest.approx(full[col], rel=5e-7), col
