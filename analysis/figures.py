@@ -93,7 +93,7 @@ def _others(frame: pd.DataFrame, param: str) -> list[str]:
     `setting` when the runs differ in a key no axis draws (analysis.runs.label_settings): each
     combination is a series of its own, never joined to another."""
     out = [c for c in HYPER if c != param and c in frame and frame[c].nunique(dropna=True) > 1]
-    if "setting" in frame and frame["setting"].fillna("").nunique() > 1:
+    if "setting" in frame and frame["setting"].astype(object).fillna("").nunique() > 1:
         out.append("setting")
     return out
 
@@ -108,7 +108,7 @@ def _combo_label(names, values) -> str:
 
 
 def _with_setting(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.assign(setting=frame["setting"].fillna("").astype(str)) if "setting" in frame else frame
+    return frame.assign(setting=frame["setting"].astype(object).fillna("").astype(str)) if "setting" in frame else frame
 
 
 def _xscale(ax, param, values):

@@ -1,6 +1,7 @@
 """Analysis stages on histories with known answers, on broken inputs, and on a real run."""
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -22,11 +23,12 @@ ID = {}  # label of a hand-written run -> its run id (the hash of its config, as
 
 def write_run(root, label, loss, pert=None, state="completed", test_acc=None, beta=0.9, rho=0.999,
               floor=0.5, extra=None, data=None):
-    """A run directory written by hand, named by the hash of its config (`label` is a config key
-    too, so runs with equal hyperparameters are distinct runs); ID[label] is its run id."""
+    """A run directory written by hand, named by the hash of its config (`label` sets its seed, so
+    runs with equal hyperparameters are distinct runs: repeats of one point); ID[label] is its run id."""
     n = len(loss)
+    seed = int(hashlib.sha1(label.encode()).hexdigest()[:6], 16)
     cfg = dict(optim=dict(name="adam", h=1e-4, beta=beta, rho=rho, eps=1e-8), model=dict(name="cnn"),
-               data=data or dict(name="synthetic"), seed=0, train=dict(max_steps=n - 1), label=label)
+               data=data or dict(name="synthetic"), seed=seed, train=dict(max_steps=n - 1))
     rid = ID[label] = run_id(OmegaConf.create(cfg))
     d = root / rid
     d.mkdir(parents=True)
