@@ -175,9 +175,14 @@ def test_successive_orders():
 def test_verify_cli_prints_orders_and_slopes(capsys):
     from analysis.theory.__main__ import main
 
-    main(["verify", "--hs", "8e-3", "4e-3", "2e-3", "--T", "0.1", "--algos", "adam", "momentum",
-             "--models", "bilinear", "--forms", "first", "modified"])
+    code = main(["verify", "--hs", "8e-3", "4e-3", "2e-3", "--T", "0.1", "--algos", "adam", "momentum",
+                 "--models", "bilinear", "--forms", "first", "modified"])
     out = capsys.readouterr().out
+    verdicts = [ln for ln in out.splitlines() if ln.startswith("verdict: ")]
+    assert len(verdicts) == 4 and all(ln.endswith((": pass", ": FAIL")) for ln in verdicts)
+    assert "adam on bilinear (p=2), modified form: order " in out and "expected 2 ± 0.25" in out
+    assert code == (0 if all(ln.endswith(": pass") for ln in verdicts) else 1)
+    out = "\n".join(ln for ln in out.splitlines() if not ln.startswith("verdict: "))
     assert out.count("order") == 2 and "adam on bilinear" in out and "momentum on bilinear" in out
     assert out.count("slope 1") == 2 and out.count("slope 2") == 2 and "tanh" not in out and "rmsprop" not in out
 
@@ -193,7 +198,8 @@ def test_example_2_3_adam_with_large_eps_is_heavy_ball(capsys):
     assert 0.95 < r["orders"]["first"] < 1.05
     assert 1.75 < r["slopes"]["modified"][0] < r["slopes"]["modified"][-1] < 2.05
     assert r["slopes"]["modified"][-1] > 1.9
-    assert "Example 2.3 (a)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Example 2.3 (a)" in out and r["passed"] and out.count(": pass") == 3
 
 
 def test_heavy_ball_rhs_against_ghosh_et_al_written_out():

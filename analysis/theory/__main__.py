@@ -43,13 +43,15 @@ def main(argv=None):
     f.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
     a = ap.parse_args(argv)
     if a.cmd == "verify":
-        verify(a.beta, a.rho, a.eps, a.net_eps, a.T, a.hs, a.batches, a.algos, a.models, a.forms)
+        results = verify(a.beta, a.rho, a.eps, a.net_eps, a.T, a.hs, a.batches, a.algos, a.models, a.forms)
+        return 0 if all(r["passed"] for r in results) else 1
     elif a.cmd == "example23":
-        example_2_3(a.beta, a.rho, T=a.T)
+        return 0 if example_2_3(a.beta, a.rho, T=a.T)["passed"] else 1
     else:
         made = figures(a.out, a.eps, a.T, a.gtol, a.h, a.betas, a.rhos, a.hs, a.max_steps, a.ode_budget, a.style)
         print(f"wrote {len(made)} files under {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

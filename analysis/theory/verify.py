@@ -67,6 +67,26 @@ def _print_table(title, hs, errs, out, hname="h"):
     return orders, slopes
 
 
+TOLERANCE = 0.25  # a measured order passes within this of the theorem's
+
+
+def expected_order(algo: str, form: str) -> int:
+    """The order in h the theorems give: the first-order flow 1, the modified ODEs 2 (Theorems 3.1,
+    4.2; [8] for heavy-ball GD); the large-n form (2)-(3) 2 for Adam (bias correction makes its
+    leading term exact in full batch), 1 for RMSProp (its R^(n) carries 1 - rho^(n+1))."""
+    if form == "large_n":
+        return 2 if algo == "adam" else 1
+    return 1 if form == "first" else 2
+
+
+def verdict(what: str, measured: float, expected: float, out) -> bool:
+    """One line: the measured order against the expected one, pass or FAIL."""
+    ok = math.isfinite(measured) and abs(measured - expected) <= TOLERANCE
+    print(f"verdict: {what}: order {measured:.2f}, expected {expected:g} ± {TOLERANCE:g}: "
+          f"{'pass' if ok else 'FAIL'}", file=out)
+    return ok
+
+
 def verify(beta=0.5, rho=0.6, eps=1e-8, net_eps=1e-2, T=0.5, hs=(8e-3, 4e-3, 2e-3), batches=1,
            algos=("adam", "rmsprop"), models=MODELS, forms=("first", "modified"), out=None):
     """Print, for each optimizer and model, the max distance between iterates and each ODE's
@@ -86,6 +106,10 @@ def verify(beta=0.5, rho=0.6, eps=1e-8, net_eps=1e-2, T=0.5, hs=(8e-3, 4e-3, 2e-
             extra = "" if algo == "momentum" else f", eps={e:g}"
             orders, slopes = _print_table(f"{algo} on {pname}{extra}", hs, errs, out)
             results.append(dict(problem=pname, algo=algo, errors=errs, orders=orders, slopes=slopes))
+    print("", file=out)
+    for r in results:
+        r["passed"] = all([verdict(f"{r['algo']} on {r['problem']}, {form} form", order,
+                                   expected_order(r["algo"], form), out) for form, order in r["orders"].items()])
     return results
 
 
@@ -114,5 +138,11 @@ def example_2_3(beta=0.5, rho=0.6, h=4e-3, T=0.5, epss=(1e6, 1e7, 1e8, 1e9),
     print(f"\nExample 2.3 (b): heavy-ball GD (beta={beta}) vs the flows of [8], T={T}, from (1, 0.9)",
           file=out)
     orders, slopes = _print_table("  momentum on bilinear (p=2)", hs, errs, out)
-    return dict(order_in_inv_eps=order_eps["adam - heavy ball"], slopes_in_inv_eps=slopes_eps["adam - heavy ball"],
+    print("", file=out)
+    passed = all([verdict("Example 2.3 (a), Adam to heavy-ball GD in 1/eps", order_eps["adam - heavy ball"], 1, out),
+                  verdict("Example 2.3 (b), heavy-ball GD, first-order flow", orders["first"], 1, out),
+                  verdict("Example 2.3 (b), heavy-ball GD, modified equation of [8] (last slope)",
+                          slopes["modified"][-1], 2, out)])
+    return dict(passed=passed, order_in_inv_eps=order_eps["adam - heavy ball"],
+                slopes_in_inv_eps=slopes_eps["adam - heavy ball"],
                 distances=dist["adam - heavy ball"], errors=errs, orders=orders, slopes=slopes)
