@@ -130,6 +130,7 @@ def main(argv=None):
                     help="moving-average window before the hill")
     ap.add_argument("--spike-factor", type=positive("--spike-factor", minimum=1), default=10.0)
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="also print a table of every run")
     ap.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
     ap.add_argument("--trust", default="", help="users and @groups whose run folders count beside yours "
                     "(store.trust; comma-separated)")
@@ -144,19 +145,36 @@ def main(argv=None):
     import pandas as pd
 
     s = pd.read_csv(paths["summary"])
-    # every key in which the runs differ: h, beta, rho, the setting (a key no axis draws) and the repeat
-    keys = [c for c in ("h", "beta", "rho") if c in s] + [c for c in ("eps", "setting", "seed", "perturb_theta0")
-                                                         if c in s and s[c].nunique(dropna=True) > 1]
-    cols = [c for c in ("run_id", *keys, "state", "steps", "final_loss", "hill_height",
-                        "max_test_acc", "regime", "limit_one_norm") if c in s and s[c].notna().any()]
-    print(s[cols].to_string(index=False))
+    if a.verbose:  # every run: every key in which the runs differ (the setting, the repeat) and its values
+        keys = [c for c in ("h", "beta", "rho") if c in s] + [c for c in ("eps", "setting", "seed", "perturb_theta0")
+                                                             if c in s and s[c].nunique(dropna=True) > 1]
+        cols = [c for c in ("run_id", *keys, "state", "steps", "final_loss", "hill_height",
+                            "max_test_acc", "regime", "limit_one_norm") if c in s and s[c].notna().any()]
+        print(s[cols].to_string(index=False) + "\n")
+    for line in report_lines(a.dir, s, paths):
+        print(line)
+
+
+def report_lines(folder, summary, paths: dict) -> list[str]:
+    """What `make analyze` prints: the folder, its runs counted by state (and points x repeats),
+    and every file written, the figures by name."""
+    import pandas as pd
+
+    states = summary["state"].fillna("damaged").value_counts() if "state" in summary else pd.Series(dtype=int)
+    lines = [f"analysis of {folder}: {len(summary)} runs: " + ", ".join(f"{n} {k}" for k, n in states.items())]
     g = pd.read_csv(paths["groups"]) if paths["groups"].exists() else pd.DataFrame()
     if len(g) and g["n"].max() > 1:
-        print(f"\n{len(g)} grid points, {g['n'].min()}{'' if g['n'].min() == g['n'].max() else f' to {g.n.max()}'} "
-              f"repeats each: groups.csv has each metric's n, mean, std, min, max and the Welch tests")
-    print(f"\nwrote {paths['summary']}, {paths['groups'].name} (their columns: {paths['columns'].name}), "
-          f"{paths['curves']}" +
-          (f" and {len(paths.get('figures', []))} figure files" if "figures" in paths else ""))
+        n = f"{g['n'].min()}" if g["n"].min() == g["n"].max() else f"{g['n'].min()} to {g['n'].max()}"
+        lines.append(f"  {len(g)} grid points x {n} repeats: groups.csv has each metric's n, mean, std, min, max "
+                     "and the Welch tests")
+    out = paths["summary"].parent
+    tables = sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".parquet", ".md")
+                    and p.stem in ("summary", "groups", "curves", "columns"))
+    lines.append(f"wrote into {out}/: {', '.join(tables)} (columns.md explains the tables' columns)")
+    figures = sorted({p.stem for p in paths.get("figures", []) if p.suffix == ".png"})
+    if figures:
+        lines.append(f"  figures (PNG, PDF and the CSV they are drawn from): {', '.join(figures)}")
+    return lines
 
 
 if __name__ == "__main__":

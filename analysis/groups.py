@@ -17,6 +17,8 @@ and `<metric>_resolved_vs_prev_<param>` true when p < ALPHA. Fewer than 2 values
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -49,7 +51,9 @@ def welch(a, b) -> float:
         return NAN
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return 1.0 if a[0] == b[0] else 0.0
-    return float(st.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # nearly equal repeats: scipy warns of precision loss, the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(st.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def diverged(frame: pd.DataFrame) -> pd.Series:

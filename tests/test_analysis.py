@@ -487,3 +487,17 @@ def test_tick_labels_of_a_dense_grid_never_print_over_each_other(tmp_path):
     lo, hi = fwd.transform(list(ax.get_xlim()))
     at = (fwd.transform(shown) - lo) / (hi - lo)
     assert np.diff(at).min() >= figures.LABEL_GAP - 1e-9
+
+
+def test_make_analyze_prints_the_folder_the_counts_and_the_files_not_every_run(tmp_path, capsys):
+    for i, b in enumerate((0.5, 0.9, 0.99)):
+        write_run(tmp_path, f"r{i}", np.geomspace(2, 0.001, 30), beta=b, state="running" if i == 2 else "completed")
+    main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"analysis of {tmp_path}: 3 runs: 2 completed, 1 running"
+    assert out[1].startswith(f"wrote into {tmp_path / 'analysis'}/: columns.md, curves.csv") and "summary.csv" in out[1]
+    assert out[2].startswith("  figures (PNG, PDF and the CSV they are drawn from): at_loss_0.01_vs_beta")
+    assert not any(ID["r0"] in line for line in out)  # the per-run table only with --verbose
+    main([str(tmp_path), "--no-figures", "--verbose"])
+    out = capsys.readouterr().out
+    assert ID["r0"] in out and "figures (PNG" not in out
