@@ -453,3 +453,30 @@ def test_in_a_declared_shared_store_planted_files_cost_only_their_runs(store):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_link_planted_in_the_analysis_folder_is_replaced_never_written_through(tmp_path):
+    """A shared store (the output folder writable by its group): whoever planted summary.csv,
+    a figure or columns.md as links to a file of yours finds them replaced by the analysis's own
+    files; the file they pointed at is byte-for-byte unchanged."""
+    import grp
+
+    from analysis.__main__ import analyze
+    from pipeline.runs import owners
+
+    cfg = make_cfg(SMALL, runs=tmp_path / "runs")
+    assert train(cfg) == "completed"
+    decoy = tmp_path / "home" / ".bashrc"
+    decoy.parent.mkdir()
+    decoy.write_text("# yours\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ("summary.csv", "groups.csv", "columns.md", "curves.csv", "summary.parquet")
+    for name in names:
+        (out / name).symlink_to(decoy)
+    owners.configure({"group": grp.getgrgid(os.getgid()).gr_name})
+    os.chmod(out, 0o2770)
+    analyze(tmp_path / "runs", out, figures=False)
+    assert decoy.read_text() == "# yours\n"
+    for name in names:
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0, name
