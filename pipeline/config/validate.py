@@ -152,7 +152,6 @@ def _top_level(cfg) -> str:
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             raise ConfigError(f"sweep.repeats={show(v)} (REPEATS=): allowed values are whole numbers >= 1")
         choice(cfg, "sweep.repeat_by", ("seed", "perturb_theta0"))
-    choice(cfg, "sweep.repeat_by", ("seed", "perturb_theta0"))
     for key in ("sweep.name", "sweep.mode", "sweep.variant"):  # a folder's name under paths.sweeps, never a path
         name = text(cfg, key, null=True) if _get(cfg, key) is not None else None
         if name is not None and not FOLDER_NAME.fullmatch(name):
