@@ -162,8 +162,11 @@ def report_lines(folder, summary, paths: dict) -> list[str]:
 
     states = summary["state"].fillna("damaged").value_counts() if "state" in summary else pd.Series(dtype=int)
     lines = [f"analysis of {folder}: {len(summary)} runs: " + ", ".join(f"{n} {k}" for k, n in states.items())]
-    g = pd.read_csv(paths["groups"]) if paths["groups"].exists() else pd.DataFrame()
-    if len(g) and g["n"].max() > 1:
+    try:
+        g = pd.read_csv(paths["groups"])
+    except (OSError, ValueError):  # no groups.csv, or an empty one
+        g = pd.DataFrame()
+    if len(g) and "n" in g and g["n"].max() > 1:
         n = f"{g['n'].min()}" if g["n"].min() == g["n"].max() else f"{g['n'].min()} to {g['n'].max()}"
         lines.append(f"  {len(g)} grid points x {n} repeats: groups.csv has each metric's n, mean, std, min, max "
                      "and the Welch tests")

@@ -119,8 +119,8 @@ def group_frame(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{c}_missing"] = len(kept) - st["n"]
         rows.append(row)
     groups = pd.DataFrame(rows)
-    if groups.empty:
-        return groups
+    if groups.empty:  # no run counts (all damaged): the header alone
+        return pd.DataFrame(columns=[*ids, "n", "n_finished", "n_diverged", "repeats"])
     for c in effect_columns(metrics):
         for param in [p for p in SWEPT if p in groups and groups[p].nunique(dropna=True) > 1]:
             p_values = adjacent_welch(s, c, param)

@@ -501,3 +501,13 @@ def test_make_analyze_prints_the_folder_the_counts_and_the_files_not_every_run(t
     main([str(tmp_path), "--no-figures", "--verbose"])
     out = capsys.readouterr().out
     assert ID["r0"] in out and "figures (PNG" not in out
+
+
+def test_a_folder_of_damaged_runs_gets_a_header_only_groups_csv_and_its_counts(tmp_path, capsys):
+    d = write_run(tmp_path, "only", np.geomspace(2, 0.001, 10))
+    (d / "status.json").write_text("garbage")
+    main([str(tmp_path), "--no-figures"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"analysis of {tmp_path}: 1 runs: 1 damaged"
+    g = pd.read_csv(tmp_path / "analysis" / "groups.csv")
+    assert g.empty and {"point_id", "n", "n_diverged"} <= set(g.columns)
