@@ -321,7 +321,7 @@ def test_refused_submission_leaves_runs_pending_without_a_job(slurm, tmp_path):
 
 
 def test_nothing_keeps_running_on_the_login_node(slurm, tmp_path):
-    p = subprocess.Popen(["make", "-s", "-C", str(ROOT), "sweep", "SWEEP=synthetic", "LAUNCHER=slurm",
+    p = subprocess.Popen(["make", "-s", "-C", str(ROOT), "sweep", "SWEEP=synthetic", "NAME=synthetic", "LAUNCHER=slurm",
                           f"PROFILE={PROFILE}", f"RUNS={tmp_path}/runs", f"SWEEPS={tmp_path}/sweeps",
                           f"EXTRA={LONG}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
