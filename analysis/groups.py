@@ -72,11 +72,6 @@ def usable(summary: pd.DataFrame) -> pd.DataFrame:
     return s[s["point_id"].notna()] if "point_id" in s else s.iloc[0:0]
 
 
-def has_repeats(summary: pd.DataFrame) -> bool:
-    s = usable(summary)
-    return bool(len(s)) and bool(s.groupby("point_id").size().max() > 1)
-
-
 def metric_columns(summary: pd.DataFrame) -> list[str]:
     hyper = _hyper_columns(summary)
     return [c for c in summary.columns if c not in NOT_METRICS and c not in hyper
