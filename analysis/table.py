@@ -81,24 +81,26 @@ def spread(values, kind: str) -> tuple[float, float, float]:
     95 % interval of the mean (scipy.stats.bootstrap, percentile, a fixed seed) or min/max."""
     import numpy as np
 
-    x = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
-    x = x[np.isfinite(x)]
-    if not len(x):
+    from .groups import stats as summary_stats
+
+    st = summary_stats(values)  # n, mean, std (ddof 1), min, max of the finite values: groups.csv's rule
+    m = st["mean"]
+    if not st["n"]:
         return (math.nan, math.nan, math.nan)
-    m = float(x.mean())
     if kind == "minmax":
-        return m, float(x.min()), float(x.max())
-    if len(x) < 2:
+        return m, st["min"], st["max"]
+    if st["n"] < 2:
         return m, math.nan, math.nan
     if kind == "ci95":
-        if np.ptp(x) == 0:
+        if st["max"] == st["min"]:
             return m, m, m
         from scipy import stats
 
-        ci = stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
-                             random_state=0).confidence_interval
+        x = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+        ci = stats.bootstrap((x[np.isfinite(x)],), np.mean, confidence_level=0.95, n_resamples=9999,
+                             method="percentile", random_state=0).confidence_interval
         return m, float(ci.low), float(ci.high)
-    d = float(x.std(ddof=1)) / (math.sqrt(len(x)) if kind == "sem" else 1.0)
+    d = st["std"] / (math.sqrt(st["n"]) if kind == "sem" else 1.0)
     return m, m - d, m + d
 
 
