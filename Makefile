@@ -60,7 +60,7 @@ sweep: $(VENV)/.installed ## run a sweep preset of conf/sweep/ (default SWEEP=to
 status: $(VENV)/.installed ## table of the runs of SWEEP: state, step, loss, perturbed norm, test accuracy, job (WATCH=10: again until done)
 	set -f; $(PY) -m pipeline.dispatch.sweep status "$$SWEEP" --watch "$$WATCH" -- $(PATHS)
 
-analyze: $(VENV)/.installed ## summary.csv, curves.csv and figures for SWEEP (ARGS="--at-step 900 --smooth 5")
+analyze: $(VENV)/.installed ## summary.csv, curves.parquet and figures for SWEEP (ARGS="--at-step 900 --smooth 5 --csv")
 	set -f; dir=$$($(WHERE) -- $(PATHS)) && store=$$($(WHERE) --store -- $(PATHS)) && \
 	$(PY) -m analysis "$$dir" $${ANALYSIS_OUT:+--out "$$ANALYSIS_OUT"} $$store $$ARGS
 

@@ -1,4 +1,4 @@
-"""`python -m analysis DIR`: summary.csv, curves.csv (+ Parquet) and figures for every run
+"""`python -m analysis DIR`: summary.csv (+ Parquet), curves.parquet (curves.csv with --csv) and figures for every run
 directory under DIR (a runs root or a sweep folder).
 
     python -m analysis sweeps/fig5 --thresholds 0.1 0.01 --at-step 900 --smooth 5
@@ -47,9 +47,10 @@ def limit_reference(runs) -> float | None:
 
 
 def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor=10.0,
-            figures=True, parquet=True, style="paper") -> dict:
+            figures=True, style="paper", csv=False) -> dict:
     """Write the analysis of `root` into `out` (default `<root>/analysis`); returns paths.
-    `thresholds` None: those the runs were trained with."""
+    `thresholds` None: those the runs were trained with. The per-step curves go into
+    curves.parquet (paths["curves"]); `csv`: into curves.csv too (the same rows, ~10x larger)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"{root} is not a directory")
@@ -62,19 +63,21 @@ def analyze(root, out=None, thresholds=None, steps_at=(), smooth=1, spike_factor
     summary = summary_frame(runs, thresholds=thresholds, steps_at=steps_at, smooth=smooth,
                             spike_factor=spike_factor)
     curves = curves_frame(runs)
-    paths = dict(summary=out / "summary.csv", curves=out / "curves.csv", columns=out / "columns.md")
+    paths = dict(summary=out / "summary.csv", curves=out / "curves.parquet", columns=out / "columns.md")
     recorded = {c for r in runs if not r.get("damaged") for c in r["metrics"].columns if r["metrics"][c].notna().any()}
     summary, empty = without_empty(summary, recorded)
-    write_summary(summary, paths["summary"], out / "summary.parquet" if parquet else None)
+    write_summary(summary, paths["summary"], out / "summary.parquet")
     groups = group_frame(summary)
     paths["groups"] = out / "groups.csv"
-    write_summary(groups, paths["groups"], out / "groups.parquet" if parquet else None)
+    write_summary(groups, paths["groups"], out / "groups.parquet")
     for line in group_warnings(groups, summary):
         logging.getLogger("analysis").warning("%s", line)
     write_columns(summary.columns, paths["columns"], empty)
-    write_csv(curves, paths["curves"])
-    if parquet:
-        write_parquet(curves, out / "curves.parquet")
+    write_parquet(curves, paths["curves"])
+    if csv:
+        paths["curves_csv"] = write_csv(curves, out / "curves.csv")
+    elif (out / "curves.csv").is_file() and not (out / "curves.csv").is_symlink():
+        (out / "curves.csv").unlink()  # an earlier --csv's copy would now disagree with curves.parquet
     shown = summary[summary["damaged"].isna()] if "damaged" in summary else summary  # damaged runs: no values
     if "steps" in shown:  # a run without a row (pending, empty metrics.csv) has nothing to draw
         shown = shown[shown["steps"].fillna(0) > 0]
@@ -130,6 +133,7 @@ def main(argv=None):
                     help="moving-average window before the hill")
     ap.add_argument("--spike-factor", type=positive("--spike-factor", minimum=1), default=10.0)
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--csv", action="store_true", help="curves.csv beside curves.parquet (the same rows, ~10x larger)")
     ap.add_argument("--verbose", action="store_true", help="also print a table of every run")
     ap.add_argument("--style", default="paper", help="paper (single-column sizes) or talk (larger)")
     ap.add_argument("--trust", default="", help="users and @groups whose run folders count beside yours "
@@ -141,7 +145,7 @@ def main(argv=None):
     owners.configure(dict(trust=[t for t in a.trust.split(",") if t.strip()], group=a.group))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     paths = analyze(a.dir, a.out, a.thresholds, a.at_step, a.smooth, a.spike_factor,
-                    figures=not a.no_figures, style=a.style)
+                    figures=not a.no_figures, style=a.style, csv=a.csv)
     import pandas as pd
 
     s = pd.read_csv(paths["summary"])

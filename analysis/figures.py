@@ -16,7 +16,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.cm  # noqa: E402
 import matplotlib.colors  # noqa: E402
+import matplotlib.font_manager  # noqa: E402
 import matplotlib.lines  # noqa: E402
 import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
@@ -113,7 +115,9 @@ def _with_setting(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _xscale(ax, param, values):
     """beta and rho on the paper's axis, 1 - x on a log scale (0.9, 0.99, 0.999 equally apart;
-    0.5 too), h and eps on a log axis; a tick labelled at each swept value, none other."""
+    0.5 too), h and eps on a log axis; a labelled tick at each swept value, none other. Where two
+    labels would touch (0.8 and 0.85 on the 1 - x axis of a narrow panel), the left one has no tick
+    (fewer ticks: never a tick without its label); more than 4 labels stand upright."""
     values = np.unique(np.asarray(values, float)[np.isfinite(values)])
     if param in ("h", "eps"):
         ax.set_xscale("log")
@@ -123,31 +127,32 @@ def _xscale(ax, param, values):
     if len(values):  # a margin in the axis' own scale, so the end points are not on the frame
         ax.set_xlim(*_padded(ax, values.min(), values.max()))
     if 0 < len(values) <= 16:
-        shown = _spaced(ax, values, LABEL_GAP if len(values) > 4 else 1.6 * LABEL_GAP)
-        ax.set_xticks(values, [f"{v:g}" if keep else "" for v, keep in zip(values, shown)], minor=False)
+        upright = len(values) > 4
+        size = matplotlib.font_manager.FontProperties(size=plt.rcParams["xtick.labelsize"]).get_size_in_points()
+        # points each label takes along the axis: its height standing, ~0.6 em a character lying
+        extent = np.array([1.2 * size if upright else 0.6 * size * len(f"{v:g}") for v in values])
+        panel = 0.85 * ax.get_position().width * ax.get_figure().get_figwidth() * 72  # points, after the layout
+        shown = values[_spaced(ax, values, extent / panel, (0.15 if upright else 0.6) * size / panel)]
+        ax.set_xticks(shown, [f"{v:g}" for v in shown], minor=False)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        if len(values) > 4:
-            ax.tick_params(axis="x", labelrotation=45)
-            for lab in ax.get_xticklabels():
-                lab.set_horizontalalignment("right")
+        if upright:
+            ax.tick_params(axis="x", labelrotation=90)
 
 
-LABEL_GAP = 0.075  # the least distance between two tick labels, as a share of a panel's width
-
-
-def _spaced(ax, values: np.ndarray, gap: float) -> list[bool]:
-    """Which swept values get a label: from the right (where the 1 - x axis puts 0.99, 0.999 far
-    apart), each value at least `gap` of the axis' width from the last one labelled; every value
-    keeps its tick. Labels that would print over each other are left out, never squeezed."""
+def _spaced(ax, values: np.ndarray, extent: np.ndarray, pad: float) -> np.ndarray:
+    """Which swept values get a labelled tick: from the right (where the 1 - x axis puts 0.99, 0.999
+    far apart), each value whose label (`extent`, a share of the axis' width, centred on it) keeps
+    `pad` from the last label kept. Labels that would print over each other are left out with their
+    tick, never squeezed."""
     fwd = ax.xaxis.get_transform()
     lo, hi = fwd.transform(list(ax.get_xlim()))
     at = (fwd.transform(values) - lo) / ((hi - lo) or 1.0)
     keep, last = [False] * len(values), None
     for i in range(len(values) - 1, -1, -1):
-        if last is None or last - at[i] >= gap:
-            keep[i], last = True, at[i]
-    return keep
+        if last is None or at[last] - at[i] >= (extent[i] + extent[last]) / 2 + pad:
+            keep[i], last = True, i
+    return np.array(keep, bool)
 
 
 def _padded(ax, lo, hi):
@@ -181,90 +186,207 @@ def _finished(frame: pd.DataFrame) -> pd.Series:
     return frame["state"].isin(FINISHED) if "state" in frame else pd.Series(True, index=frame.index)
 
 
+MAX_SERIES = 6  # a series of more values is coloured by a colour map and named by a colour bar, not a legend
+WIDTH = 6.8  # inches: two columns of a paper less the saved margin, the widest a figure is drawn (analysis/look.py)
+
+
+def _fixed(frame: pd.DataFrame, param: str) -> str | None:
+    """The title of one file of a split figure: the swept keys that take one value in its rows
+    (`_files`), e.g. "h=0.01"; None when there are none. A figure is drawn from the rows it saves,
+    so that a redraw from its CSV titles it the same."""
+    keys = [c for c in (*HYPER, "setting") if c != param and c in frame and frame[c].nunique(dropna=True) == 1
+            and not (c == "setting" and str(frame[c].dropna().iloc[0]) == "")]
+    return _combo_label(keys, [frame[c].dropna().iloc[0] for c in keys]) if keys else None
+
+
+def _files(frame: pd.DataFrame, keys: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """(name suffix, rows) per combination of `keys`: "_h0.01_rho0.9", a setting by its number
+    ("_setting2", in sorted order); [("", frame)] without keys."""
+    if not keys:
+        return [("", frame)]
+    settings = sorted(frame["setting"].astype(str).unique()) if "setting" in keys else []
+    out = []
+    for key, g in frame.groupby(keys, dropna=False, sort=True):
+        out.append(("_" + "_".join(f"setting{settings.index(str(v)) + 1}" if k == "setting" else f"{k}{v:g}"
+                                   for k, v in zip(keys, _key(key))), g))
+    return out
+
+
+def _split(frame: pd.DataFrame, others: list[str], limit: int = MAX_SERIES) -> tuple[list[str], list[str]]:
+    """(keys drawn one file each, keys drawn as series in one figure): the series keep at most `limit`
+    combinations, or one key of any number of values (drawn with a colour bar); `setting` is the
+    first to go to files, then the keys of fewest values."""
+    series = sorted(others, key=lambda k: (k != "setting", frame[k].nunique(dropna=False)))
+    files = []
+    while len(series) > 1 and len(frame[series].drop_duplicates()) > limit:
+        files.append(series.pop(0))
+    return files, series
+
+
+def _colours(values, qualitative: bool) -> tuple[dict, bool]:
+    """A colour per value, and whether a colour bar must name them (more than MAX_SERIES values):
+    the style's palette for a few unordered series, else viridis up to 0.85 (its last yellows
+    vanish on white) in the values' order."""
+    values = list(values)
+    if len(values) > MAX_SERIES or not qualitative:
+        cmap = plt.get_cmap("viridis")
+        return {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}, len(values) > MAX_SERIES
+    return {v: f"C{i}" for i, v in enumerate(values)}, False
+
+
+def _colour_bar(fig, axes, values, colour: dict, name: str) -> None:
+    """A colour bar of the series' values, one equal step each, labelled with the key's symbol; where
+    its labels would be closer than 1.5 of their font size, every k-th value keeps its tick (and
+    its label: none is left blank)."""
+    values = list(values)
+    cmap = matplotlib.colors.ListedColormap([colour[v] for v in values])
+    norm = matplotlib.colors.BoundaryNorm(np.arange(len(values) + 1) - 0.5, len(values))
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), fraction=0.05, pad=0.02,
+                       aspect=25)
+    height = fig.get_figheight() * 0.7 * 72  # points the bar has, roughly
+    every = max(1, int(np.ceil(1.5 * plt.rcParams["ytick.labelsize"] * len(values) / height))) \
+        if isinstance(plt.rcParams["ytick.labelsize"], (int, float)) else 1
+    ticks = list(range(len(values) - 1, -1, -every))[::-1]
+    bar.set_ticks(ticks, labels=[_value_label(values[i]) for i in ticks])
+    bar.ax.minorticks_off()
+    bar.set_label(SYMBOL.get(name, name))
+
+
+def _value_label(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float, np.number)) else (str(v) or "(default)")
+
+
+def _legend(fig, handles, labels) -> None:
+    """One legend under the panels (a split figure's title is above them), in as many columns
+    (at most 4) as fit the figure's width, measured."""
+    if not labels:
+        return
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(len(labels), 4), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncol=ncol)
+        if ncol == 1 or legend.get_window_extent(renderer).width <= (fig.get_figwidth() - 0.1) * fig.dpi:
+            return
+        legend.remove()
+
+
 def threshold_figure(summary: pd.DataFrame, param: str, threshold: float | None, out: Path,
                      metrics=("pert_norm", "test_acc"), name: str | None = None,
-                     without_diverged: bool = False, reference: tuple[float, str] | None = None) -> list[Path]:
+                     without_diverged: bool = False, reference: tuple[float, str] | None = None,
+                     keep=()) -> list[Path]:
     """One panel per metric that some run has: its value at the first step with loss <
-    threshold vs `param`, one line per combination of the other swept hyperparameters (threshold
-    None: `max_test_acc` and the like, over the whole run); runs not finished drawn with open
-    markers; one legend beside the panels. `without_diverged`: diverged runs are left out and
+    threshold vs `param` (threshold None: `max_test_acc` and the like, over the whole run), one
+    series per combination of the other swept hyperparameters; at most MAX_SERIES series in a
+    figure or one key of more values (coloured by a colour bar), the others one file each
+    (`_split`, `_files`: `<name>_h0.01`). `without_diverged`: diverged runs are left out and
     listed under the figure (limit points: a diverged run has none). `reference`: (value, label)
-    of a horizontal line (the minimum one-norm of the toy's limit points). No panel: no figure."""
+    of a horizontal line (the minimum one-norm of the toy's limit points). `keep`: keys of one
+    value kept in the figure's CSV and title (a redrawn file of a split figure). No panel: no figure."""
     pairs = [(f"at_loss_{threshold:g}_{m}" if threshold is not None else m, m) for m in metrics]
     pairs = [(c, m) for c, m in pairs if c in summary and np.isfinite(pd.to_numeric(summary[c], errors="coerce")).any()]
     if not pairs:
         return []
     summary = _with_setting(summary)
     others = _others(summary, param)
-    shown, dropped = summary, pd.DataFrame()
+    files, _ = _split(summary, others)
+    data = summary[[c for c in ("run_id", "point_id", *others, *keep, param, "seed", "perturb_theta0", "state",
+                                "regime", "eval_mode", *[c for c, _ in pairs]) if c in summary]]
+    if reference is not None:  # analysis.redraw draws it again from the CSV
+        data = data.assign(reference_one_norm=reference[0])
+    name = name or f"at_loss_{threshold:g}_vs_{param}"
+    made = []
+    for suffix, rows in _files(data, files):
+        made += _threshold_file(rows, param, pairs, threshold, out, name + suffix, without_diverged, reference)
+    return made
+
+
+def _threshold_file(data: pd.DataFrame, param: str, pairs, threshold, out: Path, name: str,
+                    without_diverged: bool, reference) -> list[Path]:
+    """One file of `threshold_figure`: one row of panels, the series and their legend or colour bar."""
+    series = _others(data, param)
+    shown, dropped = data, data.iloc[0:0]
     if without_diverged:
-        gone = (summary.get("state") == "diverged") | (summary.get("regime") == "diverged")
-        shown, dropped = summary[~gone], summary[gone]
-    fig, axes = plt.subplots(1, len(pairs), figsize=_size(3.2 * len(pairs), 2.5), squeeze=False)
-    groups = list(shown.groupby(others, dropna=False)) if others else [(None, shown)]
-    handles, unfinished, repeats = {}, False, set()
+        gone = (data.get("state") == "diverged") | (data.get("regime") == "diverged")
+        shown, dropped = data[~gone], data[gone]
+    groups = list(shown.groupby(series if len(series) > 1 else series[0], dropna=False)) if series else [(None, shown)]
+    one = len(series) == 1 and series[0] != "setting"
+    colour, bar = _colours([k for k, _ in groups], qualitative=not one)
+    fig, axes = plt.subplots(1, len(pairs), figsize=_size(min(3.3 * len(pairs), WIDTH), 2.7), squeeze=False,
+                             layout="constrained")
+    handles, notes = {}, set()
     for ax, (col, metric) in zip(axes[0], pairs):
-        for i, (key, g) in enumerate(groups):
-            g = g.dropna(subset=[param]).sort_values(param)
-            y = pd.to_numeric(g[col], errors="coerce")
-            if not np.isfinite(y).any():
-                continue  # no legend entry without data
-            colour, marker = f"C{i % COLOURS}", MARKERS[i // COLOURS % len(MARKERS)]
-            done = _finished(g).to_numpy()
-            if g.groupby(param).size().max() > 1:  # repeats: one mean and its bar per x, never a line through runs
-                repeats |= _spread(ax, g, y, param, colour, marker)
-            else:
-                ax.plot(g[param], y, "-", color=colour)
-                ax.plot(g[param][done], y[done], marker, color=colour, ls="")
-            if (~done).any():
-                unfinished = True
-                ax.plot(g[param][~done], y[~done], marker, mfc="white", color=colour, ls="", zorder=4)
-            label = "all runs" if key is None else _combo_label(others, key)
-            handles.setdefault(label, matplotlib.lines.Line2D([], [], color=colour, marker=marker))
+        for key, g in groups:
+            label = "all runs" if key is None else _combo_label(series, key)
+            notes |= _series_points(ax, g.dropna(subset=[param]).sort_values(param), col, param, colour[key], label)
+            handles.setdefault(label, matplotlib.lines.Line2D([], [], color=colour[key], marker="o"))
         if reference is not None:
             ax.axhline(reference[0], color="0.4", ls="--", lw=0.8)
             handles.setdefault(reference[1], matplotlib.lines.Line2D([], [], color="0.4", ls="--", lw=0.8))
-        _xscale(ax, param, summary[param].to_numpy(float))
+        _xscale(ax, param, data[param].to_numpy(float))
         _yscale(ax, metric, pd.to_numeric(shown[col], errors="coerce").to_numpy(float))
         ax.set_xlabel(SYMBOL.get(param, param))
         ax.set_ylabel(_ylabel(metric, shown))
         if threshold is not None:
             ax.set_title(f"at the first step with loss < {threshold:g}")
-    if repeats:
-        n = f"n = {min(repeats)}" if len(repeats) == 1 else f"n = {min(repeats)} to {max(repeats)}"
-        handles[f"mean ± std over the repeats ({n})"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="")
-        handles["faint: each repeat"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="", alpha=0.3,
-                                                                 ms=3)
-        solid = matplotlib.lines.Line2D([], [], color="0.3")
-        handles["solid: adjacent means differ (Welch's t-test, p < 0.05)"] = solid
-        handles["dotted: within the repeats' spread"] = matplotlib.lines.Line2D([], [], color="0.3", ls=":")
-    if unfinished:
-        handles["open marker: run not finished"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o",
-                                                                          mfc="white", ls="")
-    fig.tight_layout()
-    if len(handles) > 1 or others:
-        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if bar:
+        _colour_bar(fig, axes[0], [k for k, _ in groups], colour, series[0])
+        handles = {k: v for k, v in handles.items() if not any(k == _combo_label(series, g) for g, _ in groups)}
+    handles.update(_threshold_notes(notes))
+    if len(handles) > 1 or (series and not bar):
+        _legend(fig, list(handles.values()), list(handles))
+    title = _fixed(data, param)
+    if title:
+        fig.suptitle(title)
     if len(dropped):
-        listed = "; ".join(_combo_label([param, *others], [r[param], *[r[o] for o in others]])
+        listed = "; ".join(_combo_label([param, *series], [r[param], *[r[o] for o in series]])
                            for _, r in dropped.iterrows())
-        fig.text(0.01, -0.02, f"left out, diverged (no limit point): {listed}", fontsize=7,
-                 va="top", wrap=True)
-    cols = [c for c, _ in pairs]
-    data = shown[[c for c in ("run_id", "point_id", *others, param, "seed", "perturb_theta0", "state", "regime", *cols)
-                  if c in shown]]
-    if reference is not None:  # analysis.redraw draws it again from the CSV
-        data = data.assign(reference_one_norm=reference[0])
-    return _save(fig, out, name or f"at_loss_{threshold:g}_vs_{param}", data)
+        fig.text(0.01, -0.02, f"left out, diverged (no limit point): {listed}", fontsize=7, va="top", wrap=True)
+    return _save(fig, out, name, shown)
 
 
-def _spread(ax, g: pd.DataFrame, y: pd.Series, param: str, colour, marker) -> set:
+def _series_points(ax, g: pd.DataFrame, col: str, param: str, colour, label: str) -> set:
+    """One series of a threshold panel: its points joined by a line (repeats: their mean and spread,
+    `_spread`), runs not finished as open markers. What the legend must explain ("repeats n",
+    "unfinished")."""
+    y = pd.to_numeric(g[col], errors="coerce")
+    if not np.isfinite(y).any():
+        return set()
+    notes, done = set(), _finished(g).to_numpy()
+    gid = f"series {label}"
+    if g.groupby(param).size().max() > 1:  # repeats: one mean and its bar per x, never a line through runs
+        notes |= {f"repeats {n}" for n in _spread(ax, g, y, param, colour, gid)}
+    else:
+        ax.plot(g[param], y, "-", color=colour, gid=gid)
+        ax.plot(g[param][done], y[done], "o", color=colour, ls="")
+    if (~done).any():
+        notes.add("unfinished")
+        ax.plot(g[param][~done], y[~done], "o", mfc="white", color=colour, ls="", zorder=4)
+    return notes
+
+
+def _threshold_notes(notes: set) -> dict:
+    """The legend entries that explain a threshold panel's marks."""
+    out = {}
+    repeats = sorted(int(n.split()[1]) for n in notes if n.startswith("repeats"))
+    if repeats:
+        n = f"n = {repeats[0]}" if len(repeats) == 1 else f"n = {repeats[0]} to {repeats[-1]}"
+        out[f"mean ± std over the repeats ({n})"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="")
+        out["faint: each repeat"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="", alpha=0.3, ms=3)
+        out["solid: adjacent means differ (Welch, p < 0.05)"] = matplotlib.lines.Line2D([], [], color="0.3")
+        out["dotted: within the repeats' spread"] = matplotlib.lines.Line2D([], [], color="0.3", ls=":")
+    if "unfinished" in notes:
+        out["open marker: run not finished"] = matplotlib.lines.Line2D([], [], color="0.3", marker="o", mfc="white",
+                                                                       ls="")
+    return out
+
+
+def _spread(ax, g: pd.DataFrame, y: pd.Series, param: str, colour, gid: str) -> set:
     """The repeats of one series: each repeat a faint point; per x one marker at the mean of the
     repeats that did not diverge and a bar of one standard deviation (analysis.groups.stats); the
     means joined by a solid line where Welch's t-test resolves the difference (p < ALPHA), a dotted
     one where it does not. The numbers of repeats drawn."""
     from .groups import ALPHA, diverged, stats, welch
 
-    ax.plot(g[param], y, marker, color=colour, ls="", alpha=0.3, ms=3, zorder=1)
+    ax.plot(g[param], y, "o", color=colour, ls="", alpha=0.3, ms=3, zorder=1)
     kept = ~diverged(g).to_numpy()
     per_x = [(x, y[(g[param] == x).to_numpy() & kept]) for x in np.sort(g[param].unique())]
     per_x = [(x, v, stats(v)) for x, v in per_x if stats(v)["n"]]
@@ -275,32 +397,25 @@ def _spread(ax, g: pd.DataFrame, y: pd.Series, param: str, colour, marker) -> se
     sds = [s["std"] if np.isfinite(s["std"]) else 0.0 for _, _, s in per_x]
     for (x0, v0, s0), (x1, v1, s1) in zip(per_x, per_x[1:]):
         p = welch(v0, v1)
-        ax.plot([x0, x1], [s0["mean"], s1["mean"]], color=colour, lw=1, zorder=2,
+        ax.plot([x0, x1], [s0["mean"], s1["mean"]], color=colour, lw=1, zorder=2, gid=gid,
                 ls="-" if np.isfinite(p) and p < ALPHA else ":")
-    ax.errorbar(xs, means, yerr=sds, fmt=marker, color=colour, ms=4.5, capsize=2.5, elinewidth=1, zorder=3)
+    ax.errorbar(xs, means, yerr=sds, fmt="o", color=colour, ms=4.5, capsize=2.5, elinewidth=1, zorder=3)
     return {s["n"] for _, _, s in per_x}
 
 
 def curves_figure(curves: pd.DataFrame, param: str, out: Path,
-                  metrics=("loss", "pert_norm"), name: str | None = None) -> list[Path]:
-    """Per-step curves as small multiples (Figures 6-7): one row of panels per combination of
-    the other swept hyperparameters, one column per metric (shared axes), one line per run
-    coloured by `param`; log y; the perturbed-norm panels draw the floor p sqrt(eps). With
-    repeats (runs of one point_id), one line per point: the median over its repeats at each step,
-    and a band from their min to their max."""
+                  metrics=("loss", "pert_norm"), name: str | None = None, keep=()) -> list[Path]:
+    """Per-step curves (Figures 6-7): one row of panels, one per metric, one line per run coloured
+    by `param` (a colour bar for more than MAX_SERIES values); log y; the perturbed-norm panel
+    draws the floor p sqrt(eps) and each run's hill. One file per combination of the other swept
+    hyperparameters (`_files`: curves_by_beta_rho0.9), titled by it. With repeats (runs of one
+    point_id), one line per point: the median over its repeats at each step, and a band from
+    their min to their max. `keep`: as threshold_figure's."""
     curves = _with_setting(curves)
     others = _others(curves, param)
-    combos = (list(curves[others].drop_duplicates().sort_values(others).itertuples(index=False, name=None))
-              if others else [None])
-    values = np.sort(curves[param].dropna().unique()) if param in curves else np.array([])
-    cmap = plt.get_cmap("viridis")  # up to 0.85: its last yellows vanish on white
-    color = {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
-    rows = len(combos)
-    fig, axes = plt.subplots(rows, len(metrics), figsize=_size(3.2 * len(metrics), min(1.9 * rows + 0.7, 11.0)),
-                             squeeze=False, sharex=True, sharey="col")
     repeats = _repeat_counts(curves)
     line = "point_id" if repeats or "run_id" not in curves else "run_id"  # a redrawn CSV of repeats: point_id
-    keys = [c for c in (line, *others, param) if c in curves]
+    keys = [c for c in (line, *others, *keep, param) if c in curves]
     drawn = curves[curves["metric"].isin(metrics)]
     if repeats:  # the repeats of a point: their median per step, their min and max the band
         drawn = drawn.groupby([*keys, "metric", "step"], dropna=False)["value"].agg(
@@ -308,34 +423,41 @@ def curves_figure(curves: pd.DataFrame, param: str, out: Path,
     marks = curves[curves["metric"].isin(HILL_MARKS)] if not repeats else curves.iloc[0:0]
     shown = pd.concat([envelope(drawn, keys),
                        curves[curves["metric"] == "pert_norm_floor"].drop_duplicates(keys), marks], ignore_index=True)
+    shown = shown[[c for c in (*keys, "metric", "step", "value", "lo", "hi") if c in shown]]
+    made = []
+    for suffix, rows in _files(shown, others):
+        made += _curves_file(rows, param, out, (name or f"curves_by_{param}") + suffix, metrics, line, repeats)
+    return made
+
+
+def _curves_file(shown: pd.DataFrame, param: str, out: Path, name: str, metrics, line: str, repeats: set):
+    """One file of `curves_figure`: a row of panels (one per metric) over the same steps."""
+    values = np.sort(shown[param].dropna().unique()) if param in shown else np.array([])
+    color, bar = _colours(values, qualitative=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=_size(min(3.3 * len(metrics), WIDTH), 2.7), squeeze=False,
+                             sharex=True, layout="constrained")
     clipped = banded = False
-    for i, key in enumerate(combos):
-        sel = shown
-        for o, v in zip(others, np.atleast_1d(key) if key is not None else []):
-            sel = sel[sel[o] == v]
-        for ax, metric in zip(axes[i], metrics):
-            sub = sel[sel["metric"] == metric]
-            for (_rid, v), g in sub.groupby([line, param], dropna=False):
-                c = color.get(v, "gray")
-                if repeats or _visible_band(g, metric in LOG_METRICS):
-                    ax.fill_between(g["step"], g["lo"], g["hi"], color=c, alpha=0.22, lw=0)
-                    banded = True
-                ax.plot(g["step"], g["value"], color=c, lw=0.8)
-            if metric == "pert_norm":
-                _floor_and_hills(ax, sel, param, color)
-            clipped |= _curve_yscale(ax, metric, sub["value"])
-            if i == 0 or key is not None:
-                ax.set_title(_combo_label(others, key) if key is not None else "")
-            if i == len(combos) - 1:
-                ax.set_xlabel("step (full-batch epoch)")
-        axes[i, 0].set_ylabel(LABEL.get(metrics[0], metrics[0]))
-        if len(metrics) > 1:
-            axes[i, 1].set_ylabel(LABEL.get(metrics[1], metrics[1]))
-    handles, labels = _curves_legend(shown, param, values, color, metrics, repeats, banded, clipped)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), frameon=False)
-    cols = [c for c in (*keys, "metric", "step", "value", "lo", "hi") if c in shown]
-    return _save(fig, out, name or f"curves_by_{param}", shown[cols])
+    for ax, metric in zip(axes[0], metrics):
+        sub = shown[shown["metric"] == metric]
+        for (_rid, v), g in sub.groupby([line, param], dropna=False):
+            c = color.get(v, "gray")
+            if repeats or _visible_band(g, metric in LOG_METRICS):
+                ax.fill_between(g["step"], g["lo"], g["hi"], color=c, alpha=0.22, lw=0)
+                banded = True
+            ax.plot(g["step"], g["value"], color=c, lw=0.8, gid=f"series {param}={v}")
+        if metric == "pert_norm":
+            _floor_and_hills(ax, shown, param, color)
+        clipped |= _curve_yscale(ax, metric, sub["value"])
+        ax.set_xlabel("step (full-batch epoch)")
+        ax.set_ylabel(LABEL.get(metric, metric))
+    if bar:
+        _colour_bar(fig, axes[0], values, color, param)
+    handles, labels = _curves_legend(shown, param, [] if bar else values, color, metrics, repeats, banded, clipped)
+    _legend(fig, handles, labels)
+    title = _fixed(shown, param)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out, name, shown)
 
 
 def _floor_and_hills(ax, sel: pd.DataFrame, param: str, color: dict) -> None:
@@ -359,7 +481,7 @@ def _curves_legend(shown, param, values, color, metrics, repeats, banded, clippe
         labels.append(r"floor $p\sqrt{\varepsilon}$")
     if shown["metric"].isin(HILL_MARKS).any():
         handles.append(matplotlib.lines.Line2D([], [], color="0.3", marker="v", mfc="white", ls="", ms=4))
-        labels.append("hill: trough (▽) and peak (△) after the start-up (loss ≤ 5 % of its start)")
+        labels.append("hill's trough ▽ and peak △ (after loss ≤ 5 % of its start)")
     if repeats:
         n = f"{min(repeats)}" if len(repeats) == 1 else f"{min(repeats)} to {max(repeats)}"
         handles.append(matplotlib.patches.Patch(color="0.5", alpha=0.3, lw=0))
@@ -475,25 +597,38 @@ def _plain_log_labels(ax) -> None:
 
 
 def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: float | None = None,
-                        name: str | None = None) -> list[Path]:
+                        name: str | None = None, keep=()) -> list[Path]:
     """The θ-plane of a two-parameter model (Figures 2-3): each run's path (θ_1, θ_2) from θ_0,
-    coloured by `param`, one panel per combination of the other swept hyperparameters, its end
-    point marked; with `minima` = c the hyperbola θ_1 θ_2 = c of the minima and its point of
-    smallest one-norm (√c, √c)."""
+    coloured by `param`, one panel per combination of the other swept hyperparameters (at most
+    MAX_SERIES in a figure of up to three columns; more: one file per value of the first keys,
+    `_files`), its end point marked; with `minima` = c the hyperbola θ_1 θ_2 = c of the minima and
+    its point of smallest one-norm (√c, √c). `keep`: as threshold_figure's."""
     sel = curves[curves["metric"].isin(["theta_0", "theta_1"])]
     if sel.empty:
         return []
-    sel = _thinned(sel)
-    others = _others(curves, param)
+    sel = _with_setting(_thinned(sel))
+    others = _others(sel, param)
+    panels, files = list(others), []
+    while panels and len(sel[panels].drop_duplicates()) > MAX_SERIES:
+        files.append(panels.pop(0))
+    cols = [c for c in ("run_id", *others, *keep, param, "step", "metric", "value") if c in sel]
+    made = []
+    for suffix, rows in _files(sel[cols].assign(minima=minima), files):
+        made += _trajectories_file(rows, param, out, (name or f"trajectories_by_{param}") + suffix, minima)
+    return made
+
+
+def _trajectories_file(sel: pd.DataFrame, param: str, out: Path, name: str, minima: float | None) -> list[Path]:
+    """One file of `trajectories_figure`."""
+    others = _others(sel, param)
     combos = (list(sel[others].drop_duplicates().sort_values(others).itertuples(index=False, name=None))
               if others else [None])
     values = np.sort(sel[param].dropna().unique())
-    cmap = plt.get_cmap("viridis")
-    color = {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
+    color, bar = _colours(values, qualitative=False)
     ncol = min(3, len(combos))
     nrow = -(-len(combos) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=_size(2.6 * ncol, 2.4 * nrow + 0.6), squeeze=False, sharex=True,
-                             sharey=True)
+    fig, axes = plt.subplots(nrow, ncol, figsize=_size(min(2.3 * ncol + 0.3, WIDTH), 2.2 * nrow + 0.5),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
     wide = sel.pivot_table(index=["run_id", "step"], columns="metric", values="value").reset_index()
     keys = sel.drop_duplicates("run_id").set_index("run_id")[[param, *others]]
     box = []
@@ -505,15 +640,11 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
             k = keys.loc[rid]
             if key is not None and tuple(k[others]) != tuple(np.atleast_1d(key)):
                 continue
-            ax.plot(g["theta_0"], g["theta_1"], color=color.get(k[param], "gray"), lw=0.8)
-            ax.plot(g["theta_0"].iloc[-1], g["theta_1"].iloc[-1], "o", color=color.get(k[param], "gray"), ms=3)
-        if minima:  # both branches of the hyperbola, inside the box of the paths
-            x = np.linspace(*box[0], 400)
-            with np.errstate(divide="ignore"):
-                y = np.where(np.abs(x) > 1e-9, minima / x, np.nan)
-            y[(y < box[1][0]) | (y > box[1][1])] = np.nan
-            ax.plot(x, y, color="0.5", lw=0.8, ls="--", zorder=0)
-            ax.plot([np.sqrt(minima)], [np.sqrt(minima)], "x", color="black", ms=5)
+            c = color.get(k[param], "gray")
+            ax.plot(g["theta_0"], g["theta_1"], color=c, lw=0.8, gid=f"series {param}={k[param]}")
+            ax.plot(g["theta_0"].iloc[-1], g["theta_1"].iloc[-1], "o", color=c, ms=3)
+        if minima:
+            _minima(ax, minima, box)
         ax.set_xlim(*box[0])
         ax.set_ylim(*box[1])
         ax.set_title(_combo_label(others, key) if key is not None else "")
@@ -523,18 +654,32 @@ def trajectories_figure(curves: pd.DataFrame, param: str, out: Path, minima: flo
         ax.set_xlabel(r"$\theta_1$")
     for ax in axes[:, 0]:
         ax.set_ylabel(r"$\theta_2$")
-    handles = [matplotlib.lines.Line2D([], [], color=color[v]) for v in values]
-    labels = [f"{SYMBOL.get(param, param)}={v:g}" for v in values]
+    handles = [] if bar else [matplotlib.lines.Line2D([], [], color=color[v]) for v in values]
+    labels = [] if bar else [f"{SYMBOL.get(param, param)}={v:g}" for v in values]
     handles.append(matplotlib.lines.Line2D([], [], color="black", marker="o", ls="", ms=3))
     labels.append("last iterate")
     if minima:
         handles += [matplotlib.lines.Line2D([], [], color="0.5", ls="--"),
                     matplotlib.lines.Line2D([], [], color="black", marker="x", ls="")]
         labels += [rf"minima $\theta_1\theta_2={minima:g}$", r"smallest $|\theta|_1$ among them"]
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False)
-    cols = [c for c in ("run_id", *others, param, "step", "metric", "value") if c in sel]
-    return _save(fig, out, name or f"trajectories_by_{param}", sel[cols].assign(minima=minima))
+    if bar:
+        _colour_bar(fig, axes.flat, values, color, param)
+    _legend(fig, handles, labels)
+    title = _fixed(sel, param)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out, name, sel)
+
+
+def _minima(ax, minima: float, box) -> None:
+    """Both branches of the hyperbola θ_1 θ_2 = minima inside the box of the paths, and its point of
+    smallest one-norm."""
+    x = np.linspace(*box[0], 400)
+    with np.errstate(divide="ignore"):
+        y = np.where(np.abs(x) > 1e-9, minima / x, np.nan)
+    y[(y < box[1][0]) | (y > box[1][1])] = np.nan
+    ax.plot(x, y, color="0.5", lw=0.8, ls="--", zorder=0)
+    ax.plot([np.sqrt(minima)], [np.sqrt(minima)], "x", color="black", ms=5)
 
 
 PATH_POINTS = 500  # a path is drawn (and saved) with a point every 1/PATH_POINTS of its box's diagonal
@@ -579,11 +724,8 @@ def regime_map_figure(summary: pd.DataFrame, threshold: float, out: Path, name: 
     summary = _with_setting(summary)
     others = [c for c in _others(summary, "beta") if c != "rho"]
     made = []
-    settings = sorted(summary["setting"].unique()) if "setting" in summary else []
-    for key, g in (summary.groupby(others, dropna=False) if others else [(None, summary)]):
-        suffix = "" if key is None else "_" + "_".join(
-            f"setting{settings.index(v) + 1}" if o == "setting" else f"{o}{v:g}" for o, v in zip(others, _key(key)))
-        made += _regime_map(g, threshold, out, name + suffix, None if key is None else _combo_label(others, key))
+    for suffix, g in _files(summary, others):
+        made += regime_map(g, threshold, out, name + suffix)
     return made
 
 
@@ -606,7 +748,9 @@ def _cells(g: pd.DataFrame, columns) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: str | None) -> list[Path]:
+def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[Path]:
+    """One file of `regime_map_figure` (and its redraw from the CSV)."""
+    title = _fixed(g, "beta")
     betas, rhos = np.sort(g["beta"].dropna().unique()), np.sort(g["rho"].dropna().unique())
     runs = g
     n = g.groupby(["beta", "rho"]).size()
@@ -624,7 +768,8 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
               if c in g and (c == "regime" or pd.to_numeric(g[c], errors="coerce").notna().any())]
     rows = 1 if len(panels) < 3 else 2
     cols = -(-len(panels) // rows)
-    fig, axes = plt.subplots(rows, cols, figsize=_size(3.3 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=_size(3.2 * cols, 2.6 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     seen, blank = set(), False
@@ -663,16 +808,27 @@ def _regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str, title: 
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     legend = [(matplotlib.patches.Patch(color=c), r) for r, c in REGIMES.items() if r in seen]
     if blank:  # no legend entry without a cell to show it
         legend.append((matplotlib.patches.Patch(color=NO_VALUE),
                        f"no value (loss never < {threshold:g}, no hill, or no run)"))
     legend.append((matplotlib.lines.Line2D([], [], color="0.2", ls="--", lw=0.8), r"$\beta = \rho$"))
-    fig.legend(*zip(*legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(legend))
-    data = runs[[c for c in ("run_id", "point_id", "h", "eps", "beta", "rho", "seed", "perturb_theta0", "state",
+    _legend(fig, *map(list, zip(*legend)))
+    data = runs[[c for c in ("run_id", "point_id", "setting", "h", "eps", "beta", "rho", "seed", "perturb_theta0",
+                             "state",
                              *[c for c, _ in panels]) if c in runs]]
     return _save(fig, out, name, data.sort_values(["beta", "rho"]))
+
+
+WHOLE_RUN = {"max_test_acc": "max_test_acc", "hill_height": "hill"}  # a whole-run figure is named by what it holds
+
+
+def _whole_run_name(summary: pd.DataFrame) -> str:
+    """max_test_acc_hill, max_test_acc or hill: the metrics over the whole run that some run has
+    (the toy has no test set: its figure holds the hill alone and is named so)."""
+    held = [short for col, short in WHOLE_RUN.items()
+            if col in summary and pd.to_numeric(summary[col], errors="coerce").notna().any()]
+    return "_".join(held) or "max_test_acc_hill"
 
 
 def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, thresholds,
@@ -685,7 +841,7 @@ def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, threshol
         for t in thresholds:
             made += threshold_figure(summary, param, t, out)
         made += threshold_figure(summary, param, None, out, metrics=("max_test_acc", "hill_height"),
-                                 name=f"max_test_acc_hill_vs_{param}")
+                                 name=f"{_whole_run_name(summary)}_vs_{param}")
         made += curves_figure(pd.concat([curves, hill_marks(summary, curves)], ignore_index=True), param, out)
         if "limit_one_norm" in summary:  # few-parameter models (Figures 2-3): where the runs end
             ref = (limit_reference, f"smallest one-norm of a minimum: {limit_reference:.4g}") if limit_reference \

@@ -3,8 +3,9 @@
     make redraw FIG=sweeps/digits/analysis/at_loss_0.01_vs_beta.csv STYLE=talk
     .venv/bin/python -m analysis.redraw sweeps/toy/analysis/curves_by_rho.csv --out slides/
 
-The figure is known by the CSV's name (`at_loss_<T>_vs_<param>`, `max_test_acc_hill_vs_<param>`,
-`limit_one_norm_vs_<param>`, `curves_by_<param>`, `trajectories_by_<param>`, `regime_map...`), as
+The figure is known by the CSV's name (`at_loss_<T>_vs_<param>`, `max_test_acc_hill_vs_<param>` or
+`hill_vs_<param>`, `limit_one_norm_vs_<param>`, `curves_by_<param>`, `trajectories_by_<param>`,
+`regime_map`, each maybe with the combination of a split figure, `_h0.01_rho0.9`), as
 `python -m analysis` wrote it; the PNG and PDF are written beside the CSV (or into `--out`), named
 `<figure>_<style>` for a style other than paper: a talk version never replaces the paper's.
 """
@@ -20,9 +21,11 @@ import pandas as pd
 
 from . import figures
 
-KINDS = (r"at_loss_(?P<t>[^_]+)_vs_(?P<param>[a-z0-9]+)", r"max_test_acc_hill_vs_(?P<param>[a-z0-9]+)",
-         r"limit_one_norm_vs_(?P<param>[a-z0-9]+)", r"curves_by_(?P<param>[a-z0-9]+)",
-         r"trajectories_by_(?P<param>[a-z0-9]+)", r"regime_map(?P<param>)(_.+)?")
+SPLIT = r"(?:_[a-z]+[^_]*)*"  # one file of a split figure: _h0.01_rho0.9, _setting2
+KINDS = (rf"at_loss_(?P<t>[^_]+)_vs_(?P<param>[a-z0-9]+){SPLIT}",
+         rf"(?:max_test_acc_hill|max_test_acc|hill)_vs_(?P<param>[a-z0-9]+){SPLIT}",
+         rf"limit_one_norm_vs_(?P<param>[a-z0-9]+){SPLIT}", rf"curves_by_(?P<param>[a-z0-9]+){SPLIT}",
+         rf"trajectories_by_(?P<param>[a-z0-9]+){SPLIT}", rf"regime_map(?P<param>){SPLIT}")
 STYLED = re.compile(r"(?P<stem>.+)_(?P<style>paper|talk)")  # a redrawn figure's own CSV names its style
 
 
@@ -38,8 +41,8 @@ def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Pat
     match = next(((i, m) for i, k in enumerate(KINDS) if (m := re.fullmatch(k, base))), None)
     if match is None:
         raise RedrawError(f"{csv}: not a figure's CSV of python -m analysis (names: at_loss_<T>_vs_<param>, "
-                         "max_test_acc_hill_vs_<param>, limit_one_norm_vs_<param>, curves_by_<param>, "
-                         "trajectories_by_<param>, regime_map)")
+                         "max_test_acc_hill_vs_<param>, hill_vs_<param>, limit_one_norm_vs_<param>, "
+                         "curves_by_<param>, trajectories_by_<param>, regime_map; each maybe _<key><value>...)")
     try:
         data = pd.read_csv(csv)
     except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -68,24 +71,27 @@ def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Pat
 
 
 def _draw(kind: int, m, data: pd.DataFrame, param: str, out: Path, name: str) -> list[Path]:
-    if kind == 0:
-        return figures.threshold_figure(data, param, float(m.group("t")), out, name=name)
+    keep = [c for c in (*figures.HYPER, "setting") if c != param and c in data and data[c].nunique() == 1]
+    if kind == 0:  # keep: the keys of one file of a split figure, its title, kept in its CSV
+        return figures.threshold_figure(data, param, float(m.group("t")), out, name=name, keep=keep)
     if kind == 1:
-        return figures.threshold_figure(data, param, None, out, metrics=("max_test_acc", "hill_height"), name=name)
+        return figures.threshold_figure(data, param, None, out, metrics=("max_test_acc", "hill_height"), name=name,
+                                        keep=keep)
     if kind == 2:
         ref = data["reference_one_norm"].dropna() if "reference_one_norm" in data else pd.Series(dtype=float)
         reference = (float(ref.iloc[0]), f"smallest one-norm of a minimum: {float(ref.iloc[0]):.4g}") if len(ref) \
             else None
         return figures.threshold_figure(data, param, None, out, metrics=("limit_one_norm",), name=name,
-                                        reference=reference)
+                                        reference=reference, keep=keep)
     if kind == 3:
-        return figures.curves_figure(data, param, out, name=name)
+        return figures.curves_figure(data, param, out, name=name, keep=keep)
     if kind == 5:
         t = [m.group(1) for c in data if (m := re.fullmatch(r"at_loss_(.+)_pert_norm", c))]
         threshold = float(t[0]) if t else 0.01
-        return figures._regime_map(data, threshold, out, name, None)
+        return figures.regime_map(data, threshold, out, name)
     minima = data["minima"].dropna() if "minima" in data else pd.Series(dtype=float)
-    return figures.trajectories_figure(data, param, out, float(minima.iloc[0]) if len(minima) else None, name=name)
+    return figures.trajectories_figure(data, param, out, float(minima.iloc[0]) if len(minima) else None, name=name,
+                                       keep=keep)
 
 
 def main(argv=None) -> int:

@@ -165,7 +165,7 @@ def test_summary_with_known_answers(tmp_path):
     for col in ("final_loss", "at_loss_0.1_step", "at_loss_0.1_pert_norm", "at_loss_0.01_test_acc", "max_test_acc"):
         assert raw[ID["bbb"]][col] == "", col
     assert raw[ID["bbb"]]["last_loss"] == "1" and raw[ID["bbb"]]["state"] == "running"
-    c = pd.read_csv(paths["curves"])
+    c = pd.read_parquet(paths["curves"])
     assert set(c.columns) >= {"run_id", "h", "beta", "rho", "step", "metric", "value"}
     assert len(c[(c.run_id == ID["aaa"]) & (c.metric == "test_acc")]) == 4
     assert (tmp_path / "analysis" / "summary.parquet").exists()
@@ -217,7 +217,7 @@ def test_figures_are_written(tmp_path):
     paths = analyze(tmp_path)
     names = {p.name for p in paths["figures"]}
     assert {"at_loss_0.01_vs_beta.png", "at_loss_0.01_vs_beta.pdf", "curves_by_beta.png",
-            "max_test_acc_hill_vs_beta.pdf"} <= names
+            "max_test_acc_vs_beta.pdf"} <= names  # a monotone norm has no hill: the figure is named by what it holds
     assert all(p.stat().st_size > 1000 for p in paths["figures"] if p.suffix != ".csv")
     # every figure's data beside it, same stem: the values that were drawn
     assert {p.stem for p in paths["figures"] if p.suffix == ".csv"} == \
@@ -228,9 +228,9 @@ def test_figures_are_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_path):
-    """A beta x rho grid coloured by beta: one row of panels per rho, the data of each panel in
-    the CSV beside the figure; a run that climbs (the loop's divergence rule) gets no limit
+def test_curves_are_one_file_per_combination_and_diverged_runs_have_no_limit_point(tmp_path):
+    """A beta x rho grid coloured by beta: one file per rho (one row of panels, titled by it), the
+    data of each in the CSV beside the figure; a run that climbs (the loop's divergence rule) gets no limit
     point and is listed, not drawn, in the limit figure."""
     theta = dict(theta_0=np.full(60, 1.0), theta_1=np.full(60, 0.5))
     for i, b in enumerate((0.5, 0.9)):
@@ -244,16 +244,19 @@ def test_curves_are_small_multiples_and_diverged_runs_have_no_limit_point(tmp_pa
     assert s.loc[ID["b1r1"], "limit_one_norm"] == 1.5
     limit = pd.read_csv(tmp_path / "analysis" / "limit_one_norm_vs_beta.csv")
     assert "climb" not in set(limit.run_id) and len(limit) == 4
-    curves = pd.read_csv(tmp_path / "analysis" / "curves_by_beta.csv")
+    curves = pd.concat([pd.read_csv(tmp_path / "analysis" / f"curves_by_beta_rho{r}.csv") for r in (0.5, 0.99)])
     assert set(curves.columns) == {"run_id", "rho", "beta", "step", "metric", "value", "lo", "hi"}
     assert set(curves.metric) == {"loss", "pert_norm", "pert_norm_floor"}
     assert sorted(curves.groupby("rho").run_id.nunique()) == [2, 3]  # rho=0.5: 2 runs, 0.99: 3
     from analysis.figures import curves_figure
 
-    axes = axes_drawn_by(lambda: curves_figure(pd.read_csv(paths["curves"]), "beta", tmp_path / "again"))
-    assert axes.shape == (2, 2)  # rows: rho = 0.5, 0.99; columns: loss, perturbed norm
-    assert [len(ax.lines) for ax in axes[:, 0]] == [2, 3]
-    assert [ax.get_title() for ax in axes[:, 0]] == [r"$\rho$=0.5", r"$\rho$=0.99"]
+    made = curves_figure(pd.read_parquet(paths["curves"]), "beta", tmp_path / "again")
+    assert [p.name for p in made if p.suffix == ".png"] == ["curves_by_beta_rho0.5.png", "curves_by_beta_rho0.99.png"]
+    from analysis.redraw import redraw
+
+    axes = axes_drawn_by(lambda: redraw(tmp_path / "again" / "curves_by_beta_rho0.99.csv", tmp_path / "redrawn"))
+    assert axes.shape == (1, 2)  # one row: loss, perturbed norm; rho = 0.99 alone
+    assert len(axes[0, 0].lines) == 3 and axes[0, 0].get_figure().get_suptitle() == r"$\rho$=0.99"
     assert any(ln.get_linestyle() == ":" for ln in axes[0, 1].lines)  # the floor p sqrt(eps)
 
 
@@ -273,9 +276,11 @@ def test_long_curves_are_drawn_and_saved_as_envelopes_and_paths_thinned(tmp_path
     for i, b in enumerate((0.5, 0.9)):
         write_run(tmp_path, f"o{i}", loss * (1 + i), extra=theta, data=dict(name="bilinear", x=2.0, y=1.5), beta=b)
     write_run(tmp_path, "short", np.geomspace(2, 1e-3, 50), beta=0.95)
-    paths = analyze(tmp_path)
+    paths = analyze(tmp_path, csv=True)
     out = tmp_path / "analysis"
-    drawn = pd.read_csv(out / "curves_by_beta.csv")
+    files = sorted(out.glob("curves_by_beta_setting*.csv"))  # the short run has other max_steps: a file each
+    assert len(files) == 2
+    drawn = pd.concat([pd.read_csv(f) for f in files])
     per = drawn.groupby(["run_id", "metric"]).size()
     assert per.max() <= figures.CURVE_POINTS and per[(ID["short"], "loss")] == 50
     o0 = drawn[(drawn.run_id == ID["o0"]) & (drawn.metric == "loss")]
@@ -293,9 +298,10 @@ def test_long_curves_are_drawn_and_saved_as_envelopes_and_paths_thinned(tmp_path
     assert len(p0) < n / 3 and p0.step.iloc[0] == 0 and p0.step.iloc[-1] == n - 1
     assert p0.value.iloc[-1] == pytest.approx(theta["theta_0"][-1], rel=1e-6)
     figure_csvs = sum(p.stat().st_size for p in paths["figures"] if p.suffix == ".csv")
-    assert figure_csvs < paths["curves"].stat().st_size / 2
-    again = redraw(out / "curves_by_beta.csv", tmp_path / "again")
-    assert again[2].read_text() == (out / "curves_by_beta.csv").read_text()
+    assert figure_csvs < paths["curves_csv"].stat().st_size / 2
+    for f in files:
+        again = redraw(f, tmp_path / "again")
+        assert again[2].read_text() == f.read_text()
 
 
 def test_real_run_through_analysis(cfg_factory, tmp_path):
@@ -378,11 +384,11 @@ def test_a_two_parameter_sweep_gets_its_theta_plane(tmp_path):
     from analysis import figures
 
     figures.use_style("paper")
-    made = figures.trajectories_figure(pd.read_csv(paths["curves"]), "beta", tmp_path / "fig", minima=0.75)
+    made = figures.trajectories_figure(pd.read_parquet(paths["curves"]), "beta", tmp_path / "fig", minima=0.75)
     assert [p.suffix for p in made] == [".png", ".pdf", ".csv"] and made[0].stat().st_size > 1000
     drawn = pd.read_csv(made[2])
     assert set(drawn.metric) == {"theta_0", "theta_1"} and drawn.run_id.nunique() == 2
-    assert figures.trajectories_figure(pd.read_csv(paths["curves"]).query("metric == 'loss'"), "beta",
+    assert figures.trajectories_figure(pd.read_parquet(paths["curves"]).query("metric == 'loss'"), "beta",
                                        tmp_path / "none") == []  # no θ recorded: no figure
 
 
@@ -469,24 +475,27 @@ def test_a_metric_over_decades_with_zeros_gets_a_symlog_axis(tmp_path):
 
 
 def test_tick_labels_of_a_dense_grid_never_print_over_each_other(tmp_path):
-    """The regime preset's twelve beta values (0.5 ... 0.999) on the 1 - x axis: every value has
-    its tick; labels are left out where they would collide (the crowded left end), the last one is
-    always labelled, and any two labels are LABEL_GAP of the panel apart."""
-    from analysis import figures
+    """The regime preset's twelve beta values (0.5 ... 0.999) on the 1 - x axis: every tick has its
+    label (a value whose label would touch its neighbour's has no tick, never a blank label), the
+    last one always, the labels stand upright and no two drawn texts overlap (analysis/look.py)."""
+    import matplotlib.pyplot as plt
+
+    from analysis import figures, look
 
     figures.use_style("paper")
     betas = [0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
     s = pd.DataFrame(dict(run_id=[f"r{i}" for i in range(12)], beta=betas, state="completed",
                           **{"at_loss_0.01_pert_norm": np.linspace(1, 2, 12)}))
-    ax = axes_drawn_by(lambda: figures.threshold_figure(s, "beta", 0.01, tmp_path, metrics=("pert_norm",)))[0, 0]
-    assert list(ax.get_xticks()) == pytest.approx(betas)
-    labels = [t.get_text() for t in ax.get_xticklabels()]
-    shown = [b for b, t in zip(betas, labels) if t]
-    assert labels[-1] == "0.999" and 6 <= len(shown) < 12 and all(t in ("", f"{b:g}") for b, t in zip(betas, labels))
-    fwd = ax.xaxis.get_transform()
-    lo, hi = fwd.transform(list(ax.get_xlim()))
-    at = (fwd.transform(shown) - lo) / (hi - lo)
-    assert np.diff(at).min() >= figures.LABEL_GAP - 1e-9
+    close, plt.close = plt.close, lambda fig=None: None
+    try:
+        ax = axes_drawn_by(lambda: figures.threshold_figure(s, "beta", 0.01, tmp_path, metrics=("pert_norm",)))[0, 0]
+    finally:
+        plt.close = close
+    ticks, labels = list(ax.get_xticks()), [t.get_text() for t in ax.get_xticklabels()]
+    assert set(ticks) <= set(betas) and ticks[-1] == 0.999 and len(ticks) >= 6
+    assert labels == [f"{b:g}" for b in ticks] and all(t.get_rotation() == 90 for t in ax.get_xticklabels())
+    assert look.problems(ax.get_figure()) == []
+    plt.close(ax.get_figure())
 
 
 def test_make_analyze_prints_the_folder_the_counts_and_the_files_not_every_run(tmp_path, capsys):
@@ -495,7 +504,8 @@ def test_make_analyze_prints_the_folder_the_counts_and_the_files_not_every_run(t
     main([str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"analysis of {tmp_path}: 3 runs: 2 completed, 1 running"
-    assert out[1].startswith(f"wrote into {tmp_path / 'analysis'}/: columns.md, curves.csv") and "summary.csv" in out[1]
+    assert out[1].startswith(f"wrote into {tmp_path / 'analysis'}/: columns.md, curves.parquet")
+    assert "summary.csv" in out[1] and "curves.csv" not in out[1]  # the CSV copy only with --csv
     assert out[2].startswith("  figures (PNG, PDF and the CSV they are drawn from): at_loss_0.01_vs_beta")
     assert not any(ID["r0"] in line for line in out)  # the per-run table only with --verbose
     main([str(tmp_path), "--no-figures", "--verbose"])

@@ -476,7 +476,7 @@ def test_a_link_planted_in_the_analysis_folder_is_replaced_never_written_through
         (out / name).symlink_to(decoy)
     owners.configure({"group": grp.getgrgid(os.getgid()).gr_name})
     os.chmod(out, 0o2770)
-    analyze(tmp_path / "runs", out, figures=False)
+    analyze(tmp_path / "runs", out, figures=False, csv=True)
     assert decoy.read_text() == "# yours\n"
     for name in names:
         assert not (out / name).is_symlink() and (out / name).stat().st_size > 0, name

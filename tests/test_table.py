@@ -135,7 +135,7 @@ def test_every_column_of_a_real_summary_is_explained(tmp_path, cfg_factory):
 
     for over in (["train.max_steps=6"], ["sweep=toy", "train.max_steps=30", "train.progress=none"]):
         train(cfg_factory(*over, tiny=over[0] != "sweep=toy"))
-    paths = an.analyze(tmp_path / "runs", tmp_path / "out", [1e3, 1e-30], [5], 1, 10.0, figures=False, parquet=False)
+    paths = an.analyze(tmp_path / "runs", tmp_path / "out", [1e3, 1e-30], [5], 1, 10.0, figures=False)
     columns = list(pd.read_csv(paths["summary"]).columns)
     assert "limit_one_norm" in columns and "at_loss_1000_test_acc" in columns and "at_step_5_pert_norm" in columns
     assert "at_loss_1e-30_step" in columns and "at_loss_1e-30_pert_norm" in columns  # never crossed: empty, kept

@@ -115,18 +115,19 @@ def _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, bud
     loss = [bilinear_loss()]
     th0 = torch.tensor([2.8, 3.5], dtype=torch.float64)
     xs = np.geomspace(0.05, 12, 600)
-    inset = ax.inset_axes([0.5, 0.05, 0.47, 0.47])
+    inset = ax.inset_axes([0.56, 0.16, 0.41, 0.41])  # its tick labels inside the panel, off its frame
     paths, series = [], []
     for k, (s, lab) in enumerate(zip(settings, labels)):
         c = f"C{k}"
         it, ode, outside = trajectory(loss, th0, s, T, gtol, max_steps, budget_s)
         converged = len(it) - 1 < horizon(T, s.h, max_steps)  # stopped by gtol before the horizon
+        gid = f"series {lab}"  # one series: the ODE's two parts carry one gid (analysis/look.py)
         for a in (ax, inset):
             a.plot(it[:, 0], it[:, 1], ".", ms=1.2, color=c, alpha=0.45, zorder=2)
             if outside > 0:
-                a.plot(ode[: outside + 1, 0], ode[: outside + 1, 1], "-", lw=1.0, color=c, zorder=3)
+                a.plot(ode[: outside + 1, 0], ode[: outside + 1, 1], "-", lw=1.0, color=c, zorder=3, gid=gid)
             if outside < len(ode) - 1:
-                a.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=1.0, color=c, zorder=3)
+                a.plot(ode[outside:, 0], ode[outside:, 1], "--", lw=1.0, color=c, zorder=3, gid=gid)
             a.plot(*it[-1], "o" if converged else "^", ms=5, mfc="white", color=c, zorder=4)
         paths.append(it)
         lim = np.abs(it[-1]).sum()
@@ -181,18 +182,19 @@ def _common_legend(fig, any_outside: bool) -> None:
     if any_outside:
         h.insert(2, (_line("0.3", lw=1.0, ls="--"),
                      rf"ODE outside its regime ($\kappa \geq$ {REGIME_KAPPA} or > {REGIME_DIST} from the iterates)"))
-    fig.legend(*zip(*h), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    fig.legend(*zip(*h), loc="outside lower center", ncol=2)
 
 
-def _trajectory_figure(save, name, panels, T, gtol, max_steps, budget_s) -> None:
-    """Figures 2 and 3: two panels (settings, labels, title), one legend of what they share."""
+def _trajectory_figure(save, name, title, panels, T, gtol, max_steps, budget_s) -> None:
+    """Figures 2 and 3: the figure's title, two panels (settings, labels, title), one legend of
+    what they share under them."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(6.8, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(6.8, 5.2), layout="constrained")
     rows = []
-    for ax, (settings, labels, title) in zip(axes, panels):
-        _trajectory_panel(ax, settings, labels, title, rows, T, gtol, max_steps, budget_s)
-    fig.tight_layout()
+    for ax, (settings, labels, panel) in zip(axes, panels):
+        _trajectory_panel(ax, settings, labels, panel, rows, T, gtol, max_steps, budget_s)
+    fig.suptitle(title)
     _common_legend(fig, any(r["kind"] == "ode_outside" for r in rows))
     save(fig, name, rows)
 
@@ -212,14 +214,15 @@ def figures(out="figures/theory", eps=1e-8, T=15.0, gtol=1e-6, h=1e-2, betas=(0.
     _figure1(save)
     run = dict(T=T, gtol=gtol, max_steps=max_steps, budget_s=budget_s)
     # Figure 2: several beta, several rho
-    _trajectory_figure(save, "fig2_trajectories_beta_rho", [
+    _trajectory_figure(save, "fig2_trajectories_beta_rho", "Figure 2: Adam's iterates and their modified ODE (9), "
+                       "several $\\beta$ and $\\rho$", [
         ([Setting("adam", h, b, 0.9, eps) for b in betas], [rf"$\beta$={b}" for b in betas],
-         rf"Figure 2: Adam, $\rho$ = 0.9, h = {h:g}"),
+         rf"Adam, $\rho$ = 0.9, h = {h:g}"),
         ([Setting("adam", h, 0.9, r, eps) for r in rhos], [rf"$\rho$={r}" for r in rhos],
          rf"Adam, $\beta$ = 0.9, h = {h:g}")], **run)
     # Figure 3: several step sizes, beta >> rho and rho > beta
-    _trajectory_figure(save, "fig3_trajectories_h", [
+    _trajectory_figure(save, "fig3_trajectories_h", "Figure 3: several step sizes h, $\\beta > \\rho$ and "
+                       "$\\rho > \\beta$", [
         ([Setting("adam", hh, b, r, eps) for hh in hs], [f"h={hh:g}" for hh in hs],
-         rf"{'Figure 3: ' if k == 0 else ''}Adam, $\beta$ = {b}, $\rho$ = {r}")
-        for k, (b, r) in enumerate([(0.95, 0.5), (0.5, 0.99)])], **run)
+         rf"Adam, $\beta$ = {b}, $\rho$ = {r}") for b, r in [(0.95, 0.5), (0.5, 0.99)]], **run)
     return made
