@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError
 from .columns import write_columns
 from .figures import all_figures
 from .groups import group_frame, group_warnings
-from .outputs import output_folder, write_csv, write_parquet
+from .outputs import output_folder, read_csv, write_csv, write_parquet
 from .runs import curves_frame, load_runs
 from .summary import summary_frame, varying, without_empty, write_summary
 
@@ -146,9 +146,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     paths = analyze(a.dir, a.out, a.thresholds, a.at_step, a.smooth, a.spike_factor,
                     figures=not a.no_figures, style=a.style, csv=a.csv)
-    import pandas as pd
-
-    s = pd.read_csv(paths["summary"])
+    s = read_csv(paths["summary"])
     if a.verbose:  # every run: every key in which the runs differ (the setting, the repeat) and its values
         keys = [c for c in ("h", "beta", "rho") if c in s] + [c for c in ("eps", "setting", "seed", "perturb_theta0")
                                                              if c in s and s[c].nunique(dropna=True) > 1]
@@ -167,7 +165,7 @@ def report_lines(folder, summary, paths: dict) -> list[str]:
     states = summary["state"].fillna("damaged").value_counts() if "state" in summary else pd.Series(dtype=int)
     lines = [f"analysis of {folder}: {len(summary)} runs: " + ", ".join(f"{n} {k}" for k, n in states.items())]
     try:
-        g = pd.read_csv(paths["groups"])
+        g = read_csv(paths["groups"])
     except (OSError, ValueError):  # no groups.csv, or an empty one
         g = pd.DataFrame()
     if len(g) and "n" in g and g["n"].max() > 1:

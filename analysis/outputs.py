@@ -50,6 +50,18 @@ def write_parquet(df, path: Path) -> Path:
     return Path(path)
 
 
+TEXT = ("run_id", "point_id", "setting", "state", "regime", "eval_mode", "metric", "code_version", "damaged")
+
+
+def read_csv(path: Path):
+    """A CSV the analysis wrote, read back with its ids and words as text: 12 hex digits can spell a
+    number (000000000100, 1e0000000002 = 100.0), which must neither collide nor mix with ids that
+    do not."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={c: str for c in TEXT})
+
+
 def save_figure(fig, path: Path, **kw) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(path).suffix[1:], **kw)

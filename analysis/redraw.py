@@ -20,13 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures
+from .outputs import TEXT, read_csv
 
 SPLIT = r"(?:_[a-z]+[^_]*)*"  # one file of a split figure: _h0.01_rho0.9, _setting2
 KINDS = (rf"at_loss_(?P<t>[^_]+)_vs_(?P<param>[a-z0-9]+){SPLIT}",
          rf"(?:max_test_acc_hill|max_test_acc|hill)_vs_(?P<param>[a-z0-9]+){SPLIT}",
          rf"limit_one_norm_vs_(?P<param>[a-z0-9]+){SPLIT}", rf"curves_by_(?P<param>[a-z0-9]+){SPLIT}",
          rf"trajectories_by_(?P<param>[a-z0-9]+){SPLIT}", rf"regime_map(?P<param>){SPLIT}")
-WORDS = ("run_id", "point_id", "setting", "state", "regime", "eval_mode", "metric")  # text, even when all digits
 STYLED = re.compile(r"(?P<stem>.+)_(?P<style>paper|talk)")  # a redrawn figure's own CSV names its style
 
 
@@ -45,7 +45,7 @@ def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Pat
                          "max_test_acc_hill_vs_<param>, hill_vs_<param>, limit_one_norm_vs_<param>, "
                          "curves_by_<param>, trajectories_by_<param>, regime_map; each maybe _<key><value>...)")
     try:
-        data = pd.read_csv(csv, dtype={c: str for c in WORDS})
+        data = read_csv(csv)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RedrawError(f"{csv}: not a readable CSV ({str(e).splitlines()[0][:100]})") from None
     kind, m = match
@@ -54,7 +54,7 @@ def redraw(csv: Path, out: Path | None = None, style: str = "paper") -> list[Pat
         raise RedrawError(f"{csv}: no column {param}, the figure's x axis")
     if data.empty:
         raise RedrawError(f"{csv}: a header and no rows: nothing to draw")
-    for col in (c for c in data.columns if c not in WORDS):  # a column of numbers with a word in it: one line
+    for col in (c for c in data.columns if c not in TEXT):  # a column of numbers with a word in it: one line
         numbers = pd.to_numeric(data[col], errors="coerce")
         odd = data[col][numbers.isna() & data[col].notna()]
         if numbers.notna().any() and len(odd):

@@ -29,6 +29,8 @@ import pandas as pd
 
 from pipeline.runs.rundir import FINISHED
 
+from .outputs import read_csv
+
 LATEX_NAMES = {"beta": r"$\beta$", "rho": r"$\rho$", "h": r"$h$", "eps": r"$\varepsilon$", "seed": "seed"}
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -50,7 +52,7 @@ def read_summary(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise TableError(f"{path}: no such file; give a summary.csv or its folder (make analyze SWEEP=... writes it)")
     try:
-        return pd.read_csv(path)
+        return read_csv(path)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise TableError(f"{path}: not a readable CSV ({str(e).splitlines()[0][:100]})") from None
 
