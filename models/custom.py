@@ -3,7 +3,7 @@
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.targets import accepts, call, kwargs, locate
+from pipeline.user_code import accepts, call, kwargs, locate
 
 
 def instantiate_model(model_cfg, num_classes: int, input_shape: tuple[int, ...]):

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from . import faults
 from .config.compose import CONF_DIR, Composer
-from .config.targets import check_user_code
+from .config.user_outputs import check_user_code
 from .config.validate import check_dir_writable, validate, validate_grid
 from .errors import (
     EXIT_BAD_INPUT,

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a module's layer: its sub-package's, or for a module directly under pipeline/ its own
 LAYERS = {
     "pipeline.errors": 0, "pipeline.thresholds": 0, "pipeline.faults": 0, "pipeline.ghost": 0,
-    "pipeline.threads": 0, "pipeline.catalog": 0, "pipeline.targets": 0, "pipeline": 0,
+    "pipeline.threads": 0, "pipeline.catalog": 0, "pipeline.user_code": 0, "pipeline": 0,
     "pipeline.runs": 1,
     "pipeline.engine": 2, "models": 2,
     "pipeline.config": 3,

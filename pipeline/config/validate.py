@@ -28,7 +28,7 @@ from ..catalog import (
 )
 from ..errors import ConfigError
 from ..ghost import micro_batch_problem
-from ..targets import check_target
+from ..user_code import check_target
 
 
 def show(v) -> str:

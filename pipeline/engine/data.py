@@ -27,7 +27,7 @@ import torch
 
 from ..catalog import CIFAR, DATASETS, DIGITS_TEST, EUROSAT, cifar_files, missing_data  # noqa: F401 -- DATASETS: the names load_dataset serves
 from ..errors import ConfigError, DataError
-from ..targets import call, kwargs, locate
+from ..user_code import call, kwargs, locate
 from .losses import Objective, objective
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
            `nn.MSELoss(reduction='sum')` on one-hot targets, whose sum the script divides by N
     half_sq  1/2 (y_i - f(x_i))^2 (regression: data=bilinear, the single example of Section 6;
            `auto`'s choice there)
-    {_target_: pkg.fn, ...}  a user's callable (pipeline/config/targets.py): loss(out, y) returns
+    {_target_: pkg.fn, ...}  a user's callable (pipeline/config/user_outputs.py): loss(out, y) returns
            the SUM over the micro-batch of the per-example losses, a 0-d tensor
 
 An `Objective` is called on a micro-batch's output and targets and returns that sum; the step
@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from ..catalog import LOSSES  # noqa: F401 -- the names train.loss accepts, served here
-from ..targets import loss_function
+from ..user_code import loss_function
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ is the built-in ce); a function is the loss itself, its arguments bound.
 
 The target and its arguments are part of the config, so of the run id. Validation imports the
 target before anything starts (a clear line when it cannot); what it returns is checked before
-any run directory exists (pipeline/config/targets.py). Torch-free: imported by every layer.
+any run directory exists (pipeline/config/user_outputs.py). Torch-free: imported by every layer.
 """
 
 from __future__ import annotations

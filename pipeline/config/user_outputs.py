@@ -1,11 +1,11 @@
 """What the user's `_target_` code returns, checked once the data is loaded and before any run
 directory exists (pipeline/train.py); importing it is checked with the config
-(pipeline/targets.py, from pipeline/config/validate.py). docs/custom.md says what each may return."""
+(pipeline/user_code.py, from pipeline/config/validate.py). docs/custom.md says what each may return."""
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..targets import why
+from ..user_code import why
 
 
 def check_model(cfg, data) -> None:
