@@ -780,32 +780,9 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
             grid[np.searchsorted(betas, b), np.searchsorted(rhos, r)] = (
                 list(REGIMES).index(v) if col == "regime" and v in REGIMES else
                 np.nan if col == "regime" else pd.to_numeric(v, errors="coerce"))
-        if col == "regime":
-            cmap = matplotlib.colors.ListedColormap(list(REGIMES.values()))
-            ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=len(REGIMES) - 0.5)
-            seen |= {list(REGIMES)[int(v)] for v in grid[np.isfinite(grid)]}
-        else:
-            finite = grid[np.isfinite(grid)]
-            log = "acc" not in col and len(finite) and finite.min() > 0 and finite.max() / finite.min() > MAP_LOG_SPAN
-            mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap="viridis",
-                                 norm=matplotlib.colors.LogNorm() if log else None)
-            bar = fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
-            if log:  # plain numbers (2, 5, 20), not 2 x 10^0
-                _plain_log_labels(bar.ax)
+        seen |= _map_panel(fig, ax, grid, col, betas, rhos)
         blank |= bool(np.isnan(grid).any())
-        ax.set_facecolor(NO_VALUE)
-        same = [(list(rhos).index(v) + 0.5, list(betas).index(v) + 0.5) for v in betas if v in set(rhos)]
-        if len(same) > 1:
-            ax.plot(*zip(*same), color="white", lw=1.6)
-            ax.plot(*zip(*same), color="0.2", lw=0.8, ls="--")
-        ax.set_xticks(np.arange(len(rhos)) + 0.5, [f"{v:g}" for v in rhos], rotation=90)
-        ax.set_yticks(np.arange(len(betas)) + 0.5, [f"{v:g}" for v in betas])
-        ax.tick_params(length=0)
-        ax.grid(False)
-        ax.set_xlabel(SYMBOL["rho"])
-        ax.set_ylabel(SYMBOL["beta"])
         ax.set_title(label)
-        ax.set_aspect("equal")
     if title:
         fig.suptitle(title)
     legend = [(matplotlib.patches.Patch(color=c), r) for r, c in REGIMES.items() if r in seen]
@@ -818,6 +795,38 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
                              "state",
                              *[c for c, _ in panels]) if c in runs]]
     return _save(fig, out, name, data.sort_values(["beta", "rho"]))
+
+
+def _map_panel(fig, ax, grid: np.ndarray, col: str, betas, rhos) -> set:
+    """One heatmap of the regime map: the regimes in their colours, a metric in viridis (log where
+    its values span more than MAP_LOG_SPAN) with its colour bar; the line beta = rho; the regimes
+    drawn (for the legend)."""
+    seen = set()
+    if col == "regime":
+        cmap = matplotlib.colors.ListedColormap(list(REGIMES.values()))
+        ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=len(REGIMES) - 0.5)
+        seen = {list(REGIMES)[int(v)] for v in grid[np.isfinite(grid)]}
+    else:
+        finite = grid[np.isfinite(grid)]
+        log = "acc" not in col and len(finite) and finite.min() > 0 and finite.max() / finite.min() > MAP_LOG_SPAN
+        mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap="viridis",
+                             norm=matplotlib.colors.LogNorm() if log else None)
+        bar = fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
+        if log:  # plain numbers (2, 5, 20), not 2 x 10^0
+            _plain_log_labels(bar.ax)
+    ax.set_facecolor(NO_VALUE)
+    same = [(list(rhos).index(v) + 0.5, list(betas).index(v) + 0.5) for v in betas if v in set(rhos)]
+    if len(same) > 1:
+        ax.plot(*zip(*same), color="white", lw=1.6)
+        ax.plot(*zip(*same), color="0.2", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(rhos)) + 0.5, [f"{v:g}" for v in rhos], rotation=90)
+    ax.set_yticks(np.arange(len(betas)) + 0.5, [f"{v:g}" for v in betas])
+    ax.tick_params(length=0)
+    ax.grid(False)
+    ax.set_xlabel(SYMBOL["rho"])
+    ax.set_ylabel(SYMBOL["beta"])
+    ax.set_aspect("equal")
+    return seen
 
 
 WHOLE_RUN = {"max_test_acc": "max_test_acc", "hill_height": "hill"}  # a whole-run figure is named by what it holds

@@ -291,26 +291,35 @@ def run_local(plan: Plan, jobs: int, gpus=None, tasks=None) -> int:
                 shown = time.time()
             for item in [r for r in running if r[1].done()]:
                 running.remove(item)
-                unit, job, t0 = item
-                for p in unit:
-                    result, last = _outcome(p.run, outcome_path(plan, p.run), t0)
-                    outcomes[result.split(" (")[0]] += 1
-                    bar.update(1)
-                    say(f"  end   {p.run.id} {_params(p)}: {result}"
-                        f"{f', loss {last:.4g}' if last is not None else ''}, {time.time() - t0:.0f} s")
+                _ended(plan, *item, outcomes, bar, say)
     except KeyboardInterrupt:
         bar.close()
-        stopped = [p for unit, _, _ in running for p in unit]
-        print(f"interrupted: stopping {len(stopped)} running runs ...", file=sys.stderr, flush=True)
-        stop_local([job for _, job, _ in running])
-        for p in stopped:
-            p.run.write_job(dict(me, job_id=None, submitted_at=time.time(), stopped=True))
-        print(f"interrupted: {len(stopped)} runs stopped, {sum(len(u) for u in pending)} not started; they are "
-              "pending and resume at the next `make sweep`", file=sys.stderr)
-        return 130
+        return _interrupted(running, pending, me)
     bar.close()
     print(f"sweep {plan.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())))
     return 1 if set(outcomes) - {*FINISHED, "live"} else 0
+
+
+def _ended(plan: Plan, unit: list, job, t0: float, outcomes: Counter, bar, say) -> None:
+    """The end line of each run of a finished job, its outcome counted."""
+    for p in unit:
+        result, last = _outcome(p.run, outcome_path(plan, p.run), t0)
+        outcomes[result.split(" (")[0]] += 1
+        bar.update(1)
+        say(f"  end   {p.run.id} {_params(p)}: {result}"
+            f"{f', loss {last:.4g}' if last is not None else ''}, {time.time() - t0:.0f} s")
+
+
+def _interrupted(running: list, pending: list, me: dict) -> int:
+    """Ctrl-C: the running jobs stopped (their runs pending, resumed by the next `make sweep`); 130."""
+    stopped = [p for unit, _, _ in running for p in unit]
+    print(f"interrupted: stopping {len(stopped)} running runs ...", file=sys.stderr, flush=True)
+    stop_local([job for _, job, _ in running])
+    for p in stopped:
+        p.run.write_job(dict(me, job_id=None, submitted_at=time.time(), stopped=True))
+    print(f"interrupted: {len(stopped)} runs stopped, {sum(len(u) for u in pending)} not started; they are "
+          "pending and resume at the next `make sweep`", file=sys.stderr)
+    return 130
 
 
 def progress_line(unit: list, t0: float) -> str:
