@@ -115,7 +115,8 @@ def train(cfg: DictConfig, launched_by: list[str] | None = None) -> str:
         with contextlib.ExitStack() as held:
             owner = Lease(run.path, cfg.lease.timeout_s, cfg.lease.heartbeat_s,
                           cfg.lease.get("host")) if ranks.main else None
-            skipped = ranks.share(lambda: _begin(run, cfg, owner, held, launched_by))
+            hosts = ranks.hosts()  # every rank's node, for provenance.json
+            skipped = ranks.share(lambda: _begin(run, cfg, owner, held, launched_by, hosts))
             if skipped:
                 return skipped
             try:
@@ -150,7 +151,7 @@ def _precheck(run: RunDir, cfg) -> str | None:
     return health.state or "damaged"
 
 
-def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_by=None) -> str | None:
+def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_by=None, hosts=None) -> str | None:
     """Take the run's lease (held until `held` closes), decide again as its owner (another
     process may have ended the run meanwhile) and prepare the directory; the state to return
     when there is nothing to do, else None."""
@@ -173,7 +174,7 @@ def _begin(run: RunDir, cfg, owner: Lease, held: contextlib.ExitStack, launched_
     if decision.action == "restart":
         run.remove_checkpoints()
     run.write_config(cfg)
-    run.record_provenance(st.get("attempts", 0) + 1, *provenance.collect(launched_by=launched_by))
+    run.record_provenance(st.get("attempts", 0) + 1, *provenance.collect(launched_by=launched_by, hosts=hosts))
     run.write_status(state="running", attempts=st.get("attempts", 0) + 1, slurm_job=slurm_job_id(),
                      started_at=time.time(), error=None,
                      **(dict(step=0, holes=None, final_loss=None) if decision.action == "restart" else {}))

@@ -9,6 +9,7 @@
 #
 #   bash slurm/local_cluster.sh install   # apt-get the packages when missing
 #   eval "$(bash slurm/local_cluster.sh up)"   # start; prints `export SLURM_CONF=... SLURM_LOCAL_DIR=...`
+#   eval "$(bash slurm/local_cluster.sh up --nodes 2)"   # two nodes, node1 and node2 (root: namespaces)
 #   bash slurm/local_cluster.sh status
 #   bash slurm/local_cluster.sh running       # exit status 0 when it is up (scripts: reuse it, leave it up)
 #   bash slurm/local_cluster.sh down
@@ -20,7 +21,12 @@ if [ -z "$DIR" ] && [ "$conf" != "${conf%/etc/slurm.conf}" ] && [ -f "${conf%/et
   DIR=${conf%/etc/slurm.conf}  # the cluster that `up` started for this shell
 fi
 CLUSTER=adamtest
-DAEMONS=(slurmd slurmctld slurmdbd mariadbd munged)
+DAEMONS=(slurmd slurmd-node1 slurmd-node2 slurmd-node3 slurmd-node4 slurmctld slurmdbd mariadbd munged)
+NODES=1
+# --nodes N (2 to 4): N slurmd, each in its own network and UTS namespace (host name nodeK, address
+# $NET.K+1 on a veth pair to a private bridge, the cluster's /etc/hosts bind-mounted in its own
+# mount namespace), sharing this machine's file system as a cluster shares its parallel one; the
+# controller is this host, on the bridge's address. Root only (ip netns, a bridge).
 
 log() { echo "[local_cluster] $*" >&2; }
 
@@ -49,9 +55,18 @@ write_confs() {
   # variable's value: a test suite run with one thread per process would get a 1-CPU node)
   cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   mem=$(awk '/MemTotal/ {print int($2 / 1024 / 2)}' /proc/meminfo)
+  local host=localhost spool=$DIR/spool pidf=$DIR/run/slurmd.pid logf=$DIR/log/slurmd.log nodes k
+  nodes="NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP"
+  if [ "$NODES" -gt 1 ]; then  # each node its share of the CPUs and memory, at least one CPU
+    host="$(hostname -s)($NET.1)" spool="$DIR/spool/%n" pidf="$DIR/run/slurmd-%n.pid" logf="$DIR/log/slurmd-%n.log"
+    nodes=$(for k in $(seq 1 "$NODES"); do
+      echo "NodeName=node$k NodeAddr=$NET.$((k + 1)) CPUs=$((cpus / NODES > 0 ? cpus / NODES : 1)) RealMemory=$((mem / NODES)) State=UNKNOWN"
+    done; echo "PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP")
+  fi
   cat >"$DIR/etc/slurm.conf" <<EOF
 ClusterName=$CLUSTER
-SlurmctldHost=localhost
+SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -60,11 +75,11 @@ AuthType=auth/munge
 AuthInfo=socket=$DIR/munge/munge.sock,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$pidf
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$logf
 TmpFS=$DIR/tmp
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -88,8 +103,7 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$DIR/munge/munge.sock
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$nodes
 EOF
   cat >"$DIR/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
@@ -133,6 +147,7 @@ cmd_up() {
   mkdir -p "$DIR"/{etc,state,spool,run,log,tmp,munge,mysql}
   chmod 700 "$DIR/munge"
   CTLD_PORT=$(free_port); SLURMD_PORT=$(free_port); DBD_PORT=$(free_port); DB_PORT=$(free_port)
+  if [ "$NODES" -gt 1 ]; then network; fi
   write_confs
   export SLURM_CONF=$DIR/etc/slurm.conf
 
@@ -158,10 +173,44 @@ cmd_up() {
   sacctmgr -i add cluster "$CLUSTER" >/dev/null
   slurmctld -i
   wait_for 30 slurmctld scontrol ping
-  slurmd -N localhost
-  wait_for 30 "node idle" bash -c "sinfo -h -N -o %T | grep -q idle"
+  if [ "$NODES" -gt 1 ]; then
+    for k in $(seq 1 "$NODES"); do  # slurmd of nodeK in its namespaces (its jobs inherit them)
+      mkdir -p "$DIR/spool/node$k"
+      (setsid nsenter --net="/run/netns/$(netns "$k")" unshare --uts --mount --propagation private \
+        bash -c "mount --bind '$DIR/etc/hosts' /etc/hosts && hostname node$k && exec slurmd -N node$k" \
+        >"$DIR/log/slurmd-start-node$k.log" 2>&1 &)
+    done
+  else
+    slurmd -N localhost
+  fi
+  wait_for 60 "$NODES node(s) idle" bash -c "[ \$(sinfo -h -N -o %T | grep -c idle) -ge $NODES ]"
   log "up: $(sinfo -h -o '%P %D %T %c cpus') (state in $DIR)"
   echo "export SLURM_CONF=$SLURM_CONF SLURM_LOCAL_DIR=$DIR"
+}
+
+netns() { echo "adam-$(cut -d' ' -f1 "$DIR/net")-node$1"; }
+
+network() {  # a bridge at $NET.1 and, per node, a network namespace with a veth pair into it
+  if [ "$(id -u)" != 0 ]; then log "--nodes $NODES: network namespaces need root"; exit 2; fi
+  local tag k ns
+  tag=$(basename "$DIR" | tr -dc 'a-zA-Z0-9' | tail -c 6)
+  NET=10.$((RANDOM % 200 + 20)).$((RANDOM % 250 + 1))
+  echo "$tag $NET $NODES" >"$DIR/net"
+  ip link add "adbr$tag" type bridge
+  ip addr add "$NET.1/24" dev "adbr$tag"
+  ip link set "adbr$tag" up
+  printf '127.0.0.1 localhost\n%s %s\n' "$NET.1" "$(hostname -s)" >"$DIR/etc/hosts"
+  for k in $(seq 1 "$NODES"); do
+    ns=$(netns "$k")
+    ip netns add "$ns"
+    ip link add "ad$tag$k" type veth peer name eth0 netns "$ns"
+    ip link set "ad$tag$k" master "adbr$tag"
+    ip link set "ad$tag$k" up
+    ip -n "$ns" addr add "$NET.$((k + 1))/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    printf '%s node%s\n' "$NET.$((k + 1))" "$k" >>"$DIR/etc/hosts"
+  done
 }
 
 cmd_down() {
@@ -177,6 +226,13 @@ cmd_down() {
     fi
     rm -f "$pidf"
   done
+  if [ -f "$DIR/net" ]; then  # the namespaces and the bridge of --nodes N
+    local tag n k
+    read -r tag _ n <"$DIR/net"
+    for k in $(seq 1 "$n"); do ip netns del "adam-$tag-node$k" 2>/dev/null || true; done
+    ip link del "adbr$tag" 2>/dev/null || true
+    rm -f "$DIR/net"
+  fi
   log "down"
 }
 
@@ -185,6 +241,7 @@ cmd_status() {
   export SLURM_CONF=$DIR/etc/slurm.conf
   for d in "${DAEMONS[@]}"; do
     local pidf="$DIR/run/$d.pid"
+    if [ "$d" != "${d#slurmd-}" ] && [ ! -f "$pidf" ]; then continue; fi  # a node this cluster does not have
     if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then echo "$d: running ($(cat "$pidf"))"; else echo "$d: stopped"; fi
   done
   sinfo 2>/dev/null || true
@@ -199,9 +256,13 @@ cmd_running() {
 case "${1:-}" in
   install) cmd_install ;;
   running) cmd_running ;;
-  up) cmd_up ;;
+  up)
+    if [ "${2:-}" = --nodes ]; then
+      case "${3:-}" in [1-4]) NODES=$3 ;; *) log "--nodes ${3:-}: allowed values are 1 to 4"; exit 2 ;; esac
+    elif [ -n "${2:-}" ]; then log "up ${2}: allowed: up [--nodes N]"; exit 2; fi
+    cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) need_dir; echo "export SLURM_CONF=$DIR/etc/slurm.conf SLURM_LOCAL_DIR=$DIR" ;;
-  *) echo "usage: $0 install|up|down|status|running|env" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up [--nodes N]|down|status|running|env" >&2; exit 2 ;;
 esac

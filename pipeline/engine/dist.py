@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,15 @@ class Ranks:
         t = torch.tensor([value], device=self.device)
         td.all_reduce(t, op=td.ReduceOp.MIN)
         return int(t.item())  # host sync: once, for micro_batch=auto
+
+    def hosts(self) -> list[str]:
+        """Every rank's host name, in rank order (the nodes a run of several processes ran on)."""
+        name = socket.gethostname()
+        if self.world == 1:
+            return [name]
+        out = [None] * self.world
+        td.all_gather_object(out, name)
+        return out
 
     def share(self, fn):
         """Run `fn` on rank 0 and give every rank its result (JSON-like values); when it raises,

@@ -59,14 +59,18 @@ def command_line(argv: list[str]) -> list[str]:
     return redact.argv(argv)
 
 
-def collect(repo: Path = ROOT, launched_by: list[str] | None = None) -> tuple[dict, str | None]:
+def collect(repo: Path = ROOT, launched_by: list[str] | None = None,
+            hosts: list[str] | None = None) -> tuple[dict, str | None]:
     """(the record of this attempt, the diff to keep beside it or None). `launched_by`: the
-    command line of the sweep that submitted the job (the job's own argv is submitit's)."""
+    command line of the sweep that submitted the job (the job's own argv is submitit's); `hosts`:
+    every rank's host, in rank order, for a run of several processes (`host` is rank 0's)."""
     code, diff = code_state(repo)
     record = dict(**code, **software_and_machine(), argv=command_line(sys.argv), cwd=str(Path.cwd()),
                   recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if launched_by:
         record["launched_by"] = command_line(list(launched_by))
+    if hosts and len(hosts) > 1:
+        record["hosts"] = list(hosts)
     return record, redact.text(diff) if diff else diff
 
 

@@ -1,0 +1,84 @@
+"""Dispatch on a real Slurm of two nodes: `slurm/local_cluster.sh up --nodes 2` (node1, node2, each
+slurmd in its own network and UTS namespace, the file system shared as a cluster's). Root only;
+the module brings its own cluster up and down (beside the one-node cluster of test_slurm.py).
+Waits are bounded by progress with generous limits; assertions are on files, never on timing."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from pipeline.runs.ids import run_id
+from pipeline.runs.rundir import RunDir
+from pipeline.train import train
+
+from .conftest import ROOT, make_cfg
+from .test_slurm import handles, make, reference_metrics, wait_states
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """{"SLURM_CONF": ...} of a private two-node cluster, taken down by PID afterwards."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.skip("two nodes need root (network namespaces) and iproute2")
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")):
+        pytest.skip("Slurm/munge/MariaDB not installed (bash slurm/local_cluster.sh install; .ci/run does)")
+    d = tmp_path_factory.mktemp("slurm2")
+    env = dict(os.environ, SLURM_LOCAL_DIR=str(d))
+    env.pop("SLURM_CONF", None)
+    up = subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "up", "--nodes", "2"], capture_output=True,
+                        text=True, env=env, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        yield {"SLURM_CONF": str(d / "etc/slurm.conf")}
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "down"], env=env, timeout=60)
+
+
+def hosts(run: RunDir) -> list[str]:
+    """The hosts of the run's last attempt: every rank's (`hosts`), else rank 0's (`host`)."""
+    last = run.provenance()[-1]
+    return last.get("hosts") or [last["host"]]
+
+
+def test_a_sweeps_array_spreads_over_both_nodes_and_equals_the_runs_done_here(two_nodes, tmp_path):
+    r = make(tmp_path, env=two_nodes)
+    assert r.returncode == 0, r.stderr + r.stdout
+    jobs = handles(tmp_path)
+    assert len(jobs) == 4
+    states = wait_states(tmp_path, list(jobs), {"completed", "failed", "diverged"})
+    assert set(states.values()) == {"completed"}, states
+    runs = {rid: RunDir(tmp_path / "runs", rid) for rid in jobs}
+    assert {h for run in runs.values() for h in hosts(run)} == {"node1", "node2"}  # both nodes ran runs
+    plan = json.loads((tmp_path / "sweeps/synthetic/plan.json").read_text())["points"]
+    for rid, run in runs.items():  # every run equals the same run done here, in this process
+        overrides = [p for p in plan if p["run_id"] == rid][0]["overrides"]
+        ours = pd.read_csv(run.metrics).drop(columns="time_s")
+        pd.testing.assert_frame_equal(ours, reference_metrics(tmp_path, [o for o in overrides
+                                                                         if o.startswith("optim.")]),
+                                      check_exact=True)
+
+
+def test_one_run_across_two_nodes_equals_one_process(two_nodes, tmp_path):
+    """PROFILE=localtest2 (nodes: 2, ntasks_per_node: 1): one run of 2 gloo ranks, one per node,
+    the rendezvous on Slurm's first node (not localhost); fp64, equal to one process to 1e-12."""
+    extra = "optim.beta=0.9 optim.rho=0.99 optim.h=0.01 train.max_steps=300"
+    r = make(tmp_path, extra=extra, sweep="toy", env=two_nodes, more=["PROFILE=localtest2"])
+    assert r.returncode == 0, r.stderr + r.stdout
+    (rid, job), = handles(tmp_path, "toy").items()
+    script = next((tmp_path / "sweeps/toy/.submitit").glob("*/*_submission.sh")).read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert wait_states(tmp_path, [rid], {"completed", "failed", "diverged"}) == {rid: "completed"}
+    run = RunDir(tmp_path / "runs", rid)
+    assert sorted(hosts(run)) == ["node1", "node2"]
+    cfg = make_cfg(["sweep=toy", *extra.split()], runs=tmp_path / "one")
+    assert run_id(cfg) == rid and train(cfg) == "completed"
+    one = pd.read_csv(RunDir(cfg.paths.runs, rid).metrics).drop(columns="time_s")
+    two = pd.read_csv(run.metrics).drop(columns="time_s")
+    assert two.step.tolist() == list(range(301))
+    pd.testing.assert_frame_equal(two, one, check_exact=False, rtol=1e-12, atol=0)
