@@ -174,12 +174,7 @@ cmd_up() {
   slurmctld -i
   wait_for 30 slurmctld scontrol ping
   if [ "$NODES" -gt 1 ]; then
-    for k in $(seq 1 "$NODES"); do  # slurmd of nodeK in its namespaces (its jobs inherit them)
-      mkdir -p "$DIR/spool/node$k"
-      (setsid nsenter --net="/run/netns/$(netns "$k")" unshare --uts --mount --propagation private \
-        bash -c "mount --bind '$DIR/etc/hosts' /etc/hosts && hostname node$k && exec slurmd -N node$k" \
-        >"$DIR/log/slurmd-start-node$k.log" 2>&1 &)
-    done
+    for k in $(seq 1 "$NODES"); do start_node "$k"; done
   else
     slurmd -N localhost
   fi
@@ -189,6 +184,26 @@ cmd_up() {
 }
 
 netns() { echo "adam-$(cut -d' ' -f1 "$DIR/net")-node$1"; }
+
+start_node() {  # slurmd of nodeK in its namespaces (its jobs inherit them)
+  mkdir -p "$DIR/spool/node$1"
+  (setsid nsenter --net="/run/netns/$(netns "$1")" unshare --uts --mount --propagation private \
+    bash -c "mount --bind '$DIR/etc/hosts' /etc/hosts && hostname node$1 && exec slurmd -N node$1" \
+    >"$DIR/log/slurmd-start-node$1.log" 2>&1 &)
+}
+
+cmd_restart_node() {  # a node whose slurmd was killed (a test of a lost node): started again, resumed
+  need_dir
+  export SLURM_CONF=$DIR/etc/slurm.conf
+  case "${1:-}" in [1-4]) ;; *) log "restart-node ${1:-}: allowed values are 1 to 4"; exit 2 ;; esac
+  [ -f "$DIR/net" ] || { log "restart-node: this cluster has one node (up --nodes N makes several)"; exit 2; }
+  rm -f "$DIR/run/slurmd-node$1.pid"
+  start_node "$1"
+  wait_for 60 "node$1 to answer" bash -c "! sinfo -h -n node$1 -o %T | grep -q '\*'"
+  scontrol update nodename="node$1" state=resume 2>/dev/null || true
+  wait_for 60 "node$1 idle or busy" bash -c "sinfo -h -n node$1 -o %T | grep -Eq '^(idle|mixed|allocated)$'"
+  log "node$1 up again"
+}
 
 network() {  # a bridge at $NET.1 and, per node, a network namespace with a veth pair into it
   if [ "$(id -u)" != 0 ]; then log "--nodes $NODES: network namespaces need root"; exit 2; fi
@@ -263,6 +278,7 @@ case "${1:-}" in
     cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
+  restart-node) cmd_restart_node "${2:-}" ;;
   env) need_dir; echo "export SLURM_CONF=$DIR/etc/slurm.conf SLURM_LOCAL_DIR=$DIR" ;;
-  *) echo "usage: $0 install|up [--nodes N]|down|status|running|env" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up [--nodes N]|down|status|running|env|restart-node K" >&2; exit 2 ;;
 esac

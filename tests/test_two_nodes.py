@@ -3,10 +3,14 @@ slurmd in its own network and UTS namespace, the file system shared as a cluster
 the module brings its own cluster up and down (beside the one-node cluster of test_slurm.py).
 Waits are bounded by progress with generous limits; assertions are on files, never on timing."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,7 +20,7 @@ from pipeline.runs.rundir import RunDir
 from pipeline.train import train
 
 from .conftest import ROOT, make_cfg
-from .test_slurm import handles, make, reference_metrics, wait_states
+from .test_slurm import SLOW, handles, make, reference_metrics, wait_rows, wait_states
 
 pytestmark = pytest.mark.slurm
 
@@ -35,7 +39,7 @@ def two_nodes(tmp_path_factory):
                         text=True, env=env, timeout=180)
     try:
         assert up.returncode == 0, up.stderr
-        yield {"SLURM_CONF": str(d / "etc/slurm.conf")}
+        yield {"SLURM_CONF": str(d / "etc/slurm.conf"), "SLURM_LOCAL_DIR": str(d)}
     finally:
         subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "down"], env=env, timeout=60)
 
@@ -82,3 +86,74 @@ def test_one_run_across_two_nodes_equals_one_process(two_nodes, tmp_path):
     two = pd.read_csv(run.metrics).drop(columns="time_s")
     assert two.step.tolist() == list(range(301))
     pd.testing.assert_frame_equal(two, one, check_exact=False, rtol=1e-12, atol=0)
+
+
+def _scontrol(cluster, *args):
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, **cluster)).stdout
+
+
+def _one_process(extra: str, tmp_path, rid: str) -> pd.DataFrame:
+    cfg = make_cfg(["sweep=toy", *extra.split()], runs=tmp_path / "one")
+    assert run_id(cfg) == rid and train(cfg) == "completed"
+    return pd.read_csv(RunDir(cfg.paths.runs, rid).metrics).drop(columns="time_s")
+
+
+def test_scontrol_requeue_of_the_two_node_run_resumes_and_ends_identical(two_nodes, tmp_path):
+    extra = "optim.beta=0.9 optim.rho=0.99 optim.h=0.01 train.max_steps=10000 train.checkpoint_every=500"
+    r = make(tmp_path, extra=extra, sweep="toy", env=two_nodes, more=["PROFILE=localtest2"])
+    assert r.returncode == 0, r.stderr + r.stdout
+    (rid, job), = handles(tmp_path, "toy").items()
+    run = RunDir(tmp_path / "runs", rid)
+    wait_rows(run, 600)
+    assert run.status().get("state") == "running"  # requeued mid-run, not after its end
+    _scontrol(two_nodes, "requeue", job)
+    assert wait_states(tmp_path, [rid], {"completed", "failed", "diverged"}) == {rid: "completed"}
+    assert run.status()["attempts"] == 2 and sorted(hosts(run)) == ["node1", "node2"]
+    ours = pd.read_csv(run.metrics).drop(columns="time_s")
+    assert ours.step.tolist() == list(range(10001))
+    pd.testing.assert_frame_equal(ours, _one_process(extra, tmp_path, rid), check_exact=False, rtol=1e-12, atol=0)
+
+
+def test_a_node_lost_mid_run_its_run_is_taken_over_on_the_other_node_and_ends_identical(two_nodes, tmp_path):
+    """The node holding a run dies (its slurmd and the run's processes SIGKILLed, nothing flushed;
+    the node set DOWN): Slurm requeues the job onto the other node; the lease of the dead host is
+    taken over once its heartbeat is older than lease.timeout_s (a requeued attempt that comes
+    earlier exits as live elsewhere and the next `make sweep` relaunches it); the run ends
+    identical to an uninterrupted one."""
+    extra = ("optim.beta=0.9 optim.rho=0.99 optim.h=0.01 train.max_steps=6000 train.checkpoint_every=200 "
+             "lease.timeout_s=10 lease.heartbeat_s=1")
+    r = make(tmp_path, extra=extra, sweep="toy", env=two_nodes)
+    assert r.returncode == 0, r.stderr + r.stdout
+    (rid, job), = handles(tmp_path, "toy").items()
+    run = RunDir(tmp_path / "runs", rid)
+    wait_rows(run, 1000)
+    node = hosts(run)[0]
+    tag = (Path(two_nodes["SLURM_LOCAL_DIR"]) / "net").read_text().split()[0]
+    pids = subprocess.run(["ip", "netns", "pids", f"adam-{tag}-{node}"], capture_output=True, text=True).stdout
+    for pid in map(int, pids.split()):  # the node's slurmd, its step daemons and the run: all at once
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _scontrol(two_nodes, "update", f"nodename={node}", "state=down", "reason=lost")
+    try:
+        deadline = time.time() + SLOW
+        while run.status().get("state") != "completed" and time.time() < deadline:
+            time.sleep(2)
+            if run.status().get("state") != "completed" and not _queued(two_nodes):
+                make(tmp_path, extra=extra, sweep="toy", env=two_nodes)  # what a user types: the run goes on
+        assert run.status().get("state") == "completed", run.status()
+        other = ({"node1", "node2"} - {node}).pop()
+        assert hosts(run) == [other]  # the last attempt ran on the node that lived
+        ours = pd.read_csv(run.metrics).drop(columns="time_s")
+        assert ours.step.tolist() == list(range(6001))
+        pd.testing.assert_frame_equal(ours, _one_process(extra, tmp_path, rid), check_exact=False, rtol=1e-12,
+                                      atol=0)
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "restart-node", node[-1]], timeout=180,
+                       env=dict(os.environ, **two_nodes))
+
+
+def _queued(cluster) -> bool:
+    """Whether the controller still holds a job of ours (pending, running or requeued)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%T"], capture_output=True, text=True, env=dict(os.environ, **cluster))
+    return bool(out.stdout.strip())
