@@ -115,13 +115,15 @@ def test_scontrol_requeue_of_the_two_node_run_resumes_and_ends_identical(two_nod
     pd.testing.assert_frame_equal(ours, _one_process(extra, tmp_path, rid), check_exact=False, rtol=1e-12, atol=0)
 
 
-def test_a_node_lost_mid_run_its_run_is_taken_over_on_the_other_node_and_ends_identical(two_nodes, tmp_path):
-    """The node holding a run dies (its slurmd and the run's processes SIGKILLed, nothing flushed;
-    the node set DOWN): Slurm requeues the job onto the other node; the lease of the dead host is
-    taken over once its heartbeat is older than lease.timeout_s (a requeued attempt that comes
-    earlier exits as live elsewhere and the next `make sweep` relaunches it); the run ends
-    identical to an uninterrupted one."""
-    extra = ("optim.beta=0.9 optim.rho=0.99 optim.h=0.01 train.max_steps=6000 train.checkpoint_every=200 "
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_node_lost_mid_run_its_run_is_taken_over_on_the_other_node_and_ends_identical(two_nodes, tmp_path, how):
+    """The node holding a run is lost: its slurmd and the run's processes SIGKILLed (nothing
+    flushed), or only frozen (SIGSTOP), and the node set DOWN. Slurm requeues the job onto the
+    other node; the lease of the lost host is taken over once its heartbeat is older than
+    lease.timeout_s (a requeued attempt that comes earlier exits as live elsewhere, and the next
+    `make sweep` relaunches it); the run ends identical to an uninterrupted one. Frozen processes
+    thawed after the takeover write nothing (fenced) and exit."""
+    extra = ("optim.beta=0.9 optim.rho=0.99 optim.h=0.01 train.max_steps=12000 train.checkpoint_every=200 "
              "lease.timeout_s=10 lease.heartbeat_s=1")
     r = make(tmp_path, extra=extra, sweep="toy", env=two_nodes)
     assert r.returncode == 0, r.stderr + r.stdout
@@ -129,31 +131,85 @@ def test_a_node_lost_mid_run_its_run_is_taken_over_on_the_other_node_and_ends_id
     run = RunDir(tmp_path / "runs", rid)
     wait_rows(run, 1000)
     node = hosts(run)[0]
-    tag = (Path(two_nodes["SLURM_LOCAL_DIR"]) / "net").read_text().split()[0]
-    pids = subprocess.run(["ip", "netns", "pids", f"adam-{tag}-{node}"], capture_output=True, text=True).stdout
-    for pid in map(int, pids.split()):  # the node's slurmd, its step daemons and the run: all at once
+    lost = _node_pids(two_nodes, node)  # the node's slurmd, its step daemons and the run: all at once
+    for pid in lost:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
     _scontrol(two_nodes, "update", f"nodename={node}", "state=down", "reason=lost")
+    other, thawed = ({"node1", "node2"} - {node}).pop(), {}
     try:
         deadline = time.time() + SLOW
-        while run.status().get("state") != "completed" and time.time() < deadline:
+        while time.time() < deadline and run.status().get("state") != "completed":
+            if how == "frozen" and lost and hosts(run) == [other]:
+                _thaw(lost)  # after the takeover: the old processes wake, find the run another's, exit
+                lost, thawed = [], run.status()
             time.sleep(2)
             if run.status().get("state") != "completed" and not _queued(two_nodes):
                 make(tmp_path, extra=extra, sweep="toy", env=two_nodes)  # what a user types: the run goes on
         assert run.status().get("state") == "completed", run.status()
-        other = ({"node1", "node2"} - {node}).pop()
         assert hosts(run) == [other]  # the last attempt ran on the node that lived
+        if how == "frozen":  # thawed while the new owner was still training
+            assert not lost and thawed.get("state") == "running", thawed
         ours = pd.read_csv(run.metrics).drop(columns="time_s")
-        assert ours.step.tolist() == list(range(6001))
+        assert ours.step.tolist() == list(range(12001))  # nothing written twice, nothing lost
         pd.testing.assert_frame_equal(ours, _one_process(extra, tmp_path, rid), check_exact=False, rtol=1e-12,
                                       atol=0)
     finally:
+        _thaw(lost)
+        for pid in _node_pids(two_nodes, node):  # what is left of the lost node, before it comes back
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "restart-node", node[-1]], timeout=180,
                        env=dict(os.environ, **two_nodes))
+
+
+def _node_pids(cluster, node: str) -> list[int]:
+    tag = (Path(cluster["SLURM_LOCAL_DIR"]) / "net").read_text().split()[0]
+    out = subprocess.run(["ip", "netns", "pids", f"adam-{tag}-{node}"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _thaw(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _queued(cluster) -> bool:
     """Whether the controller still holds a job of ours (pending, running or requeued)."""
     out = subprocess.run(["squeue", "-h", "-o", "%T"], capture_output=True, text=True, env=dict(os.environ, **cluster))
     return bool(out.stdout.strip())
+
+
+def test_a_sweep_killed_between_sbatch_and_recording_its_jobs_is_adopted_with_tasks_on_both_nodes(two_nodes,
+                                                                                                   tmp_path):
+    """Failpoint sbatch.done: the sweep dies right after sbatch, before any job.json; its array's
+    tasks start on both nodes. The next `make status` adopts the whole array: every run's job.json
+    names the task that trains it, wherever it runs."""
+    extra = "train.max_steps=100000"  # running or queued for the whole test
+    killed = make(tmp_path, extra=extra, env=dict(two_nodes, ADAM_FAULTS="sbatch.done"))
+    assert killed.returncode != 0 and "submitted" not in killed.stdout
+    jobs = set(_squeue(two_nodes, "%i"))
+    try:
+        assert handles(tmp_path) == {} and jobs
+        runs = [RunDir(tmp_path / "runs", d.name) for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+        deadline = time.time() + SLOW  # until a task trains on each node (a CPU each: two at a time)
+        while time.time() < deadline and {h for r in runs if r.provenance() for h in hosts(r)} != {"node1", "node2"}:
+            time.sleep(0.5)
+        assert {h for r in runs if r.provenance() for h in hosts(r)} == {"node1", "node2"}
+        st = make(tmp_path, "status", extra=extra, env=two_nodes)
+        assert st.returncode == 0 and "adopted Slurm array" in st.stderr, st.stderr
+        assert "(4 queued or running)" in st.stderr, st.stderr
+        adopted = handles(tmp_path)
+        assert len(adopted) == 4
+        for r in runs:  # a task that started says which job runs it: the one adopted
+            if r.status().get("slurm_job"):
+                assert adopted[r.id] == r.status()["slurm_job"]
+    finally:
+        subprocess.run(["scancel", *{j.split("_")[0] for j in jobs}], env=dict(os.environ, **two_nodes))
+
+
+def _squeue(cluster, fmt: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", fmt], capture_output=True, text=True,
+                         env=dict(os.environ, **cluster))
+    return out.stdout.split()
