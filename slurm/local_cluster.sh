@@ -209,7 +209,10 @@ network() {  # a bridge at $NET.1 and, per node, a network namespace with a veth
   if [ "$(id -u)" != 0 ]; then log "--nodes $NODES: network namespaces need root"; exit 2; fi
   local tag k ns
   tag=$(basename "$DIR" | tr -dc 'a-zA-Z0-9' | tail -c 6)
-  NET=10.$((RANDOM % 200 + 20)).$((RANDOM % 250 + 1))
+  for _ in $(seq 1 20); do  # a /24 of 198.18.0.0/15 (RFC 2544, for tests) that no interface here uses
+    NET=198.$((18 + RANDOM % 2)).$((RANDOM % 250 + 1))
+    ip -4 -o addr show | grep -q " $NET\." || break
+  done
   echo "$tag $NET $NODES" >"$DIR/net"
   ip link add "adbr$tag" type bridge
   ip addr add "$NET.1/24" dev "adbr$tag"
