@@ -57,7 +57,6 @@ STYLES = Path(__file__).parent / "styles"
 LOG_SPAN = 20.0  # a positive metric whose values span more than this factor is drawn on a log axis
 LOSS_FLOOR = 1e-16  # a loss axis stops here (fp64 runs reach 1e-33: nothing to see below)
 ACC_SPAN = 0.02  # an accuracy axis spans at least 2 points: a few test images are not a trend
-COLOURS, MARKERS = 7, ("o", "s", "^", "D")  # the style's palette; more lines change marker
 
 
 SCALE = {"paper": 1.0, "talk": 1.6}  # figure sizes per style (the fonts are the style file's)
