@@ -5,7 +5,7 @@ the finished runs):
 
 - the reference: `precision=fp64`;
 - the rounding-level ensemble: K runs in fp32 whose theta_0 is moved by one ulp per coordinate,
-  up or down with the signs of seed k (`train.perturb_theta0=k`, pipeline.engine.loop.perturb_one_ulp).
+  up or down with the signs of seed k (`train.perturb_theta0=k`, pipeline.engine.setup.perturb_one_ulp).
   A perturbation of theta_0 rather than of the summation order: it is defined for every model,
   device and number of ranks, its size is exactly the rounding of storing theta_0 in fp32, and
   it is in the run id (the micro-batch, which orders the sums, is not: two orders would be one

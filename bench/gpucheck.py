@@ -131,7 +131,7 @@ def _time_config(name, n, reps, over, dry, peak_override, precision):
 
 def auto_micro_batch(models, n, dry) -> list[dict]:
     from pipeline.engine.dist import Ranks
-    from pipeline.engine.loop import micro_batch
+    from pipeline.engine.setup import micro_batch
 
     rows = []
     for name in models:

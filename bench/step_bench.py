@@ -32,8 +32,8 @@ from bench import authors
 from pipeline.config.compose import Composer
 from pipeline.dispatch.cost import PEAK_TFLOPS  # H100/H200 SXM dense, per GPU (torch_default: TF32 convolutions)
 from pipeline.engine.data import load_dataset, synthetic
-from pipeline.engine.loop import build
 from pipeline.engine.numerics import numerics
+from pipeline.engine.setup import build
 from pipeline.engine.step import bn_layers, evaluate, full_batch_step, partition, to_host
 from pipeline.engine.theory_metrics import bias_term_norm
 

@@ -3,7 +3,7 @@ groups of `model.bn_group` consecutive examples (models/norm.py applies it), or 
 micro-batch when `bn_group` is null. The group is semantic: it changes what a step computes
 (the run id hashes it, as `train.micro_batch` where ids have always had it); the micro-batch is
 memory only, so it must carry whole groups. Read by the run id (pipeline/runs/ids.py), the
-choice of `train.micro_batch=auto` (pipeline/engine/loop.py) and validation
+choice of `train.micro_batch=auto` (pipeline/engine/setup.py) and validation
 (pipeline/config/validate.py).
 """
 

@@ -110,7 +110,7 @@ def start_stopped_at(tmp_path, args, step, env=None, faults=None):
 def crash_at_step(monkeypatch, step: int, message: str):
     """In this block, the training loop's gradient computation raises at step `step` (a crash of
     the training code, as a CUDA error or a node failure would be)."""
-    import pipeline.engine.loop as pt
+    import pipeline.engine.single as pt
 
     real, calls = pt.full_batch_step, []
 

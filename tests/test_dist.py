@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.engine.loop import largest_that_fits
+from pipeline.engine.setup import largest_that_fits
 from pipeline.engine.step import bn_layers, full_batch_step, partition
 from pipeline.runs.ids import run_id
 from pipeline.runs.rundir import RunDir

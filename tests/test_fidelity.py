@@ -71,7 +71,7 @@ def test_compare_builds_one_row_per_metric_with_the_verdict_of_each_precision():
 
 # -- the perturbation ---------------------------------------------------------------------------------
 def test_perturb_one_ulp_moves_each_coordinate_to_its_float32_neighbour():
-    from pipeline.engine.loop import perturb_one_ulp
+    from pipeline.engine.setup import perturb_one_ulp
 
     x = torch.randn(4096) * torch.logspace(-6, 6, 4096)
     p = torch.nn.Parameter(x.clone())

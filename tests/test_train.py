@@ -217,8 +217,8 @@ def test_numerics_switch_is_in_effect(cfg_factory, switch):
     """Each switch changes what runs (dtype, autocast, memory format, algorithms, compiled
     module), and the flags it sets are restored afterwards."""
     from pipeline.engine.data import load_dataset
-    from pipeline.engine.loop import build
     from pipeline.engine.numerics import numerics
+    from pipeline.engine.setup import build
 
     cfg = cfg_factory(switch, "model.norm=bn")
     with numerics(cfg) as (device, autocast):

@@ -1,5 +1,5 @@
 """What the user's `_target_` code returns, checked once the data is loaded and before any run
-directory exists (pipeline/train.py); importing it is checked with the config
+directory exists (pipeline/attempt.py); importing it is checked with the config
 (pipeline/user_code.py, from pipeline/config/validate.py). docs/custom.md says what each may return."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one integrity rule: is a run directory what it claims to be, and is its history whole?
 
 `check(run)` reads the run's own files -- status.json, config.yaml and metrics.csv itself, not
-only what status.json says -- and every decision uses its answer: `decide()` (pipeline/train.py's skip /
+only what status.json says -- and every decision uses its answer: `decide()` (pipeline/attempt.py's skip /
 resume / restart and the sweep planner's launch / skip), `make status` and the analysis.
 
 A run is *whole* when
