@@ -291,7 +291,7 @@ def test_hole_is_flagged_everywhere_and_retry_makes_it_whole(tmp_path, damage):
     assert decide(check(run), retry=False).action == "skip" and "retry" in decide(check(run), retry=False).reason
     # make status and summary.csv say so; what depends on the missing rows stays empty
     from analysis.__main__ import analyze
-    from pipeline.dispatch.sweep import view
+    from pipeline.dispatch.status import view
 
     shown = view(check(run), None, None, None, None)
     assert shown.startswith(f"completed (metrics.csv: {missing})"), shown

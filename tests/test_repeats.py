@@ -175,13 +175,13 @@ def test_a_table_of_repeats_prints_mean_and_spread():
 def test_the_point_id_of_the_analysis_is_the_pipelines(tmp_path):
     from omegaconf import OmegaConf
 
-    from analysis.runs import _point
+    from analysis.runs import config_point
     from pipeline.runs.ids import point_id, run_id
 
     a, b = make_cfg(["sweep=toy", "seed=0"]), make_cfg(["sweep=toy", "seed=3", "train.perturb_theta0=2"])
     assert point_id(a) == point_id(b) and run_id(a) != run_id(b)
     assert point_id(make_cfg(["sweep=toy", "optim.beta=0.5"])) != point_id(a)
-    assert _point(OmegaConf.to_container(b, resolve=True)) == point_id(b)
+    assert config_point(OmegaConf.to_container(b, resolve=True)) == point_id(b)
 
 
 def make(tmp_path, target, extra="", *more, sweep="synthetic"):
@@ -259,12 +259,12 @@ def test_a_sweep_with_repeats_end_to_end_killed_and_resumed(tmp_path):
 
 
 def test_the_progress_lines_tell_every_run_of_a_sweep_apart(tmp_path):
+    from pipeline.dispatch.jobs import point_label
     from pipeline.dispatch.plan import make_plan
-    from pipeline.dispatch.sweep import _params
 
     plan = make_plan("synthetic", [f"paths.runs={tmp_path}/runs", f"paths.sweeps={tmp_path}/sweeps", "sweep.repeats=2",
                                    "train.max_steps=4,8"])
-    labels = [_params(p) for p in plan.points]
+    labels = [point_label(p) for p in plan.points]
     assert len(set(labels)) == len(labels) == 16
     assert labels[0].startswith("h=0.003 beta=0.9 rho=0.99 ")
     assert "seed=" in labels[0] and "train.max_steps=" in labels[0]

@@ -118,7 +118,7 @@ def test_presets_compose_and_validate():
     from hydra import compose, initialize_config_dir
 
     from pipeline.config.validate import validate
-    from pipeline.dispatch.sweep import presets
+    from pipeline.dispatch.cli import presets
 
     assert {"toy", "synthetic", "quick", "fig4", "fig5", "fig6", "fig7", "hgrid"} <= set(presets())
     expect = {"fig4": ("resnet50", "cifar10", 7.5e-5), "fig5": ("resnet50", "cifar10", 1e-4),
@@ -198,7 +198,7 @@ def test_run_ids_of_existing_presets_never_change():
     tests/data/preset_run_ids.json. BatchNorm presets kept theirs through every change; the
     presets without BatchNorm changed once, when the micro-batch left the id (make migrate)."""
     from pipeline.config.compose import Composer
-    from pipeline.dispatch.sweep import presets
+    from pipeline.dispatch.cli import presets
     from pipeline.runs.ids import run_id
 
     golden = json.loads((ROOT / "tests" / "data" / "preset_run_ids.json").read_text())["ids"]
@@ -273,7 +273,7 @@ def test_a_dataset_to_download_is_fetched_once_before_the_runs(tmp_path, monkeyp
     fetched = []
     monkeypatch.setattr(data, "download", lambda name, root: (fetched.append(name),
                                                                     data.write_fake_cifar(root, name)))
-    sweep._fetch_data(plan, dry=False)
+    sweep.fetch_data(plan, dry=False)
     assert fetched == ["cifar10"] and make_plan("quick", extra).missing_data() == []
 
     def offline(name, root):
@@ -282,7 +282,7 @@ def test_a_dataset_to_download_is_fetched_once_before_the_runs(tmp_path, monkeyp
     monkeypatch.setattr(data, "download", offline)
     other = make_plan("quick", [*extra[:-3], f"data.root={tmp_path}/other", "data.download=true"])
     with pytest.raises(SystemExit) as e:
-        sweep._fetch_data(other, dry=False)
+        sweep.fetch_data(other, dry=False)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "the download failed (OSError: Name or service not known)" in err
     assert not (tmp_path / "runs").exists()
@@ -312,7 +312,7 @@ def test_a_running_job_is_shown_with_its_step_loss_and_time_left(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from pipeline.dispatch.sweep import progress_line
+    from pipeline.dispatch.local import progress_line
     from pipeline.runs.rundir import RunDir
 
     run = RunDir(tmp_path, "0123456789ab")

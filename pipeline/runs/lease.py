@@ -58,7 +58,7 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
     """The start time of a process (clock ticks since boot): a pid reused by another process
     has another one. None where /proc is absent."""
     try:
@@ -67,14 +67,14 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def alive(pid: int, start: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's
         pass
-    return start is None or _proc_start(pid) in (None, start)
+    return start is None or proc_start(pid) in (None, start)
 
 
 # lease.json's schema: a record without these, of these types, holds nothing (it is flagged damaged);
@@ -145,7 +145,7 @@ def stale_reason(rec: dict, host: str | None = None, timeout_s: float | None = N
         timeout_s = timeout_s if timeout_s == timeout_s else 600.0  # nan
     timeout = float(timeout_s)
     if rec.get("host") == (host or socket.gethostname()) and isinstance(rec.get("pid"), int):
-        if not _alive(rec["pid"], rec.get("start")):
+        if not alive(rec["pid"], rec.get("start")):
             return f"process {rec['pid']} is gone"
         return None
     if rec["age_s"] > timeout:
@@ -185,7 +185,7 @@ class Lease:
         self.release()
 
     def _mine(self, generation: int = 1) -> dict:
-        return dict(host=self.host, pid=os.getpid(), start=_proc_start(os.getpid()),
+        return dict(host=self.host, pid=os.getpid(), start=proc_start(os.getpid()),
                     slurm_job=slurm_job_id(), since=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s,
                     generation=generation, token=secrets.token_hex(8))
