@@ -42,7 +42,7 @@ LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "traini
 TEST_METRICS = ("test_acc", "test_loss", "max_test_acc")
 
 
-def _ylabel(metric: str, frame: pd.DataFrame) -> str:
+def axis_label(metric: str, frame: pd.DataFrame) -> str:
     """LABEL of `metric`; a test metric of runs evaluated as the authors did (train.eval_mode=
     running_stats in every run) says so."""
     label = LABEL.get(metric, metric)
@@ -323,7 +323,7 @@ def _threshold_file(data: pd.DataFrame, param: str, pairs, threshold, out: Path,
         _xscale(ax, param, data[param].to_numpy(float))
         _yscale(ax, metric, pd.to_numeric(shown[col], errors="coerce").to_numpy(float))
         ax.set_xlabel(SYMBOL.get(param, param))
-        ax.set_ylabel(_ylabel(metric, shown))
+        ax.set_ylabel(axis_label(metric, shown))
         if threshold is not None:
             ax.set_title(f"at the first step with loss < {threshold:g}")
     if bar:
@@ -762,7 +762,7 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
     panels = [("regime", "regime"), ("hill_height", LABEL["hill_height"]),
               (f"at_loss_{threshold:g}_pert_norm", LABEL["pert_norm"] + f" at loss < {threshold:g}"),
               (f"at_loss_{threshold:g}_test_acc",
-               _ylabel("test_acc", runs).replace("\n", " ", 1) + f" at loss < {threshold:g}")]
+               axis_label("test_acc", runs).replace("\n", " ", 1) + f" at loss < {threshold:g}")]
     panels = [(c, t) for c, t in panels
               if c in g and (c == "regime" or pd.to_numeric(g[c], errors="coerce").notna().any())]
     rows = 1 if len(panels) < 3 else 2

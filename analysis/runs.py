@@ -116,13 +116,13 @@ def read_run(path: Path) -> dict:
     health = check(run)
     rows = health.history.in_step_order()
     config = (health.config or {}) if not health.damaged else {}
-    return dict(run_id=run.id, path=path, config=config, point_id=_point(config),
+    return dict(run_id=run.id, path=path, config=config, point_id=config_point(config),
                 status=health.status, metrics=frame(health.history.header, rows), holes=health.holes,
                 damaged="; ".join(health.damaged), whole_until=health.whole_until, foreign=health.foreign,
                 provenance=run.provenance() if not health.foreign else [])
 
 
-def _point(config: dict) -> str | None:
+def config_point(config: dict) -> str | None:
     """pipeline.runs.ids.point_id of a stored config.yaml, or None when it cannot be read as one."""
     try:
         return point_id(OmegaConf.create(config)) if config else None

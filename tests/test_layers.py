@@ -15,7 +15,7 @@ LAYERS = {
     "pipeline.runs": 1,
     "pipeline.engine": 2, "models": 2,
     "pipeline.config": 3,
-    "pipeline.train": 4, "pipeline.__main__": 4,
+    "pipeline.train": 4, "pipeline.attempt": 4, "pipeline.__main__": 4,
     "pipeline.dispatch": 5,
 }
 NAMES = {0: "base", 1: "runs", 2: "engine", 3: "config", 4: "job", 5: "dispatch"}
@@ -83,3 +83,35 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
     assert "pipeline.dispatch.sweep" in found and layer("pipeline.dispatch.sweep") > layer(module_name(bad))
     assert module_name(ROOT / "pipeline" / "runs" / "__init__.py") == "pipeline.runs"
     assert layer("pipeline.train") == 4 and layer("pipeline.engine.loop") == 2 and layer("models.norm") == 2
+
+
+def test_no_private_name_crosses_a_module():
+    """A name with a leading underscore is its module's own: no project module imports one from
+    another (nor reaches one through a module, `lease._alive`)."""
+    found = []
+    for path in [*project_modules(), *sorted((ROOT / "analysis").rglob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        mods = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.level or (n.module or "").split(".")[0] in ("pipeline", "models", "analysis")) for a in n.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in
+                                                     ("pipeline", "models", "analysis")):
+                found += [f"{module_name(path)} imports {a.name}" for a in node.names if private(a.name)]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in mods \
+                    and private(node.attr):
+                found.append(f"{module_name(path)} uses {node.value.id}.{node.attr}")
+    assert not found, "\n".join(found)
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_function_is_longer_than_a_screen():
+    """60 lines at most, from `def` to its last line (docstring included), in pipeline/ and analysis/."""
+    long = []
+    for path in [*sorted((ROOT / "pipeline").rglob("*.py")), *sorted((ROOT / "analysis").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert not long, "\n".join(long)

@@ -255,14 +255,15 @@ def test_eurosat_is_downloaded_with_torchvision_when_missing(tmp_path, monkeypat
 def test_figures_say_when_the_test_columns_are_the_authors_evaluation():
     import pandas as pd
 
-    from analysis.figures import _ylabel
+    from analysis.figures import axis_label
 
     ours = pd.DataFrame({"eval_mode": ["exact", "exact"]})
     theirs = pd.DataFrame({"eval_mode": ["running_stats", "running_stats"]})
-    assert "running averages" in _ylabel("test_acc", theirs) and "running averages" in _ylabel("max_test_acc", theirs)
-    assert "running averages" not in _ylabel("test_acc", ours)
-    assert "running averages" not in _ylabel("pert_norm", theirs)
-    assert "running averages" not in _ylabel("test_acc", pd.concat([ours, theirs]))  # mixed: no single label
+    assert "running averages" in axis_label("test_acc", theirs)
+    assert "running averages" in axis_label("max_test_acc", theirs)
+    assert "running averages" not in axis_label("test_acc", ours)
+    assert "running averages" not in axis_label("pert_norm", theirs)
+    assert "running averages" not in axis_label("test_acc", pd.concat([ours, theirs]))  # mixed: no single label
 
 
 def test_a_config_from_before_the_new_keys_gets_their_old_values():
