@@ -36,6 +36,19 @@ FIXED = {
     "hill_height_rel_trough": "hill_height / P_s: the rise relative to the trough",
     "hill_height_rel_floor": "hill_height / (p √ε): the rise relative to the norm's floor at a zero gradient",
     "regime": "stable, spiky (a jump above the spike factor × the running minimum) or diverged",
+    "eos_threshold": "the stability threshold of the run's update on a quadratic with its preconditioner frozen "
+                     "(pipeline.thresholds.eos_threshold): Adam (2 + 2β)/((1 − β) h), heavy-ball momentum "
+                     "(2 + 2β)/h, RMSProp and GD 2/h",
+    "eos_ratio_max": "the largest pre_sharpness / eos_threshold over the steps recorded after the start-up (from "
+                     "the first step whose loss is ≤ 5 % of the initial loss, as the hill's; λ₁(P⁻¹H) against the "
+                     "adaptive edge of stability; ≈ 1: the run sits at it; empty: the loss never fell that far)",
+    "eos_0.9_step": "the first recorded step where pre_sharpness / eos_threshold exceeds 0.9 (empty: never)",
+    "eos_1_step": "the first recorded step where pre_sharpness / eos_threshold exceeds 1 (empty: never)",
+    "eos_frac_0.9": "the fraction of recorded steps where pre_sharpness / eos_threshold exceeds 0.9",
+    "gd_ratio_max": "the largest sharpness · h / 2 after the start-up (λ₁(H) against plain GD's threshold 2/h)",
+    "gd_0.9_step": "the first recorded step where sharpness · h / 2 exceeds 0.9 (empty: never)",
+    "gd_1_step": "the first recorded step where sharpness · h / 2 exceeds 1 (empty: never)",
+    "gd_frac_0.9": "the fraction of recorded steps where sharpness · h / 2 exceeds 0.9",
     "limit_one_norm": "|θ|₁ at the last step of a run that did not diverge (few-parameter models: the limit "
                       "point's one-norm; Figures 2-3 compare it with the minimum 2√0.75 on the hyperbola)",
     "limit_grad_one_norm": "the gradient's one-norm at that last step (how near the limit is to a minimum)",

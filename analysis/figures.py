@@ -36,6 +36,8 @@ LABEL = {"pert_norm": r"$\|\nabla E(\theta)\|_{1,\varepsilon}$", "loss": "traini
          "l2_norm": r"$\|\nabla E\|_2$", "bias_norm": "norm of the bias term (3)",
          "max_test_acc": "max test accuracy", "limit_one_norm": r"$|\theta_1| + |\theta_2|$ at the end",
          "hill_height": r"hill of $\|\nabla E\|_{1,\varepsilon}$ after the start-up",
+         "eos_ratio": r"$\lambda_1(P^{-1}H)$ / stability threshold",
+         "eos_ratio_max": r"largest $\lambda_1(P^{-1}H)$ / threshold",
          "rise_max": r"largest rise of $\|\nabla E\|_{1,\varepsilon}$"}
 
 
@@ -446,6 +448,8 @@ def _curves_file(shown: pd.DataFrame, param: str, out: Path, name: str, metrics,
             ax.plot(g["step"], g["value"], color=c, lw=0.8, gid=f"series {param}={v}")
         if metric == "pert_norm":
             _floor_and_hills(ax, shown, param, color)
+        if metric == "eos_ratio":  # the edge of stability (pipeline.thresholds.eos_threshold)
+            ax.axhline(1.0, color="gray", ls="--", lw=1)
         clipped |= _curve_yscale(ax, metric, sub["value"])
         ax.set_xlabel("step (full-batch epoch)")
         ax.set_ylabel(LABEL.get(metric, metric))
@@ -478,6 +482,9 @@ def _curves_legend(shown, param, values, color, metrics, repeats, banded, clippe
     if "pert_norm" in metrics and (shown["metric"] == "pert_norm_floor").any():
         handles.append(matplotlib.lines.Line2D([], [], color="gray", ls=":", lw=1))
         labels.append(r"floor $p\sqrt{\varepsilon}$")
+    if "eos_ratio" in metrics:
+        handles.append(matplotlib.lines.Line2D([], [], color="gray", ls="--", lw=1))
+        labels.append("stability threshold (eos_threshold)")
     if shown["metric"].isin(HILL_MARKS).any():
         handles.append(matplotlib.lines.Line2D([], [], color="0.3", marker="v", mfc="white", ls="", ms=4))
         labels.append("hill's trough ▽ and peak △ (after loss ≤ 5 % of its start)")
@@ -495,6 +502,18 @@ def _curves_legend(shown, param, values, color, metrics, repeats, banded, clippe
 
 
 HILL_MARKS = {"hill_trough": "v", "hill_peak": "^"}  # rows of a curves figure's data: where each run's hill is
+
+
+def eos_curves(summary: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the curves frame's shape (metric eos_ratio): each recorded pre_sharpness divided by
+    its run's stability threshold (summary.csv's eos_threshold): 1 is the edge of stability of
+    every run alike, whatever its h and beta."""
+    if "eos_threshold" not in summary or curves.empty:
+        return curves.iloc[0:0]
+    thr = summary.set_index("run_id")["eos_threshold"]
+    pre = curves[curves["metric"] == "pre_sharpness"]
+    ratio = pre["value"] / pre["run_id"].map(thr)
+    return pre.assign(metric="eos_ratio", value=ratio).dropna(subset=["value"])
 
 
 def hill_marks(summary: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
@@ -754,7 +773,7 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
     runs = g
     n = g.groupby(["beta", "rho"]).size()
     g = _cells(g, [c for c in ("regime", "hill_height", f"at_loss_{threshold:g}_pert_norm",
-                               f"at_loss_{threshold:g}_test_acc") if c in g])
+                               f"at_loss_{threshold:g}_test_acc", "eos_ratio_max") if c in g])
     if n.max() > 1:  # repeats: each cell is their mean (regime: the one they share, or mixed)
         title = (title + "; " if title else "") + (f"mean of {n.min()} repeats per cell" if n.min() == n.max()
                                                    else f"mean of {n.min()} to {n.max()} repeats per cell")
@@ -762,12 +781,13 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
     panels = [("regime", "regime"), ("hill_height", LABEL["hill_height"]),
               (f"at_loss_{threshold:g}_pert_norm", LABEL["pert_norm"] + f" at loss < {threshold:g}"),
               (f"at_loss_{threshold:g}_test_acc",
-               axis_label("test_acc", runs).replace("\n", " ", 1) + f" at loss < {threshold:g}")]
+               axis_label("test_acc", runs).replace("\n", " ", 1) + f" at loss < {threshold:g}"),
+              ("eos_ratio_max", LABEL["eos_ratio_max"])]
     panels = [(c, t) for c, t in panels
               if c in g and (c == "regime" or pd.to_numeric(g[c], errors="coerce").notna().any())]
     rows = 1 if len(panels) < 3 else 2
-    cols = -(-len(panels) // rows)
-    fig, axes = plt.subplots(rows, cols, figsize=_size(3.2 * cols, 2.6 * rows + 0.6), squeeze=False,
+    cols = -(-len(panels) // rows)  # five or six panels: two rows of three, as wide as a page
+    fig, axes = plt.subplots(rows, cols, figsize=_size(min(3.2 * cols, WIDTH), 2.6 * rows + 0.6), squeeze=False,
                              layout="constrained")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -779,7 +799,7 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
             grid[np.searchsorted(betas, b), np.searchsorted(rhos, r)] = (
                 list(REGIMES).index(v) if col == "regime" and v in REGIMES else
                 np.nan if col == "regime" else pd.to_numeric(v, errors="coerce"))
-        seen |= _map_panel(fig, ax, grid, col, betas, rhos)
+        seen |= _map_panel(fig, ax, grid, col, betas, rhos, stride=2 if cols > 2 and len(rhos) > 8 else 1)
         blank |= bool(np.isnan(grid).any())
         ax.set_title(label)
     if title:
@@ -796,10 +816,11 @@ def regime_map(g: pd.DataFrame, threshold: float, out: Path, name: str) -> list[
     return _save(fig, out, name, data.sort_values(["beta", "rho"]))
 
 
-def _map_panel(fig, ax, grid: np.ndarray, col: str, betas, rhos) -> set:
+def _map_panel(fig, ax, grid: np.ndarray, col: str, betas, rhos, stride: int = 1) -> set:
     """One heatmap of the regime map: the regimes in their colours, a metric in viridis (log where
     its values span more than MAP_LOG_SPAN) with its colour bar; the line beta = rho; the regimes
-    drawn (for the legend)."""
+    drawn (for the legend). `stride` 2: a tick and label at every other rho (a narrow panel), the
+    last one always."""
     seen = set()
     if col == "regime":
         cmap = matplotlib.colors.ListedColormap(list(REGIMES.values()))
@@ -818,7 +839,8 @@ def _map_panel(fig, ax, grid: np.ndarray, col: str, betas, rhos) -> set:
     if len(same) > 1:
         ax.plot(*zip(*same), color="white", lw=1.6)
         ax.plot(*zip(*same), color="0.2", lw=0.8, ls="--")
-    ax.set_xticks(np.arange(len(rhos)) + 0.5, [f"{v:g}" for v in rhos], rotation=90)
+    at = sorted({*range(len(rhos) - 1, -1, -stride)})
+    ax.set_xticks(np.asarray(at) + 0.5, [f"{rhos[i]:g}" for i in at], rotation=90)
     ax.set_yticks(np.arange(len(betas)) + 0.5, [f"{v:g}" for v in betas])
     ax.tick_params(length=0)
     ax.grid(False)
@@ -850,7 +872,9 @@ def all_figures(summary: pd.DataFrame, curves: pd.DataFrame, out: Path, threshol
             made += threshold_figure(summary, param, t, out)
         made += threshold_figure(summary, param, None, out, metrics=("max_test_acc", "hill_height"),
                                  name=f"{_whole_run_name(summary)}_vs_{param}")
-        made += curves_figure(pd.concat([curves, hill_marks(summary, curves)], ignore_index=True), param, out)
+        eos = eos_curves(summary, curves)  # runs with train.sharpness_every: a third panel
+        made += curves_figure(pd.concat([curves, hill_marks(summary, curves), eos], ignore_index=True), param, out,
+                              metrics=("loss", "pert_norm", "eos_ratio") if len(eos) else ("loss", "pert_norm"))
         if "limit_one_norm" in summary:  # few-parameter models (Figures 2-3): where the runs end
             ref = (limit_reference, f"smallest one-norm of a minimum: {limit_reference:.4g}") if limit_reference \
                 else None

@@ -84,8 +84,9 @@ def _draw(kind: int, m, data: pd.DataFrame, param: str, out: Path, name: str) ->
             else None
         return figures.threshold_figure(data, param, None, out, metrics=("limit_one_norm",), name=name,
                                         reference=reference, keep=keep)
-    if kind == 3:
-        return figures.curves_figure(data, param, out, name=name, keep=keep)
+    if kind == 3:  # the panels the CSV holds (a run with train.sharpness_every has eos_ratio too)
+        metrics = tuple(m for m in ("loss", "pert_norm", "eos_ratio") if (data["metric"] == m).any())
+        return figures.curves_figure(data, param, out, metrics=metrics, name=name, keep=keep)
     if kind == 5:
         t = [m.group(1) for c in data if (m := re.fullmatch(r"at_loss_(.+)_pert_norm", c))]
         threshold = float(t[0]) if t else 0.01

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.runs.provenance import code_versions
 from pipeline.runs.rundir import FINISHED
-from pipeline.thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE, divergence_step
+from pipeline.thresholds import DIVERGE_FACTOR, DIVERGE_PATIENCE, divergence_step, eos_threshold
 from pipeline.thresholds import first_crossing as first_crossing_index
 
 from .outputs import write_csv, write_parquet
@@ -107,6 +107,39 @@ def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1, lo
     return out
 
 
+EOS_LEVELS = (0.9, 1.0)  # fractions of the stability threshold whose first crossing a summary names
+
+
+def edge_of_stability(m: pd.DataFrame, optim: dict) -> dict:
+    """The run against the stability threshold of its update (pipeline.thresholds.eos_threshold):
+    `eos_threshold`; over the recorded steps of `pre_sharpness` (its converged values) after the
+    start-up, the ratio r = pre_sharpness / eos_threshold: its largest value `eos_ratio_max`, the
+    first step it exceeds 0.9 and 1 (`eos_0.9_step`, `eos_1_step`) and the fraction of recorded
+    steps above 0.9 (`eos_frac_0.9`); the same for plain GD's ratio sharpness * h / 2 (`gd_...`).
+    The start-up is the hill's (HILL_LOSS): until the loss is at most 5 % of its initial value,
+    Adam's P averages a few gradients (at step 0 P = |g_0|: the sign-like first step) and the
+    threshold, which assumes P frozen, does not describe the update; a run whose loss never falls
+    that far has no values."""
+    name, h = optim.get("name"), optim.get("h")
+    if "pre_sharpness" not in m or h is None:
+        return {}
+    thr = eos_threshold(name, float(h), float(optim.get("beta", 0.0) or 0.0))
+    out = {"eos_threshold": thr}
+    loss = m["loss"].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        down = np.nonzero(loss <= HILL_LOSS * loss[0])[0] if len(loss) and np.isfinite(loss[0]) else []
+    after = m["step"] >= (m["step"].iloc[down[0]] if len(down) else np.inf)
+    for prefix, ratio in (("eos", m["pre_sharpness"] / thr), ("gd", m["sharpness"] * float(h) / 2)):
+        ok = ratio.notna() & np.isfinite(ratio) & after
+        r, steps = ratio[ok].to_numpy(float), m["step"][ok].to_numpy()
+        out[f"{prefix}_ratio_max"] = float(r.max()) if len(r) else NAN
+        for level in EOS_LEVELS:
+            above = np.nonzero(r > level)[0]
+            out[f"{prefix}_{tkey(level)}_step"] = int(steps[above[0]]) if len(above) else NAN
+        out[f"{prefix}_frac_0.9"] = float((r > 0.9).mean()) if len(r) else NAN
+    return out
+
+
 def regime(loss: pd.Series, state: str | None, spike_factor: float = 10.0,
            spike_min_rise: float = 1e-3, diverge_factor: float | None = DIVERGE_FACTOR,
            diverge_patience: int = DIVERGE_PATIENCE) -> str:
@@ -165,6 +198,8 @@ def summarize_run(run: dict, thresholds=(0.1, 0.01), steps_at=(), smooth: int = 
     row["regime"] = regime(m["loss"], state, spike_factor,
                            diverge_factor=tc.get("diverge_factor", DIVERGE_FACTOR),
                            diverge_patience=tc.get("diverge_patience", DIVERGE_PATIENCE)) if whole else ""
+    if whole:
+        row.update(edge_of_stability(m, (run["config"].get("optim") or {}) if isinstance(run["config"], dict) else {}))
     thetas = sorted((c for c in m.columns if c.startswith("theta_")), key=lambda c: int(c[6:]))
     # few-parameter models: the limit point and its one-norm (Figures 2-3); a diverged run has none
     if thetas and len(m) and ends_at_last and state != "diverged" and row["regime"] != "diverged":
@@ -201,7 +236,7 @@ def needs(column: str) -> str | None:
     crossing = rf"at_(?:loss|step)_.+?_({'|'.join((*CROSSING_METRICS, 'loss'))})"  # first_crossing's, at_step's
     for pattern, metric in ((crossing, None), (r"max_test_acc", "test_acc"),
                             (r"hill_height_rel_floor", "pert_norm_floor"), (r"hill_.+", "pert_norm"),
-                            (r"rise_max", "pert_norm"),
+                            (r"rise_max", "pert_norm"), (r"eos_.+", "pre_sharpness"), (r"gd_.+", "sharpness"),
                             (r"limit_grad_one_norm", "l1_norm"), (r"limit_.+", "theta_0")):
         m = re.fullmatch(pattern, column)
         if m:

@@ -17,14 +17,7 @@ from omegaconf import DictConfig
 from . import faults
 from .config.user_outputs import check_user_code
 from .config.validate import check_dir_writable, validate
-from .errors import (
-    ConfigError,
-    DiskFull,
-    LeaseHeld,
-    LeaseLost,
-    StoreError,
-    one_line,
-)
+from .errors import ConfigError, DiskFull, LeaseHeld, LeaseLost, StoreError, one_line
 from .runs import owners, provenance
 from .runs.ids import run_id, with_added_keys
 from .runs.integrity import check, decide

@@ -51,3 +51,15 @@ def divergence_step(losses, factor: float | None, patience: int) -> int | None:
         if gone:
             return i
     return None
+
+
+def eos_threshold(name: str, h: float, beta: float = 0.0) -> float:
+    """The stability threshold of an optimizer's update on a quadratic with its preconditioner
+    frozen (pipeline/engine/sharpness.py derives each): GD and RMSProp 2/h; the pipeline's
+    heavy-ball momentum (b = beta b + g) (2 + 2 beta)/h; Adam (m = beta m + (1 - beta) g)
+    (2 + 2 beta)/((1 - beta) h), 38/h at beta = 0.9 (Cohen et al. 2022)."""
+    if name == "adam":
+        return (2 + 2 * beta) / ((1 - beta) * h)
+    if name == "momentum":
+        return (2 + 2 * beta) / h
+    return 2 / h

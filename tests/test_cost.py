@@ -50,3 +50,16 @@ def test_a_dry_run_of_a_paper_preset_states_its_cost(tmp_path):
     assert "assumed: 40% of an H100/H200" in r.stdout and "warning: cifar10 is not in" in r.stderr
     toy = make("sweep", tmp_path, "toy", "local", "", 0, 600, "DRY=1")
     assert toy.returncode == 0 and "expected cost" not in toy.stdout
+
+
+def test_the_sharpness_is_counted_at_its_budget():
+    """train.sharpness_every=k adds, per step, two eigenvalues (Adam) x sharpness_iters products x
+    HVP_COST forward-and-backward passes of the N examples / k; one eigenvalue for GD."""
+    from pipeline.dispatch.cost import HVP_COST
+
+    base = run_cost(make_cfg(["sweep=fig4"]))
+    fb, _ = flops_per_example(OmegaConf.to_yaml(make_cfg(["sweep=fig4"]).model), 10, (3, 32, 32))
+    on = run_cost(make_cfg(["sweep=fig4", "train.sharpness_every=50", "train.sharpness_iters=10"]))
+    assert on["flops_per_step"] - base["flops_per_step"] == pytest.approx(2 * 10 * HVP_COST * base["n"] * fb / 50)
+    gd = run_cost(make_cfg(["sweep=fig4", "optim=gd", "train.sharpness_every=50", "train.sharpness_iters=10"]))
+    assert gd["flops_per_step"] - base["flops_per_step"] == pytest.approx(10 * HVP_COST * base["n"] * fb / 50)

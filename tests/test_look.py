@@ -35,9 +35,10 @@ def looked(monkeypatch):
     return found
 
 
-def grid(h, betas, rhos, repeats=1, steps=40, toy=False, test_set=True):
+def grid(h, betas, rhos, repeats=1, steps=40, toy=False, test_set=True, sharpness=False):
     """A summary and a curves frame shaped as the analysis makes them for a sweep of this grid:
-    a descent with a mid-training hill, spiky runs where beta > rho + 0.05."""
+    a descent with a mid-training hill, spiky runs where beta > rho + 0.05; with `sharpness`,
+    pre_sharpness every 5 steps rising to the edge of stability (train.sharpness_every)."""
     rng = np.random.default_rng(0)
     rows, curves = [], []
     for i, (hh, b, r, seed) in enumerate(itertools.product(h, betas, rhos, range(repeats))):
@@ -54,6 +55,9 @@ def grid(h, betas, rhos, repeats=1, steps=40, toy=False, test_set=True):
             row.update({"at_loss_0.01_test_acc": 0.9 + 0.05 * r + 0.01 * rng.random(), "max_test_acc": 0.97})
         if toy:
             row["limit_one_norm"] = 1.8 + 0.1 * b + 0.05 * rng.random()
+        thr = (2 + 2 * b) / ((1 - b) * hh)
+        if sharpness:
+            row.update(eos_threshold=thr, eos_ratio_max=0.5 + 0.6 * b * r)
         rows.append(row)
         keys = dict(run_id=run, point_id=point, h=hh, beta=b, rho=r, eps=1e-8, seed=seed)
         series = dict(loss=loss, pert_norm=norm)
@@ -62,6 +66,10 @@ def grid(h, betas, rhos, repeats=1, steps=40, toy=False, test_set=True):
                           theta_1=np.linspace(3.5, 0.9 + 0.1 * r, steps))
         for metric, v in series.items():
             curves.append(pd.DataFrame(dict(keys, metric=metric, step=k, value=v)))
+        if sharpness:
+            every = k[::5]
+            curves.append(pd.DataFrame(dict(keys, metric="pre_sharpness", step=every,
+                                            value=thr * (0.2 + 0.8 * b * r * (1 - np.exp(-every / 8))))))
         curves.append(pd.DataFrame(dict(keys, metric="pert_norm_floor", step=[0], value=[0.35])))
     return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
 
@@ -72,6 +80,10 @@ PRESETS = {  # (grid, thresholds, params, limit_reference)
     "digits": (dict(h=[1e-3], betas=[0.5, 0.9, 0.95, 0.99], rhos=[0.9, 0.99, 0.999], repeats=3), [0.01],
                ["beta", "rho"], None),
     "regime": (dict(h=[0.1], betas=REGIME, rhos=REGIME, steps=30), [0.01], ["beta", "rho"], None),
+    "regime-sharpness": (dict(h=[0.1], betas=REGIME, rhos=REGIME, steps=30, sharpness=True), [0.01],
+                         ["beta", "rho"], None),
+    "digits-sharpness": (dict(h=[1e-3], betas=[0.5, 0.9, 0.95, 0.99], rhos=[0.9, 0.99, 0.999], repeats=3,
+                              sharpness=True), [0.01], ["beta", "rho"], None),
 }
 
 
@@ -80,10 +92,12 @@ def test_every_figure_of_a_preset_keeps_the_rules(preset, looked, tmp_path):
     spec, thresholds, params, reference = PRESETS[preset]
     summary, curves = grid(**spec)
     figures.all_figures(summary, curves, tmp_path, thresholds, params, "paper", reference)
-    assert len(looked) >= {"toy": 20, "digits": 8, "regime": 20}[preset]
+    assert len(looked) >= {"toy": 20, "digits": 8, "regime": 20}[preset.split("-")[0]]
     assert {name: p for name, p in looked.items() if p} == {}
     if preset == "regime":  # twelve values of a series: a colour bar, one file per value of the other key
         assert "curves_by_beta_rho0.9.png" in looked and "curves_by_beta.png" not in looked
+    if preset.endswith("sharpness"):  # the eos panel beside loss and norm, the map's fifth panel
+        assert "regime_map.png" in looked if preset.startswith("regime") else "curves_by_beta_rho0.99.png" in looked
     if preset == "toy":  # no test set: the whole-run figure holds the hill alone, and is named so
         assert "hill_vs_beta.png" in looked and not any(n.startswith("max_test_acc") for n in looked)
 

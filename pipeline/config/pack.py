@@ -31,6 +31,10 @@ def refusal(cfg: DictConfig) -> str | None:
     if cfg.model.name == "custom":
         return ("model=custom: a model of your own may hold module state (BatchNorm buffers) that "
                 "torch.func.vmap cannot keep per point; such points run one per process (PACK=1)")
+    every = OmegaConf.select(cfg, "train.sharpness_every")
+    if every is not None:
+        return (f"train.sharpness_every={every}: the Lanczos iterations of the Hessian's top eigenvalue stop at "
+                "each point's own residual, which a stacked pass cannot; such points run one per process (PACK=1)")
     for key, why in (("train.reshuffle", "each point's partition generator would have to be stacked too"),
                      ("train.bias_term", "the bias term's norm is computed for one model at a time"),
                      ("compile", "torch.compile of a vmapped forward is not supported here"),

@@ -66,3 +66,19 @@ def check_user_code(cfg, data) -> None:
     if cfg.model.name == "custom":
         check_model(cfg, data)
     check_loss(from_config(loss, data.task), data)
+    if cfg.train.get("sharpness_every") is not None:
+        check_all_trained(cfg, data)
+
+
+def check_all_trained(cfg, data) -> None:
+    """train.sharpness_every needs the Hessian of every parameter the loss depends on: a model
+    with frozen parameters (requires_grad=False) would report the sharpness of a sub-block."""
+    from models import build_model
+
+    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:3]) + (", ..." if len(frozen) > 3 else "")
+        raise ConfigError(f"train.sharpness_every={cfg.train.sharpness_every}: model={cfg.model.name} has parameters "
+                          f"that do not require gradients ({shown}); allowed only with a model whose parameters "
+                          "are all trained (or sharpness_every=null)")

@@ -287,6 +287,9 @@ def _training(cfg, optim: str) -> None:
     number(cfg, "train.stop_loss", 0, lo_open=True, null=True)
     number(cfg, "train.diverge_factor", 1, lo_open=True, null=True)
     integer(cfg, "train.diverge_patience", 1)
+    integer(cfg, "train.sharpness_every", 1, null=True)
+    integer(cfg, "train.sharpness_iters", 1)
+    number(cfg, "train.sharpness_tol", 0, 1, lo_open=True, hi_open=True)
     if cfg.train.bias_term and optim not in ("adam", "rmsprop"):
         raise ConfigError(f"train.bias_term=true with optim={optim}: allowed only with optim=adam "
                           "or optim=rmsprop (Eq. 3)")

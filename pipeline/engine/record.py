@@ -15,8 +15,10 @@ from ..runs.history import read_metrics_table
 from ..runs.rundir import RunDir
 from . import dist
 from .loggers import NullLogger, make_logger
+from .sharpness import COLUMNS as SHARPNESS_COLUMNS
 
 log = logging.getLogger("pipeline.train")
+OPTIONAL = ("bias_norm", *SHARPNESS_COLUMNS)  # columns of the runs that ask for them (train.bias_term, ...)
 
 
 def initial_loss(run: RunDir) -> float:
@@ -55,8 +57,7 @@ def metrics_row(n: int, host: dict, data, n_params: int, eps: float) -> dict:
     row = dict(step=n, loss=host["loss"], pert_norm=host["pert_norm"], l1_norm=host["l1_norm"],
                l2_norm=host["l2_norm"], pert_norm_floor=n_params * math.sqrt(eps),
                acc=host["correct"] / data.x_train.shape[0] if data.task == "classification" else None)
-    if "bias_norm" in host:
-        row["bias_norm"] = host["bias_norm"]
+    row.update({k: host[k] for k in OPTIONAL if k in host})  # on the steps that record them
     row.update({f"theta_{i}": v for i, v in enumerate(host.get("theta", []))})
     return row
 

@@ -17,6 +17,8 @@ from ..runs.state import TrainState
 from . import dist
 from .loop import open_point, train_points
 from .setup import build, micro_batch, plain
+from .sharpness import COLUMNS as SHARPNESS_COLUMNS
+from .sharpness import Sharpness
 from .step import bn_layers, bn_load, bn_state, bn_swapped, evaluate, full_batch_step, partition, to_host
 from .theory_metrics import bias_term_norm
 
@@ -46,7 +48,9 @@ class Single:
         self.n_params, self.eps = sum(p.numel() for p in self.params), float(cfg.optim.eps)
         self.mb = micro_batch(cfg, fwd, data, self.params, ranks, autocast)
         self.record = self.n_params <= tc.record_params  # few-parameter models: theta_n itself
-        self.columns = (METRIC_COLUMNS + ["bias_norm"] * tc.bias_term
+        self.sharpness = Sharpness(tc.sharpness_every, tc.sharpness_iters, tc.sharpness_tol, cfg.seed) \
+            if tc.sharpness_every else None
+        self.columns = (METRIC_COLUMNS + ["bias_norm"] * tc.bias_term + SHARPNESS_COLUMNS * bool(self.sharpness)
                         + [f"theta_{i}" for i in range(self.n_params * self.record)])
         bns = bn_layers(model)
         running = tc.eval_mode == "running_stats" and bool(bns)  # one process (pipeline/attempt.py checks)
@@ -62,6 +66,9 @@ class Single:
         with self.test_mode.extra_passes():
             metrics.update(self.optional_metrics())
         host = to_host(metrics)
+        if self.sharpness is not None and self.sharpness.due(self.state.step):  # Lanczos: a host sync per product
+            host.update(self.sharpness.measure(self.model, data, self.parts, self.params, self.opt, self.autocast,
+                                               ranks))
         return [host], host.get("stop_flags", flags)
 
     def optional_metrics(self) -> dict:

@@ -26,7 +26,8 @@ NON_SEMANTIC = (
 # (the same rule, pipeline.thresholds) classifies as diverged anyway, whenever it was made.
 ADDED_KEYS: dict[str, object] = {"train.diverge_factor": DIVERGE_FACTOR, "train.diverge_patience": DIVERGE_PATIENCE,
                                   "train.perturb_theta0": None, "train.loss": "auto", "train.eval_mode": "exact",
-                                  "data.std": "unbiased"}
+                                  "data.std": "unbiased", "train.sharpness_every": None,
+                                  "train.sharpness_iters": 20, "train.sharpness_tol": 1e-4}
 
 
 def with_added_keys(cfg: DictConfig) -> DictConfig:

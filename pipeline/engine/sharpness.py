@@ -1,0 +1,154 @@
+"""Where the theory holds: the sharpness of the full-batch loss at theta_n, plain and
+preconditioned, against the stability threshold of the update (Cohen et al. 2021, 2022).
+
+    sharpness     = lambda_1(H),                    H = grad^2 E(theta_n)
+    pre_sharpness = lambda_1(P^-1 H) = lambda_1(P^-1/2 H P^-1/2)
+
+P is the optimizer's own diagonal preconditioner of the update from theta_n (the one that
+divides m_{n+1} in Definition 2.1, g_n in Definition 4.1), built from its state and g_n without
+changing either:
+
+    Adam     P = sqrt(nu_{n+1} / c + eps)  (eps inside the root)   or  sqrt(nu_{n+1} / c) + eps,
+             nu_{n+1} = rho nu_n + (1 - rho) g_n^2,  c = 1 - rho^{n+1} (1 with bias_correction=false)
+    RMSProp  the same with c = 1
+    GD, heavy-ball momentum   P = I (pre_sharpness = sharpness)
+
+Each is the largest Ritz value of Lanczos with full reorthogonalisation on Hessian-vector
+products of the full-batch loss, accumulated over the step's own micro-batches (its BatchNorm
+ghost groups, the model in training mode, each rank its share, the products summed over the
+ranks as the gradient is); warm-started from the previous record's top Ritz vector. Stopping
+rule: the top Ritz pair's residual ||A y - theta y|| = |beta_k s_k| (exact for Lanczos) at most
+`tol` |theta|, or `iters` products; the count and the relative residual are recorded, and a
+value that did not converge is left empty (flagged), never reported.
+
+The stability threshold (`eos_threshold`): on E = theta^T A theta / 2 with P frozen, the update
+is linear in the eigen-coordinates of P^-1/2 A P^-1/2 and, for an eigenvalue lambda, stable iff
+    GD, RMSProp:  |1 - h lambda| < 1                         <=>  lambda < 2 / h
+    heavy ball (b = beta b + g, pipeline's `momentum`): the roots of x^2 - (1 + beta - h lambda) x
+                  + beta lie in the unit disc                <=>  lambda < (2 + 2 beta) / h
+    Adam (m = beta m + (1 - beta) g): heavy ball with step h (1 - beta)
+                                                             <=>  lambda < (2 + 2 beta) / ((1 - beta) h)
+(Adam's 1 / (1 - beta^{n+1}) is 1 after the first few hundred steps; the rule is
+pipeline.thresholds.eos_threshold, and tests/test_sharpness.py shows each on a quadratic.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .step import bn_layers, bn_load, bn_state
+
+COLUMNS = ["sharpness", "sharpness_iters", "sharpness_resid", "pre_sharpness", "pre_sharpness_iters",
+           "pre_sharpness_resid"]
+
+
+def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
+    """v -> H v for the full-batch loss sum_mb (sum_{i in mb} l_i) / N (flat float64 vectors),
+    each rank its share of `parts`, the products summed over the ranks."""
+    n, shapes = x.shape[0], [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        vs = [t.view(s).to(p.dtype) for t, s, p in zip(v.split(sizes), shapes, params)]
+        out = [torch.zeros_like(p) for p in params]
+        for idx in ranks.shard(parts):
+            with autocast():
+                logits = model(x[idx])
+            grads = torch.autograd.grad(objective(logits, y[idx]) / n, params, create_graph=True)
+            dot = sum((g * vi).sum() for g, vi in zip(grads, vs))
+            torch._foreach_add_(out, torch.autograd.grad(dot, params))
+        ranks.sum_(out)
+        return torch.cat([t.reshape(-1).double() for t in out])
+
+    return hvp
+
+
+def inverse_root_preconditioner(opt, params) -> torch.Tensor | None:
+    """P^-1/2 (flat float64) of the update from theta_n, from the optimizer's state and the
+    gradient in `.grad` (the module doc); None for P = I."""
+    group = opt.param_groups[0]
+    if type(opt).__name__ not in ("Adam", "RMSProp"):
+        return None
+    rho, eps = group["rho"], group["eps"]
+    parts = []
+    for p in params:
+        st, g = opt.state.get(p) or {}, p.grad.double()
+        nu = rho * st["nu"].double() + (1 - rho) * g * g if "nu" in st else (1 - rho) * g * g
+        n = st.get("step", 0)
+        if type(opt).__name__ == "Adam" and group["bias_correction"]:
+            nu = nu / (1 - rho ** (n + 1))
+        denom = (nu + eps).sqrt() if group["eps_inside"] else nu.sqrt() + eps
+        parts.append(denom.rsqrt().reshape(-1))
+    return torch.cat(parts)
+
+
+def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, torch.Tensor, int, float]:
+    """(lambda_1, its Ritz vector, products used, relative residual) of the symmetric operator
+    `op` on flat float64 vectors: Lanczos from v0 with full reorthogonalisation, stopped when the
+    top Ritz pair's residual is at most tol |lambda_1| or after `iters` products."""
+    q = v0 / v0.norm()
+    basis, alphas, betas = [], [], []
+    theta, s, resid = math.nan, None, math.inf
+    for _ in range(iters):
+        basis.append(q)
+        w = op(q)
+        alphas.append(float(w @ q))
+        for _ in range(2):  # full reorthogonalisation, twice (Kahan's "twice is enough")
+            w = w - torch.stack(basis).T @ (torch.stack(basis) @ w)
+        beta = float(w.norm())
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(t)
+        theta, s = float(evals[-1]), evecs[:, -1]
+        resid = abs(beta * float(s[-1])) / max(abs(theta), 1e-300)
+        if resid <= tol or beta <= 1e-14 * max(abs(theta), 1e-300):
+            break
+        betas.append(beta)
+        q = w / beta
+    y = torch.stack(basis).T @ s.to(basis[0].device)
+    return theta, y / y.norm(), len(basis), resid
+
+
+class Sharpness:
+    """The two metrics of one run, every `every` steps, warm-started from the last record."""
+
+    def __init__(self, every: int, iters: int, tol: float, seed: int):
+        self.every, self.iters, self.tol, self.seed = every, iters, tol, seed
+        self.top: dict = {}  # name -> the last record's top Ritz vector
+
+    def due(self, n: int) -> bool:
+        return n % self.every == 0
+
+    def start(self, name: str, dim: int, device) -> torch.Tensor:
+        v = self.top.get(name)
+        if v is None or v.numel() != dim:
+            gen = torch.Generator().manual_seed(self.seed)
+            v = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
+        return v
+
+    def measure(self, model, data, parts, params, opt, autocast, ranks) -> dict:
+        """The columns of this record (module doc); BatchNorm's running statistics as they were."""
+        bns = bn_layers(model)
+        saved = bn_state(bns)
+        try:
+            hvp = hvp_operator(model, data.x_train, data.y_train, data.objective, parts, params, autocast, ranks)
+            dim, device = sum(p.numel() for p in params), params[0].device
+            out = self._one("sharpness", hvp, dim, device)
+            d = inverse_root_preconditioner(opt, params)
+            if d is None:
+                out.update({f"pre_{k}": v for k, v in out.items()})
+            else:
+                out.update(self._one("pre_sharpness", lambda v: d * hvp(d * v), dim, device))
+        finally:
+            bn_load(bns, saved)
+        return out
+
+    def _one(self, name: str, op, dim: int, device) -> dict:
+        theta, y, used, resid = lanczos_top(op, self.start(name, dim, device), self.iters, self.tol)
+        self.top[name] = y
+        value = theta if resid <= self.tol else None  # not converged: flagged by its residual, no value
+        return {name: value, f"{name}_iters": used, f"{name}_resid": resid}
