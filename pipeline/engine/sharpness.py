@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from .optim import Adam, RMSProp
 from .step import bn_layers, bn_load, bn_state
 
 COLUMNS = ["sharpness", "sharpness_iters", "sharpness_resid", "pre_sharpness", "pre_sharpness_iters",
@@ -69,7 +70,7 @@ def inverse_root_preconditioner(opt, params) -> torch.Tensor | None:
     """P^-1/2 (flat float64) of the update from theta_n, from the optimizer's state and the
     gradient in `.grad` (the module doc); None for P = I."""
     group = opt.param_groups[0]
-    if type(opt).__name__ not in ("Adam", "RMSProp"):
+    if not isinstance(opt, (Adam, RMSProp)):
         return None
     rho, eps = group["rho"], group["eps"]
     parts = []
@@ -77,7 +78,7 @@ def inverse_root_preconditioner(opt, params) -> torch.Tensor | None:
         st, g = opt.state.get(p) or {}, p.grad.double()
         nu = rho * st["nu"].double() + (1 - rho) * g * g if "nu" in st else (1 - rho) * g * g
         n = st.get("step", 0)
-        if type(opt).__name__ == "Adam" and group["bias_correction"]:
+        if isinstance(opt, Adam) and group["bias_correction"]:
             nu = nu / (1 - rho ** (n + 1))
         denom = (nu + eps).sqrt() if group["eps_inside"] else nu.sqrt() + eps
         parts.append(denom.rsqrt().reshape(-1))
@@ -95,8 +96,9 @@ def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, to
         basis.append(q)
         w = op(q)
         alphas.append(float(w @ q))
+        q_all = torch.stack(basis)
         for _ in range(2):  # full reorthogonalisation, twice (Kahan's "twice is enough")
-            w = w - torch.stack(basis).T @ (torch.stack(basis) @ w)
+            w = w - q_all.T @ (q_all @ w)
         beta = float(w.norm())
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
