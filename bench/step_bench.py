@@ -10,8 +10,10 @@ data at the same precision, alternating in one process (so a noisy machine slows
 The pipeline's step includes its test evaluation amortised over `--eval-every` steps (the
 presets evaluate every 50). Prints per model the median time per step of each, the median
 ratios pipeline/bare and pipeline/authors, images/s, on CUDA the MFU, and the relative cost of
-the opt-in bias-term metric. `--all-precisions` instead times the pipeline's step under every
-numerics switch (fp32, tf32, bf16, fp64, torch_default, channels_last, compile, deterministic).
+the opt-in bias-term metric and of a record of the sharpness (train.sharpness_every: its
+Hessian-vector products, warm-started, to a relative residual of 1e-4). `--all-precisions`
+instead times the pipeline's step under every numerics switch (fp32, tf32, bf16, fp64,
+torch_default, channels_last, compile, deterministic).
 
     python -m bench.step_bench [--models cnn resnet18] [--n 2000] [--reps 5] [--all-precisions]
 """
@@ -190,6 +192,31 @@ def bias_cost(name, n, width, reps):
         return statistics.median(b) / statistics.median(a)
 
 
+def sharpness_cost(name, n, width, reps) -> tuple[float, float]:
+    """(time of a sharpness record / a plain step, its Hessian-vector products): the record of
+    each step's theta, warm-started from the previous record's, as `train.sharpness_every=1`."""
+    from pipeline.engine.dist import Ranks
+    from pipeline.engine.sharpness import Sharpness
+
+    cfg = compose(name, n, width)
+    with setup(cfg) as (device, autocast, data, model, fwd, opt):
+        step, _, _, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
+        params = [p for p in model.parameters() if p.requires_grad]
+        sharp, used = Sharpness(1, 20, 1e-4, 0), []
+
+        def record():
+            out = sharp.measure(model, data, parts, params, opt, autocast, Ranks())
+            used.append(out["sharpness_iters"] + out["pre_sharpness_iters"])
+
+        step(), record()  # the first record is cold
+        a = [timed(step, device) for _ in range(reps)]
+        b = []
+        for _ in range(reps):
+            step()
+            b.append(timed(record, device))
+        return statistics.median(b) / statistics.median(a), statistics.median(used[1:])
+
+
 def precision_table(name, n, width, reps):
     """The pipeline's step under each numerics switch: median ms, img/s, relative to fp32."""
     rows = []
@@ -247,6 +274,8 @@ def main(argv=None):
         print(fmt_contest(contest(name, n, a.reps, a.width, a.workers, a.eval_every)), flush=True)
         if name == "cnn":
             print(f"{'':9s} bias-term step {bias_cost(name, n, a.width, a.reps):.2f}x a plain step", flush=True)
+            ratio, hvps = sharpness_cost(name, n, a.width, min(a.reps, 3))  # a record: tens of steps
+            print(f"{'':9s} sharpness record {ratio:.1f}x a plain step ({hvps:g} Hessian-vector products)", flush=True)
 
 
 if __name__ == "__main__":
