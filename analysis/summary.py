@@ -56,6 +56,17 @@ HILL_LOSS = 0.05  # the paper's hill comes after the start-up: its trough is sea
 HILL_MIN_REL = 0.05  # a rise of less than 5 % of its trough is no hill (jitter of the descent, a flat floor)
 
 
+def startup_end(loss: np.ndarray) -> int | None:
+    """The index of the first step whose training loss is at most HILL_LOSS times the initial
+    loss: where Adam's start-up ends for the hill and the edge-of-stability columns alike; None
+    when the loss never falls that far (or starts non-finite)."""
+    if not len(loss) or not np.isfinite(loss[0]):
+        return None
+    with np.errstate(invalid="ignore"):
+        down = np.nonzero(loss <= HILL_LOSS * loss[0])[0]
+    return int(down[0]) if len(down) else None
+
+
 def _largest_rise(p: np.ndarray) -> tuple[float, int | None, int | None]:
     """(max over s < t of p_t - p_s, s, t); (0.0, None, None) when p never rises."""
     if len(p) < 2:
@@ -90,13 +101,9 @@ def hill(p: pd.Series, steps: pd.Series, floor: float = NAN, smooth: int = 1, lo
     if smooth > 1:
         p = pd.Series(p).rolling(smooth, min_periods=1).mean().to_numpy()
     out["rise_max"] = _largest_rise(p)[0]
-    if loss is None or not np.isfinite(loss[0]):
+    t0 = startup_end(loss) if loss is not None else None
+    if t0 is None:
         return out
-    with np.errstate(invalid="ignore"):
-        down = np.nonzero(loss <= HILL_LOSS * loss[0])[0]
-    if not len(down):
-        return out
-    t0 = int(down[0])
     height, s, t = _largest_rise(p[t0:])
     if s is None or height <= HILL_MIN_REL * abs(p[t0 + s]):
         return out
@@ -125,10 +132,8 @@ def edge_of_stability(m: pd.DataFrame, optim: dict) -> dict:
         return {}
     thr = eos_threshold(name, float(h), float(optim.get("beta", 0.0) or 0.0))
     out = {"eos_threshold": thr}
-    loss = m["loss"].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        down = np.nonzero(loss <= HILL_LOSS * loss[0])[0] if len(loss) and np.isfinite(loss[0]) else []
-    after = m["step"] >= (m["step"].iloc[down[0]] if len(down) else np.inf)
+    t0 = startup_end(m["loss"].to_numpy(float))
+    after = m["step"] >= (m["step"].iloc[t0] if t0 is not None else np.inf)
     for prefix, ratio in (("eos", m["pre_sharpness"] / thr), ("gd", m["sharpness"] * float(h) / 2)):
         ok = ratio.notna() & np.isfinite(ratio) & after
         r, steps = ratio[ok].to_numpy(float), m["step"][ok].to_numpy()
