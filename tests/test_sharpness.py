@@ -323,3 +323,83 @@ def test_ghost_batchnorm_against_the_dense_hessian_of_the_group_wise_loss():
     hess = torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for p in params])).numpy()
     assert got["sharpness"] == pytest.approx(np.linalg.eigvalsh(hess)[-1], rel=1e-8)
     assert got["pre_sharpness"] == got["sharpness"]  # GD: P = I
+
+
+def test_a_record_builds_each_parts_graph_once_when_they_fit_and_per_product_when_not(monkeypatch):
+    """Both eigenvalues of a record (Adam: two Lanczos runs) share one forward per part while the
+    parts' gradient graphs fit in memory; with no memory to spare each product rebuilds them, as
+    the step does. Both give the same values, bit for bit."""
+    from pipeline.engine import sharpness
+
+    cfg = make_cfg(["model=cnn", "model.width=2", "model.norm=bn", "data=synthetic", "data.n_train=16",
+                    "data.n_test=8", "data.image_size=8", "train.micro_batch=8", "precision=fp64", "device=cpu"])
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    model, _, opt = build(cfg, data, torch.device("cpu"))
+    params, parts = list(model.parameters()), partition(16, 8)
+    full_batch_step(model, data.x_train, data.y_train, data.objective, parts, params, float(cfg.optim.eps))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+
+    def record():
+        forwards.clear()
+        out = Sharpness(1, 30, 1e-6, 0).measure(model, data, parts, params, opt, contextlib.nullcontext, Ranks())
+        return out, len(forwards)
+
+    kept, n_kept = record()
+    monkeypatch.setattr(sharpness, "free_bytes", lambda device: 0)
+    rebuilt, n_rebuilt = record()
+    assert kept == rebuilt and kept["pre_sharpness"] != kept["sharpness"]
+    assert n_kept == len(parts)
+    assert n_rebuilt == len(parts) * (kept["sharpness_iters"] + kept["pre_sharpness_iters"])
+
+
+def test_graphs_fit_keeps_one_part_always_and_more_only_within_half_the_free_memory(monkeypatch):
+    from pipeline.engine import sharpness
+
+    monkeypatch.setattr(sharpness, "free_bytes", lambda device: 1000)
+    assert sharpness.graphs_fit(10 ** 9, 1, "cpu")  # one part: the step holds as much
+    assert sharpness.graphs_fit(250, 3, "cpu") and not sharpness.graphs_fit(251, 3, "cpu")
+    assert sharpness.free_bytes(torch.device("cpu")) == 1000
+    monkeypatch.undo()
+    assert sharpness.free_bytes(torch.device("cpu")) > 0  # this host's MemAvailable
+
+
+def test_a_parameter_with_a_constant_gradient_has_zero_hessian_rows():
+    """E = mean((x . a)^2) + b: b's gradient is constant, its row and column of H are zero; the
+    products equal the dense Hessian's (torch.autograd.functional.hessian)."""
+    from pipeline.engine.sharpness import hvp_operator
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))
+    model.b = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    model.forward = lambda inp: ((inp * model.a).sum(1) ** 2)[:, None] + model.b
+
+    def objective(out, _):
+        return out.sum()
+
+    params = [model.a, model.b]
+    hvp = hvp_operator(model, x, x, objective, [torch.arange(8)], params, contextlib.nullcontext, Ranks())
+    hess = torch.autograd.functional.hessian(
+        lambda t: objective(((x * t[:3]).sum(1) ** 2)[:, None] + t[3:], None) / 8,
+        torch.cat([p.detach() for p in params]))
+    for v in torch.eye(4, dtype=torch.float64):
+        assert torch.allclose(hvp(v), hess @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_lanczos_reports_the_true_residual_of_its_ritz_pair_on_a_clustered_spectrum():
+    """Four eigenvalues within 1e-3 of the top one and a long tail, 2,000 dimensions: the value
+    equals eigvalsh's to its bound, and ||A y - theta y|| / theta computed here directly is the
+    residual reported (at most the tolerance); the basis stays orthonormal (y of unit norm)."""
+    gen = torch.Generator().manual_seed(2)
+    dim = 2000
+    evals = torch.cat([torch.tensor([10.0, 9.999, 9.9985, 9.998], dtype=torch.float64),
+                       torch.rand(dim - 4, generator=gen, dtype=torch.float64) * 9])
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    a = (q * evals) @ q.T
+    theta, y, used, resid = lanczos_top(lambda v: a @ v, torch.randn(dim, generator=gen, dtype=torch.float64),
+                                        200, 1e-6)
+    true = float((a @ y - theta * y).norm()) / theta
+    assert resid <= 1e-6 and true == pytest.approx(resid, rel=1e-3, abs=1e-9)
+    assert abs(theta - 10.0) <= resid * theta and float(y.norm()) == pytest.approx(1.0, abs=1e-12)

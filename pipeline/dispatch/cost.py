@@ -4,8 +4,9 @@
 A step is the forward and backward of N training examples (`data.subset`, `data.per_class` x
 the classes, or the whole set),
 plus a forward of the test set every `train.eval_every` steps, plus with `train.sharpness_every=k`
-at most `sharpness_iters` Hessian-vector products (each HVP_COST x a forward and backward) for
-each of its two eigenvalues (one for GD and momentum, where P = I) every k steps; FLOPs are counted once per model
+one forward and backward that keeps the gradient's graph, and at most `sharpness_iters`
+Hessian-vector products on it (each HVP_COST x a forward and backward) for each of its two
+eigenvalues (one for GD and momentum, where P = I), every k steps; FLOPs are counted once per model
 by torch.utils.flop_counter on the meta device (no memory, no data, under a second for a
 ResNet-101). The peak and the MFU are assumptions (docs/speed.md, "Expected GPU time per run"):
 `make gpucheck` measures the real MFU on a GPU.
@@ -20,7 +21,7 @@ from ..catalog import CIFAR
 GPU = "an H100/H200 SXM"
 PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0, "fp64": 67.0, "torch_default": 495.0}  # dense, per GPU
 MFU = 0.4  # the share of the peak a well-fed full-batch step reaches (assumed; gpucheck measures it)
-HVP_COST = 2.0  # a Hessian-vector product (double backward) in forward-and-backward passes (assumed)
+HVP_COST = 2.0  # a Hessian-vector product on a kept graph, in forward-and-backward passes (1.2-3 measured on CPU)
 
 
 @cache
@@ -63,7 +64,7 @@ def run_cost(cfg) -> dict | None:
     every = cfg.train.get("sharpness_every")
     if every:  # the budget: a warm-started record usually needs a few of its products
         eigenvalues = 2 if cfg.optim.name in ("adam", "rmsprop") else 1
-        per_step += eigenvalues * int(cfg.train.get("sharpness_iters", 20)) * HVP_COST * n * fb / int(every)
+        per_step += (1 + eigenvalues * int(cfg.train.get("sharpness_iters", 20)) * HVP_COST) * n * fb / int(every)
     peak = PEAK_TFLOPS.get(str(cfg.precision), PEAK_TFLOPS["fp32"]) * 1e12
     return dict(model=cfg.model.name, n=n, steps=steps, flops_per_step=per_step, precision=str(cfg.precision),
                 gpu_hours=steps * per_step / (MFU * peak) / 3600)

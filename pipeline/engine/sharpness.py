@@ -16,7 +16,9 @@ changing either:
 Each is the largest Ritz value of Lanczos with full reorthogonalisation on Hessian-vector
 products of the full-batch loss, accumulated over the step's own micro-batches (its BatchNorm
 ghost groups, the model in training mode, each rank its share, the products summed over the
-ranks as the gradient is); warm-started from the previous record's top Ritz vector. Stopping
+ranks as the gradient is; the gradient's graph built once per record and kept for all its
+products when the parts' graphs fit in memory, `graphs_fit`); warm-started from the previous
+record's top Ritz vector. Stopping
 rule: the top Ritz pair's residual ||A y - theta y|| = |beta_k s_k| (exact for Lanczos) at most
 `tol` |theta|, or `iters` products; the count and the relative residual are recorded, and a
 value that did not converge is left empty (flagged), never reported.
@@ -34,6 +36,7 @@ pipeline.thresholds.eos_threshold, and tests/test_sharpness.py shows each on a q
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,23 +50,65 @@ COLUMNS = ["sharpness", "sharpness_iters", "sharpness_resid", "pre_sharpness", "
 
 def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
     """v -> H v for the full-batch loss sum_mb (sum_{i in mb} l_i) / N (flat float64 vectors),
-    each rank its share of `parts`, the products summed over the ranks."""
-    n, shapes = x.shape[0], [p.shape for p in params]
-    sizes = [p.numel() for p in params]
+    each rank its share of `parts`, the products summed over the ranks. The gradient's graph of
+    each of this rank's parts is built once and kept for every product of the record when they
+    all fit (`graphs_fit`); else it is rebuilt for each product, as the step rebuilds it."""
+    n, mine = x.shape[0], ranks.shard(parts)
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+    kept: list = []  # the parts' gradients with their graphs, while they fit
+    keep: list[bool] = []  # decided once, on the first part's graph
+
+    def gradient(i: int):
+        if i < len(kept):
+            return kept[i]
+        saved = []  # the first graph's saved tensors, their bytes
+
+        def count(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t) if not keep else contextlib.nullcontext():
+            with autocast():
+                logits = model(x[mine[i]])
+            g = torch.autograd.grad(objective(logits, y[mine[i]]) / n, params, create_graph=True)
+        if not keep:
+            keep.append(graphs_fit(sum(saved), len(mine), params[0].device))
+        if keep[0]:
+            kept.append(g)
+        return g
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
         vs = [t.view(s).to(p.dtype) for t, s, p in zip(v.split(sizes), shapes, params)]
         out = [torch.zeros_like(p) for p in params]
-        for idx in ranks.shard(parts):
-            with autocast():
-                logits = model(x[idx])
-            grads = torch.autograd.grad(objective(logits, y[idx]) / n, params, create_graph=True)
-            dot = sum((g * vi).sum() for g, vi in zip(grads, vs))
-            torch._foreach_add_(out, torch.autograd.grad(dot, params))
+        for i in range(len(mine)):
+            dot = sum((g * vi).sum() for g, vi in zip(gradient(i), vs))
+            if dot.requires_grad:  # else the gradient is constant here: H v = 0
+                torch._foreach_add_(out, torch.autograd.grad(dot, params, retain_graph=keep[0], allow_unused=True,
+                                                             materialize_grads=True))
         ranks.sum_(out)
         return torch.cat([t.reshape(-1).double() for t in out])
 
     return hvp
+
+
+def graphs_fit(part_bytes: int, parts: int, device) -> bool:
+    """Whether the gradient graphs of all `parts` (each about `part_bytes`, the tensors the
+    first one saved) fit in half the memory still free on `device`. One part always does: the
+    step holds as much."""
+    return parts <= 1 or part_bytes * (parts - 1) <= free_bytes(device) // 2
+
+
+def free_bytes(device) -> int:
+    """Memory still free for tensors on `device`: CUDA's free memory and its cache's unused
+    share; elsewhere the host's MemAvailable (0, keep nothing, where it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def inverse_root_preconditioner(opt, params) -> torch.Tensor | None:
@@ -89,17 +134,24 @@ def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, to
     """(lambda_1, its Ritz vector, products used, relative residual) of the symmetric operator
     `op` on flat float64 vectors: Lanczos from v0 with full reorthogonalisation, stopped when the
     top Ritz pair's residual is at most tol |lambda_1| or after `iters` products."""
-    q = v0 / v0.norm()
-    basis, alphas, betas = [], [], []
-    theta, s, resid = math.nan, None, math.inf
-    for _ in range(iters):
-        basis.append(q)
+    basis = torch.empty(iters, v0.numel(), dtype=torch.float64, device=v0.device)  # q_1 .. q_k, one row each
+    basis[0] = v0 / v0.norm()
+    alphas, betas = [], []
+    theta, s, resid, k = math.nan, None, math.inf, 0
+    while k < iters:
+        q, k = basis[k], k + 1
         w = op(q)
         alphas.append(float(w @ q))
-        q_all = torch.stack(basis)
-        for _ in range(2):  # full reorthogonalisation, twice (Kahan's "twice is enough")
-            w = w - q_all.T @ (q_all @ w)
-        beta = float(w.norm())
+        w.add_(q, alpha=-alphas[-1])  # the three-term recurrence
+        if betas:
+            w.add_(basis[k - 2], alpha=-betas[-1])
+        norm = float(w.norm())
+        for _ in range(2):  # reorthogonalise against q_1 .. q_k; again only if that cancelled (DGKS, 1/sqrt 2)
+            w.addmv_(basis[:k].T, basis[:k] @ w, alpha=-1)
+            beta = float(w.norm())
+            if beta > norm / math.sqrt(2):
+                break
+            norm = beta
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -107,12 +159,12 @@ def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, to
         evals, evecs = torch.linalg.eigh(t)
         theta, s = float(evals[-1]), evecs[:, -1]
         resid = abs(beta * float(s[-1])) / max(abs(theta), 1e-300)
-        if resid <= tol or beta <= 1e-14 * max(abs(theta), 1e-300):
+        if resid <= tol or beta <= 1e-14 * max(abs(theta), 1e-300) or k == iters:
             break
         betas.append(beta)
-        q = w / beta
-    y = torch.stack(basis).T @ s.to(basis[0].device)
-    return theta, y / y.norm(), len(basis), resid
+        basis[k] = w / beta
+    y = torch.mv(basis[:k].T, s.to(v0.device))
+    return theta, y / y.norm(), k, resid
 
 
 class Sharpness:

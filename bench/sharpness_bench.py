@@ -1,0 +1,83 @@
+"""What a record of the sharpness costs (`train.sharpness_every`, docs/edge_of_stability.md) in
+real runs of the pipeline, in units of a training step, at a relative residual <= 1e-4.
+
+Each case is trained twice, one thread, in fresh stores: with records every k steps and without.
+From the rows' `time_s` (a row's duration: its step's gradient, metrics, record, test pass), a
+record costs the median over the warm records (step > 0; the first, cold, is printed apart) of
+(duration with - duration of the same step without), divided by the median duration of a plain
+step (no test pass) of the run without. Also printed: the products per record (both eigenvalues).
+
+    python -m bench.sharpness_bench [--cases digits cnn bn_cnn] [--against /path/to/other/checkout]
+
+`--against` trains each case in the other checkout too (its own `pipeline`, this interpreter),
+alternating, and prints the ratio of the two costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+CASES = {  # name -> (overrides, records every k steps)
+    "digits": (["sweep=digits", "optim.beta=0.9", "optim.rho=0.999"], 50),
+    "cnn": (["model=cnn", "model.width=8", "data.n_train=256", "data.image_size=16", "train.micro_batch=256",
+             "train.max_steps=60", "train.eval_every=10"], 10),
+    "bn_cnn": (["model=cnn", "model.norm=bn", "data.n_train=2000", "train.micro_batch=500", "train.max_steps=40",
+                "train.eval_every=10"], 10),
+}
+
+
+def trained(tree: Path, over: list[str], every: int | None) -> pd.DataFrame:
+    """The metrics.csv of one run of `tree`'s pipeline (one thread, a fresh store)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = over + [f"paths.runs={tmp}/runs", "train.threads=1", "logger=none"]
+        args += [f"train.sharpness_every={every}"] if every else []
+        env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(tree))
+        subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=tree, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (csv,) = Path(tmp, "runs").glob("*/metrics.csv")
+        return pd.read_csv(csv).set_index("step")
+
+
+def record_cost(tree: Path, over: list[str], every: int) -> dict:
+    on, off = trained(tree, over, every), trained(tree, over, None)
+    d_on, d_off = on["time_s"].diff(), off["time_s"].diff()
+    recs = on.index[on["sharpness_iters"].notna()]
+    plain = statistics.median(d_off[off["test_loss"].isna()].dropna())
+    warm = [(d_on[s] - d_off[s]) / plain for s in recs if s > 0]
+    used = on.loc[recs, "sharpness_iters"] + on.loc[recs, "pre_sharpness_iters"]
+    return dict(steps=statistics.median(warm), products=statistics.median(used.iloc[1:]), cold_products=used.iloc[0],
+                records=len(recs), plain_ms=plain * 1e3)
+
+
+def fmt(name: str, r: dict) -> str:
+    return (f"{name:7s} a record = {r['steps']:5.1f} steps ({r['products']:4.1f} products; median of "
+            f"{r['records'] - 1} warm records; the cold one {r['cold_products']:.0f} products; a step "
+            f"{r['plain_ms']:.1f} ms)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--against", type=Path, default=None, help="another checkout, timed alternately")
+    args = ap.parse_args(argv)
+    here = Path(__file__).resolve().parents[1]
+    print("sharpness record, in training steps (one thread, relative residual <= 1e-4):")
+    for name in args.cases:
+        over, every = CASES[name]
+        mine = record_cost(here, over, every)
+        print(fmt(name, mine), flush=True)
+        if args.against:
+            other = record_cost(args.against.resolve(), over, every)
+            print(fmt("against", other) + f"  this/against {mine['steps'] / other['steps']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
