@@ -96,6 +96,7 @@ bench: $(VENV)/.installed ## pipeline step vs bare and authors' loops, end-to-en
 	$(if $(ARGS),,$(PY) -m bench.threads_bench)
 	$(if $(ARGS),,$(PY) -m bench.startup_bench)
 	$(if $(ARGS),,$(PY) -m bench.pack_bench --busy --regime)
+	$(if $(ARGS),,$(PY) -m bench.sharpness_bench)
 
 fidelity: $(VENV)/.installed ## each precision against fp64 beside an fp32 ensemble perturbed by one ulp (CASES=mlp-spike ...; ARGS="--ensemble 4") -> fidelity/
 	set -f; $(PY) -m analysis.fidelity $$CASES $$ARGS

@@ -11,7 +11,10 @@ modern GPU) and pastes the table it prints. It needs nothing but the repository.
 4. the pipeline/bare and pipeline/authors ratios (bench/step_bench.py's contest);
 5. a 2-GPU data-parallel step (bench/dist_bench.py) when two GPUs are present;
 6. precision fidelity (analysis.fidelity): fp32, tf32, torch_default and bf16 against fp64 beside the spread of an
-   fp32 ensemble perturbed by one ulp, the digits CNN with ghost BatchNorm (figure in <out>/fidelity/).
+   fp32 ensemble perturbed by one ulp, the digits CNN with ghost BatchNorm (figure in <out>/fidelity/);
+7. packed runs: K small CNNs stacked on one device;
+8. a record of the sharpness (train.sharpness_every=10) on ResNet-18, N = 5,000: its time in
+   training steps and its Hessian-vector products (bench/step_bench.py's sharpness_cost).
 
 Writes `<out>/gpucheck.md` (Markdown tables) and `<out>/gpucheck.json` (the same numbers).
 `--dry` runs every section on the CPU with tiny sizes: the format, not the figures.
@@ -192,6 +195,19 @@ def packed(dry: bool) -> dict:
         return dict(rows=[], error=f"{type(e).__name__}: {e}")
 
 
+def sharpness(dry: bool) -> dict:
+    """A warm record of the sharpness against a plain step (bench/step_bench.sharpness_cost). A
+    failure is recorded, not fatal."""
+    from bench.step_bench import sharpness_cost
+
+    model, n = ("cnn", 64) if dry else ("resnet18", 5000)
+    try:
+        return dict(model=model, n=n, **sharpness_cost(model, n, 8 if dry else None, 2 if dry else 3,
+                                                        over=["device=cpu"] if dry else ()))
+    except Exception as e:
+        return dict(model=model, n=n, error=f"{type(e).__name__}: {e}")
+
+
 def markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"# gpucheck — {env['device']}", "",
@@ -235,6 +251,12 @@ def markdown(res: dict) -> str:
     lines += [f"| {r['k']} | {r['unpacked_s'] * 1e3:.2f} | {r['packed_s'] * 1e3:.2f} | "
               f"{r['unpacked_s'] / r['packed_s']:.2f}x |" for r in pk.get("rows", [])]
     lines += [f"failed: {pk['error']}"] if pk.get("error") else []
+    sh = res.get("sharpness") or {}
+    lines += ["", f"## 8. A sharpness record every 10 steps (Lanczos to a relative residual of 1e-4), "
+              f"{sh.get('model')} (N={sh.get('n')})", ""]
+    lines += [f"failed: {sh['error']}"] if sh.get("error") else [
+        "| record / plain step | products per record | the cold first record |", "| --- | --- | --- |",
+        f"| {sh['steps']:.1f}x | {sh['products']:g} | {sh['cold']:g} |"]
     return "\n".join(lines)
 
 
@@ -272,6 +294,8 @@ def main(argv=None):
     res["fidelity"] = fidelity(a.dry, Path(a.out))
     print("7. packed runs", flush=True)
     res["packed"] = packed(a.dry)
+    print("8. sharpness record", flush=True)
+    res["sharpness"] = sharpness(a.dry)
     res["seconds"] = time.perf_counter() - start
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

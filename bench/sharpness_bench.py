@@ -28,7 +28,7 @@ import pandas as pd
 CASES = {  # name -> (overrides, records every k steps)
     "digits": (["sweep=digits", "optim.beta=0.9", "optim.rho=0.999"], 50),
     "cnn": (["model=cnn", "model.width=8", "data.n_train=256", "data.image_size=16", "train.micro_batch=256",
-             "train.max_steps=60", "train.eval_every=10"], 10),
+             "train.max_steps=300", "train.eval_every=25"], 25),
     "bn_cnn": (["model=cnn", "model.norm=bn", "data.n_train=2000", "train.micro_batch=500", "train.max_steps=40",
                 "train.eval_every=10"], 10),
 }

@@ -10,8 +10,9 @@ data at the same precision, alternating in one process (so a noisy machine slows
 The pipeline's step includes its test evaluation amortised over `--eval-every` steps (the
 presets evaluate every 50). Prints per model the median time per step of each, the median
 ratios pipeline/bare and pipeline/authors, images/s, on CUDA the MFU, and the relative cost of
-the opt-in bias-term metric and of a record of the sharpness (train.sharpness_every: its
-Hessian-vector products, warm-started, to a relative residual of 1e-4). `--all-precisions`
+the opt-in bias-term metric and of a record of the sharpness 10 steps after the previous one
+(train.sharpness_every=10: its Hessian-vector products, warm-started, to a relative residual of
+1e-4; bench/sharpness_bench.py measures it in whole runs). `--all-precisions`
 instead times the pipeline's step under every numerics switch (fp32, tf32, bf16, fp64,
 torch_default, channels_last, compile, deterministic).
 
@@ -192,29 +193,29 @@ def bias_cost(name, n, width, reps):
         return statistics.median(b) / statistics.median(a)
 
 
-def sharpness_cost(name, n, width, reps) -> tuple[float, float]:
-    """(time of a sharpness record / a plain step, its Hessian-vector products): the record of
-    each step's theta, warm-started from the previous record's, as `train.sharpness_every=1`."""
+def sharpness_cost(name, n, width, reps, every=10, over=()) -> dict:
+    """What a record of the sharpness costs, `every` steps after the previous one (warm-started
+    from it, as `train.sharpness_every=every`): dict(steps=its time / a plain step's (medians),
+    products=Hessian-vector products per record (both eigenvalues), cold=the first record's)."""
     from pipeline.engine.dist import Ranks
     from pipeline.engine.sharpness import Sharpness
 
-    cfg = compose(name, n, width)
+    cfg = compose(name, n, width, over)
     with setup(cfg) as (device, autocast, data, model, fwd, opt):
         step, _, _, parts = pipeline_step_fn(cfg, data, model, fwd, opt, autocast)
         params = [p for p in model.parameters() if p.requires_grad]
-        sharp, used = Sharpness(1, 20, 1e-4, 0), []
+        sharp, used, steps, records = Sharpness(every, 20, 1e-4, 0), [], [], []
 
         def record():
             out = sharp.measure(model, data, parts, params, opt, autocast, Ranks())
             used.append(out["sharpness_iters"] + out["pre_sharpness_iters"])
 
         step(), record()  # the first record is cold
-        a = [timed(step, device) for _ in range(reps)]
-        b = []
         for _ in range(reps):
-            step()
-            b.append(timed(record, device))
-        return statistics.median(b) / statistics.median(a), statistics.median(used[1:])
+            steps += [timed(step, device) for _ in range(every)]
+            records.append(timed(record, device))
+        return dict(steps=statistics.median(records) / statistics.median(steps),
+                    products=statistics.median(used[1:]), cold=used[0])
 
 
 def precision_table(name, n, width, reps):
@@ -274,8 +275,9 @@ def main(argv=None):
         print(fmt_contest(contest(name, n, a.reps, a.width, a.workers, a.eval_every)), flush=True)
         if name == "cnn":
             print(f"{'':9s} bias-term step {bias_cost(name, n, a.width, a.reps):.2f}x a plain step", flush=True)
-            ratio, hvps = sharpness_cost(name, n, a.width, min(a.reps, 3))  # a record: tens of steps
-            print(f"{'':9s} sharpness record {ratio:.1f}x a plain step ({hvps:g} Hessian-vector products)", flush=True)
+            r = sharpness_cost(name, n, a.width, min(a.reps, 3))  # a record: tens of steps
+            print(f"{'':9s} sharpness record every 10 steps: {r['steps']:.1f}x a plain step ({r['products']:g} "
+                  f"Hessian-vector products; the cold first record {r['cold']:g})", flush=True)
 
 
 if __name__ == "__main__":

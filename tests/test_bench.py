@@ -79,7 +79,7 @@ def test_gpucheck_dry_run_writes_its_report(tmp_path):
     main(["--dry", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpucheck.json").read_text())
     assert set(res) >= {"exactness", "speed", "auto_micro_batch", "contest", "data_parallel", "environment",
-                        "fidelity", "packed"}
+                        "fidelity", "packed", "sharpness"}
     assert [r["k"] for r in res["packed"]["rows"]] == [1, 2] and "error" not in res["packed"]
     assert max(res["exactness"]["max_rel_diff"].values()) < 1e-5  # fp32 against fp64
     assert all("ms" in r for r in res["speed"]) and res["auto_micro_batch"][0]["chosen"] % 100 == 0
@@ -87,8 +87,9 @@ def test_gpucheck_dry_run_writes_its_report(tmp_path):
     assert set(c["ratio"]) == {"bare", "authors aug off", "authors aug on"}
     md = (tmp_path / "gpucheck.md").read_text()
     for head in ("## 1. Exactness", "## 2. Step time", "## 3. train.micro_batch=auto", "## 4. Pipeline against",
-                 "## 5. Data-parallel", "## 6. Precision fidelity", "## 7. Packed runs"):
+                 "## 5. Data-parallel", "## 6. Precision fidelity", "## 7. Packed runs", "## 8. A sharpness record"):
         assert head in md
+    assert "error" not in res["sharpness"] and res["sharpness"]["products"] >= 2 and res["sharpness"]["steps"] > 1
     assert "error" not in res["fidelity"] and "| `hill_height` |" in md  # the fidelity table itself
     assert (tmp_path / "fidelity" / "tiny-mlp" / "deviation.png").exists()
     assert md.count("| cnn (N=64) |") == len(res["speed"])
@@ -161,3 +162,17 @@ def test_authors_loaders_follow_their_script():
     np.testing.assert_allclose(norm.std, x.reshape(-1, 3).std(0), rtol=1e-6)  # divisor n
     plain = authors.loaders(hwc, y, hwc, y, augment=False, workers=0, pin_memory=False)[0]
     assert [type(t) for t in plain.dataset.transform.transforms] == [T.Resize, T.ToTensor, T.Normalize]
+
+
+@pytest.mark.slow
+def test_the_sharpness_benchmark_reports_a_record_in_training_steps(capsys):
+    """bench/sharpness_bench.py on the small CNN: two real runs (with and without records), one
+    line with the record's cost in steps and its products (values are measurements, not asserted)."""
+    import re
+
+    from bench.sharpness_bench import main
+
+    main(["--cases", "cnn"])
+    out = capsys.readouterr().out
+    m = re.search(r"^cnn +a record = +([\d.]+) steps \( *([\d.]+) products; median of 12 warm records", out, re.M)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) >= 2, out

@@ -403,3 +403,37 @@ def test_lanczos_reports_the_true_residual_of_its_ritz_pair_on_a_clustered_spect
     true = float((a @ y - theta * y).norm()) / theta
     assert resid <= 1e-6 and true == pytest.approx(resid, rel=1e-3, abs=1e-9)
     assert abs(theta - 10.0) <= resid * theta and float(y.norm()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_the_warm_start_continues_the_eigenvectors_drift_and_saves_products():
+    """An operator whose eigenvectors rotate at a constant rate between records: after two
+    records Lanczos starts from 2 y_new - y_old (y_old's sign aligned), which needs fewer
+    products than a start from the last vector alone; every value equals the operator's own top
+    eigenvalue."""
+    gen = torch.Generator().manual_seed(3)
+    dim = 200
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([10.0, 9.0], dtype=torch.float64), torch.linspace(0, 8, dim - 2,
+                                                                                       dtype=torch.float64)])
+    skew = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    skew = 0.002 * (skew - skew.T)
+
+    def operator(t):
+        q = torch.linalg.matrix_exp(t * skew) @ basis
+        return (q * evals) @ q.T
+
+    ops = [operator(t) for t in range(6)]
+    extrapolated, last = Sharpness(1, 100, 1e-8, 0), Sharpness(1, 100, 1e-8, 0)
+    first = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    last.start = lambda name, dim, device: (last.top.get(name) or [first])[-1]
+    used_x, used_l = [], []
+    for a in ops:
+        out_x = extrapolated._one("sharpness", a.__matmul__, dim, "cpu")
+        out_l = last._one("sharpness", a.__matmul__, dim, "cpu")
+        assert out_x["sharpness"] == pytest.approx(10.0, rel=1e-10) == out_l["sharpness"]
+        used_x.append(out_x["sharpness_iters"])
+        used_l.append(out_l["sharpness_iters"])
+    new, old = extrapolated.top["sharpness"][1], extrapolated.top["sharpness"][0]
+    start = extrapolated.start("sharpness", dim, "cpu")
+    assert torch.allclose(start, 2 * new - (old if float(old @ new) >= 0 else -old))
+    assert used_x[:2] == used_l[:2] and sum(used_x[2:]) < sum(used_l[2:]), (used_x, used_l)

@@ -17,8 +17,8 @@ Each is the largest Ritz value of Lanczos with full reorthogonalisation on Hessi
 products of the full-batch loss, accumulated over the step's own micro-batches (its BatchNorm
 ghost groups, the model in training mode, each rank its share, the products summed over the
 ranks as the gradient is; the gradient's graph built once per record and kept for all its
-products when the parts' graphs fit in memory, `graphs_fit`); warm-started from the previous
-record's top Ritz vector. Stopping
+products when the parts' graphs fit in memory, `graphs_fit`); warm-started from the last two
+records' top Ritz vectors, extrapolated (`Sharpness.start`). Stopping
 rule: the top Ritz pair's residual ||A y - theta y|| = |beta_k s_k| (exact for Lanczos) at most
 `tol` |theta|, or `iters` products; the count and the relative residual are recorded, and a
 value that did not converge is left empty (flagged), never reported.
@@ -168,21 +168,28 @@ def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, to
 
 
 class Sharpness:
-    """The two metrics of one run, every `every` steps, warm-started from the last record."""
+    """The two metrics of one run, every `every` steps, each warm-started from the last records'
+    top Ritz vectors (`start`)."""
 
     def __init__(self, every: int, iters: int, tol: float, seed: int):
         self.every, self.iters, self.tol, self.seed = every, iters, tol, seed
-        self.top: dict = {}  # name -> the last record's top Ritz vector
+        self.top: dict = {}  # name -> the last two records' top Ritz vectors, the older first
 
     def due(self, n: int) -> bool:
         return n % self.every == 0
 
     def start(self, name: str, dim: int, device) -> torch.Tensor:
-        v = self.top.get(name)
-        if v is None or v.numel() != dim:
-            gen = torch.Generator().manual_seed(self.seed)
-            v = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
-        return v
+        """Lanczos' first vector: the eigenvector's drift between the last two records continued
+        one record on (2 y_new - y_old, y_old's arbitrary sign taken nearer y_new); the last
+        record's vector after one record; a fixed random vector at the first."""
+        seen = [v for v in self.top.get(name, []) if v.numel() == dim]
+        if len(seen) == 2:
+            old, new = seen
+            return 2 * new - (old if float(old @ new) >= 0 else -old)
+        if seen:
+            return seen[-1]
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
 
     def measure(self, model, data, parts, params, opt, autocast, ranks) -> dict:
         """The columns of this record (module doc); BatchNorm's running statistics as they were."""
@@ -203,6 +210,6 @@ class Sharpness:
 
     def _one(self, name: str, op, dim: int, device) -> dict:
         theta, y, used, resid = lanczos_top(op, self.start(name, dim, device), self.iters, self.tol)
-        self.top[name] = y
+        self.top[name] = self.top.get(name, [])[-1:] + [y]
         value = theta if resid <= self.tol else None  # not converged: flagged by its residual, no value
         return {name: value, f"{name}_iters": used, f"{name}_resid": resid}
