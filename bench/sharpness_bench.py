@@ -3,9 +3,10 @@ real runs of the pipeline, in units of a training step, at a relative residual <
 
 Each case is trained twice, one thread, in fresh stores: with records every k steps and without.
 From the rows' `time_s` (a row's duration: its step's gradient, metrics, record, test pass), a
-record costs the median over the warm records (step > 0; the first, cold, is printed apart) of
-(duration with - duration of the same step without), divided by the median duration of a plain
-step (no test pass) of the run without. Also printed: the products per record (both eigenvalues).
+record costs the median duration of a warm record's step (step > 0; the first record, cold, is
+printed apart) less the median duration of a test step of the run without (a record step is
+one: each case's cadence is a multiple of its eval_every), divided by the median duration of
+its plain steps. Also printed: the products per record (both eigenvalues).
 
     python -m bench.sharpness_bench [--cases digits cnn bn_cnn] [--against /path/to/other/checkout]
 
@@ -51,9 +52,10 @@ def record_cost(tree: Path, over: list[str], every: int) -> dict:
     d_on, d_off = on["time_s"].diff(), off["time_s"].diff()
     recs = on.index[on["sharpness_iters"].notna()]
     plain = statistics.median(d_off[off["test_loss"].isna()].dropna())
-    warm = [(d_on[s] - d_off[s]) / plain for s in recs if s > 0]
+    tested = statistics.median(d_off[off["test_loss"].notna()].dropna())  # a record step is also a test step
+    warm = statistics.median(d_on[s] for s in recs if s > 0)
     used = on.loc[recs, "sharpness_iters"] + on.loc[recs, "pre_sharpness_iters"]
-    return dict(steps=statistics.median(warm), products=statistics.median(used.iloc[1:]), cold_products=used.iloc[0],
+    return dict(steps=(warm - tested) / plain, products=statistics.median(used.iloc[1:]), cold_products=used.iloc[0],
                 records=len(recs), plain_ms=plain * 1e3)
 
 
