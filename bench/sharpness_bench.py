@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.runs import read_metrics
+
 CASES = {  # name -> (overrides, records every k steps)
     "digits": (["sweep=digits", "optim.beta=0.9", "optim.rho=0.999"], 50),
     "cnn": (["model=cnn", "model.width=8", "data.n_train=256", "data.image_size=16", "train.micro_batch=256",
@@ -44,7 +46,7 @@ def trained(tree: Path, over: list[str], every: int | None) -> pd.DataFrame:
         subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=tree, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (csv,) = Path(tmp, "runs").glob("*/metrics.csv")
-        return pd.read_csv(csv).set_index("step")
+        return read_metrics(csv).set_index("step")
 
 
 def record_cost(tree: Path, over: list[str], every: int) -> dict:

@@ -56,9 +56,10 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
     n, mine = x.shape[0], ranks.shard(parts)
     shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
     kept: list = []  # the parts' gradients with their graphs, while they fit
-    keep: list[bool] = []  # decided once, on the first part's graph
+    keep = None  # whether they do: decided on the first part's graph
 
     def gradient(i: int):
+        nonlocal keep
         if i < len(kept):
             return kept[i]
         saved = []  # the first graph's saved tensors, their bytes
@@ -67,13 +68,13 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
             saved.append(t.numel() * t.element_size())
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t) if not keep else contextlib.nullcontext():
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t) if keep is None else contextlib.nullcontext():
             with autocast():
                 logits = model(x[mine[i]])
             g = torch.autograd.grad(objective(logits, y[mine[i]]) / n, params, create_graph=True)
-        if not keep:
-            keep.append(graphs_fit(sum(saved), len(mine), params[0].device))
-        if keep[0]:
+        if keep is None:
+            keep = graphs_fit(sum(saved), len(mine), params[0].device)
+        if keep:
             kept.append(g)
         return g
 
@@ -83,7 +84,7 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
         for i in range(len(mine)):
             dot = sum((g * vi).sum() for g, vi in zip(gradient(i), vs))
             if dot.requires_grad:  # else the gradient is constant here: H v = 0
-                torch._foreach_add_(out, torch.autograd.grad(dot, params, retain_graph=keep[0], allow_unused=True,
+                torch._foreach_add_(out, torch.autograd.grad(dot, params, retain_graph=keep, allow_unused=True,
                                                              materialize_grads=True))
         ranks.sum_(out)
         return torch.cat([t.reshape(-1).double() for t in out])
@@ -137,12 +138,11 @@ def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, to
     basis = torch.empty(iters, v0.numel(), dtype=torch.float64, device=v0.device)  # q_1 .. q_k, one row each
     basis[0] = v0 / v0.norm()
     alphas, betas = [], []
-    theta, s, resid, k = math.nan, None, math.inf, 0
-    while k < iters:
-        q, k = basis[k], k + 1
+    for k in range(1, iters + 1):  # k vectors q_1 .. q_k in the basis
+        q = basis[k - 1]
         w = op(q)
         alphas.append(float(w @ q))
-        w.add_(q, alpha=-alphas[-1])  # the three-term recurrence
+        w = torch.sub(w, q, alpha=alphas[-1])  # the three-term recurrence (a copy: op's result may be its input)
         if betas:
             w.add_(basis[k - 2], alpha=-betas[-1])
         norm = float(w.norm())
@@ -159,7 +159,7 @@ def lanczos_top(op, v0: torch.Tensor, iters: int, tol: float) -> tuple[float, to
         evals, evecs = torch.linalg.eigh(t)
         theta, s = float(evals[-1]), evecs[:, -1]
         resid = abs(beta * float(s[-1])) / max(abs(theta), 1e-300)
-        if resid <= tol or beta <= 1e-14 * max(abs(theta), 1e-300) or k == iters:
+        if resid <= tol or beta <= 1e-14 * max(abs(theta), 1e-300) or k == iters:  # converged, invariant, budget
             break
         betas.append(beta)
         basis[k] = w / beta
