@@ -13,41 +13,31 @@ Hydra, data) separately.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from analysis.runs import read_metrics
+from bench.fresh import fresh_run
 from bench.step_bench import bare_step_fn, compose, setup, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def overrides(a, runs):
+def overrides(a):
     return [f"model={a.model}", "model.norm=bn", "data=synthetic", f"data.n_train={a.n}",
             f"data.n_test={max(a.n // 5, 1)}", f"train.micro_batch={a.micro_batch}", f"train.max_steps={a.steps}",
             f"train.eval_every={a.eval_every}", f"train.checkpoint_every={a.checkpoint_every}",
             "train.progress=none", f"device={'cuda' if torch.cuda.is_available() else 'cpu'}",
-            f"paths.runs={runs}", f"seed={a.seed}",
+            f"seed={a.seed}",
             *(["logger=wandb", "logger.mode=offline"] if a.logger == "wandb" else ["logger=none"])]
 
 
 def run_once(a) -> tuple[float, float]:
     """(seconds in the loop, seconds of the whole process) of one fresh run."""
-    with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_SILENT="true")
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline.train", *overrides(a, d)], cwd=d, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wall = time.perf_counter() - t
-        (metrics,) = Path(d).glob("*/metrics.csv")
-        return float(read_metrics(metrics)["time_s"].iloc[-1]), wall
+    with fresh_run(ROOT, overrides(a), WANDB_MODE="offline", WANDB_SILENT="true") as (run, _, wall):
+        return float(read_metrics(run / "metrics.csv")["time_s"].iloc[-1]), wall
 
 
 def main(argv=None):

@@ -17,16 +17,13 @@ alternating, and prints the ratio of the two costs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from analysis.runs import read_metrics
+from bench.fresh import fresh_run
 
 CASES = {  # name -> (overrides, records every k steps)
     "digits": (["sweep=digits", "optim.beta=0.9", "optim.rho=0.999"], 50),
@@ -39,14 +36,9 @@ CASES = {  # name -> (overrides, records every k steps)
 
 def trained(tree: Path, over: list[str], every: int | None) -> pd.DataFrame:
     """The metrics.csv of one run of `tree`'s pipeline (one thread, a fresh store)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        args = over + [f"paths.runs={tmp}/runs", "train.threads=1", "logger=none"]
-        args += [f"train.sharpness_every={every}"] if every else []
-        env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(tree))
-        subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=tree, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        (csv,) = Path(tmp, "runs").glob("*/metrics.csv")
-        return read_metrics(csv).set_index("step")
+    args = over + ["train.threads=1", "logger=none"] + ([f"train.sharpness_every={every}"] if every else [])
+    with fresh_run(tree, args, OMP_NUM_THREADS="1", WANDB_MODE="disabled") as (run, _, _):
+        return read_metrics(run / "metrics.csv").set_index("step")
 
 
 def record_cost(tree: Path, over: list[str], every: int) -> dict:

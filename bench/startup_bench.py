@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench.fresh import fresh_run
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTS = {
@@ -27,15 +26,9 @@ POINTS = {
 
 def once(root: Path, point: str) -> tuple[float, float]:
     """(seconds from launch to the first step, seconds of the whole process) of one fresh run."""
-    with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, PYTHONPATH=str(root), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-        start = time.time()
-        subprocess.run([sys.executable, "-m", "pipeline.train", *POINTS[point], f"paths.runs={d}/runs",
-                        "train.progress=none"], cwd=d, env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        wall = time.time() - start
-        (status,) = Path(d, "runs").glob("*/status.json")
-        return json.loads(status.read_text())["first_step_at"] - start, wall
+    with fresh_run(root, [*POINTS[point], "train.progress=none"], WANDB_MODE="disabled", OMP_NUM_THREADS="1") as (
+            run, start, wall):
+        return json.loads((run / "status.json").read_text())["first_step_at"] - start, wall
 
 
 def main(argv=None) -> None:
