@@ -1,12 +1,13 @@
 """What a record of the sharpness costs (`train.sharpness_every`, docs/edge_of_stability.md) in
 real runs of the pipeline, in units of a training step, at a relative residual <= 1e-4.
 
-Each case is trained twice, one thread, in fresh stores: with records every k steps and without.
-From the rows' `time_s` (a row's duration: its step's gradient, metrics, record, test pass), a
-record costs the median duration of a warm record's step (step > 0; the first record, cold, is
-printed apart) less the median duration of a test step of the run without (a record step is
-one: each case's cadence is a multiple of its eval_every), divided by the median duration of
-its plain steps. Also printed: the products per record (both eigenvalues).
+Each case is trained once, one thread, in a fresh store, with records every k steps and a test
+pass more often (k is a multiple of eval_every). From the rows' `time_s` (a row's duration: its
+step's gradient, metrics, record, test pass), a record costs the median duration of a warm
+record's step (step > 0; the first record, cold, is printed apart) less the median duration of
+a test step without a record (a record step is also a test step), divided by the median duration
+of its plain steps: all three from the same run, so that the machine's drift between runs (up to
+30 % here) does not enter. Also printed: the products per record (both eigenvalues).
 
     python -m bench.sharpness_bench [--cases digits cnn bn_cnn] [--against /path/to/other/checkout]
 
@@ -28,26 +29,26 @@ from bench.fresh import fresh_run
 CASES = {  # name -> (overrides, records every k steps)
     "digits": (["sweep=digits", "optim.beta=0.9", "optim.rho=0.999"], 50),
     "cnn": (["model=cnn", "model.width=8", "data.n_train=256", "data.image_size=16", "train.micro_batch=256",
-             "train.max_steps=300", "train.eval_every=25"], 25),
+             "train.max_steps=300", "train.eval_every=5"], 25),
     "bn_cnn": (["model=cnn", "model.norm=bn", "data.n_train=2000", "train.micro_batch=500", "train.max_steps=40",
-                "train.eval_every=10"], 10),
+                "train.eval_every=5"], 10),
 }
 
 
-def trained(tree: Path, over: list[str], every: int | None) -> pd.DataFrame:
+def trained(tree: Path, over: list[str], every: int) -> pd.DataFrame:
     """The metrics.csv of one run of `tree`'s pipeline (one thread, a fresh store)."""
-    args = over + ["train.threads=1", "logger=none"] + ([f"train.sharpness_every={every}"] if every else [])
+    args = over + ["train.threads=1", "logger=none", f"train.sharpness_every={every}"]
     with fresh_run(tree, args, OMP_NUM_THREADS="1", WANDB_MODE="disabled") as (run, _, _):
         return read_metrics(run / "metrics.csv").set_index("step")
 
 
 def record_cost(tree: Path, over: list[str], every: int) -> dict:
-    on, off = trained(tree, over, every), trained(tree, over, None)
-    d_on, d_off = on["time_s"].diff(), off["time_s"].diff()
-    recs = on.index[on["sharpness_iters"].notna()]
-    plain = statistics.median(d_off[off["test_loss"].isna()].dropna())
-    tested = statistics.median(d_off[off["test_loss"].notna()].dropna())  # a record step is also a test step
-    warm = statistics.median(d_on[s] for s in recs if s > 0)
+    on = trained(tree, over, every)
+    took, recorded, tested = on["time_s"].diff(), on["sharpness_iters"].notna(), on["test_loss"].notna()
+    recs = on.index[recorded]
+    plain = statistics.median(took[~tested].dropna())
+    tested = statistics.median(took[tested & ~recorded].dropna())  # a record step is also a test step
+    warm = statistics.median(took[s] for s in recs if s > 0)
     used = on.loc[recs, "sharpness_iters"] + on.loc[recs, "pre_sharpness_iters"]
     return dict(steps=(warm - tested) / plain, products=statistics.median(used.iloc[1:]), cold_products=used.iloc[0],
                 records=len(recs), plain_ms=plain * 1e3)

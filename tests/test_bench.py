@@ -166,7 +166,7 @@ def test_authors_loaders_follow_their_script():
 
 @pytest.mark.slow
 def test_the_sharpness_benchmark_reports_a_record_in_training_steps(capsys):
-    """bench/sharpness_bench.py on the small CNN: two real runs (with and without records), one
+    """bench/sharpness_bench.py on the small CNN: a real run with records, one
     line with the record's cost in steps and its products (values are measurements, not asserted)."""
     import re
 
