@@ -222,13 +222,23 @@ TINY_BN = ["model=cnn", "model.width=4", "model.norm=bn", "data=synthetic", "dat
 
 
 @pytest.mark.parametrize("mode", ["exact", "running_stats"])
-def test_recording_changes_no_other_column(tmp_path, mode):
+def test_recording_changes_no_other_column(tmp_path, mode, monkeypatch):
     """A BatchNorm CNN with and without train.sharpness_every=4: every other column, test
     columns included, is the same to the last digit (the HVP passes leave BatchNorm's statistics
-    as they were)."""
+    as they were; the record steps keep their graphs for the record, and each record takes them)."""
+    from pipeline.engine import sharpness
+
     base = [*TINY_BN, f"train.eval_mode={mode}"]
     off = rows(make_cfg(base, runs=tmp_path / "off")).drop(columns="time_s")
+    measure, taken = sharpness.Sharpness.measure, []
+
+    def spy(self, *args):
+        taken.append(len(args[-1].kept) if isinstance(args[-1], sharpness.StepGraphs) else None)
+        return measure(self, *args)
+
+    monkeypatch.setattr(sharpness.Sharpness, "measure", spy)
     on = rows(make_cfg([*base, "train.sharpness_every=4", "train.sharpness_iters=8"], runs=tmp_path / "on"))
+    assert taken == [64 // 16] * 4, taken  # records at steps 0, 4, 8, 12, each on its step's 4 parts
     assert on["sharpness"].notna().tolist() == [n % 4 == 0 for n in range(13)] or \
         on["sharpness_resid"].notna().tolist() == [n % 4 == 0 for n in range(13)]
     pd.testing.assert_frame_equal(on[off.columns], off, check_exact=True)
@@ -351,6 +361,44 @@ def test_a_record_builds_each_parts_graph_once_when_they_fit_and_per_product_whe
     assert kept == rebuilt and kept["pre_sharpness"] != kept["sharpness"]
     assert n_kept == len(parts)
     assert n_rebuilt == len(parts) * (kept["sharpness_iters"] + kept["pre_sharpness_iters"])
+
+
+def test_a_record_takes_its_steps_own_graphs_and_the_step_is_unchanged(monkeypatch):
+    """On a record's step (pipeline/engine/single.py) the step keeps each part's gradient graph
+    (sharpness.StepGraphs) and the record adds no forward: the step's gradient and metrics equal a
+    plain step's bit for bit (fp32, a BatchNorm CNN, Adam, two micro-batches), the record's values
+    equal a record on its own graphs bit for bit. With no memory to spare the step keeps nothing
+    and the record rebuilds the graphs per product, with the same values."""
+    from pipeline.engine import sharpness
+
+    cfg = make_cfg(["model=cnn", "model.width=2", "model.norm=bn", "data=synthetic", "data.n_train=16",
+                    "data.n_test=8", "data.image_size=8", "train.micro_batch=8", "device=cpu"])
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    model, _, opt = build(cfg, data, torch.device("cpu"))
+    params, parts = list(model.parameters()), partition(16, 8)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+
+    def step_and_record(graphs):
+        forwards.clear()
+        metrics = full_batch_step(model, data.x_train, data.y_train, data.objective, parts, params,
+                                  float(cfg.optim.eps), graphs=graphs)
+        grads, n_step = [p.grad.clone() for p in params], len(forwards)
+        forwards.clear()
+        out = Sharpness(1, 30, 1e-4, 0).measure(model, data, parts, params, opt, contextlib.nullcontext, Ranks(),
+                                                graphs)
+        return metrics, grads, n_step, out, len(forwards)
+
+    m_plain, g_plain, n_plain, own, n_own = step_and_record(None)
+    m_kept, g_kept, n_kept, taken, n_taken = step_and_record(sharpness.StepGraphs(params, len(parts)))
+    assert all(torch.equal(a, b) for a, b in zip(g_plain, g_kept)) and n_plain == n_kept == len(parts)
+    assert all(torch.equal(m_plain[k], m_kept[k]) for k in m_plain)
+    assert taken == own and n_own == len(parts) and n_taken == 0
+    monkeypatch.setattr(sharpness, "free_bytes", lambda device: 0)
+    graphs = sharpness.StepGraphs(params, len(parts))
+    _, g_none, _, rebuilt, n_rebuilt = step_and_record(graphs)
+    assert graphs.fits is False and graphs.kept == [] and all(torch.equal(a, b) for a, b in zip(g_plain, g_none))
+    assert rebuilt == own and n_rebuilt == len(parts) * (own["sharpness_iters"] + own["pre_sharpness_iters"])
 
 
 def test_graphs_fit_keeps_one_part_always_and_more_only_within_half_the_free_memory(monkeypatch):

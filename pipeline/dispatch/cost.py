@@ -4,7 +4,8 @@
 A step is the forward and backward of N training examples (`data.subset`, `data.per_class` x
 the classes, or the whole set),
 plus a forward of the test set every `train.eval_every` steps, plus with `train.sharpness_every=k`
-one forward and backward that keeps the gradient's graph, and at most `sharpness_iters`
+one forward and backward that keeps the gradient's graph (counted whole, although the record
+step's own backward keeps it unless the model is compiled), and at most `sharpness_iters`
 Hessian-vector products on it (each HVP_COST x a forward and backward) for each of its two
 eigenvalues (one for GD and momentum, where P = I), every k steps; FLOPs are counted once per model
 by torch.utils.flop_counter on the meta device (no memory, no data, under a second for a

@@ -48,15 +48,57 @@ COLUMNS = ["sharpness", "sharpness_iters", "sharpness_resid", "pre_sharpness", "
            "pre_sharpness_resid"]
 
 
-def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
+class StepGraphs:
+    """The gradient graphs of a record's own step (step.accumulate_gradient): each part's
+    gradient taken with its graph and added into `.grad` as backward() adds it, the graphs kept
+    for the record's products while all of this rank's `parts` fit (`graphs_fit`, decided on the
+    tensors the first part's forward and backward saved); after that a plain backward."""
+
+    def __init__(self, params, parts: int):
+        self.params, self.parts = params, parts
+        self.kept: list = []  # the parts' gradients with their graphs
+        self.fits: bool | None = None  # decided after the first part
+        self.saved: list[int] = []
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Around a part's forward and backward: the first one's saved tensors counted."""
+        if self.fits is not None:
+            yield
+            return
+
+        def count(t):
+            self.saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            yield
+        self.fits = graphs_fit(sum(self.saved), self.parts, self.params[0].device)
+        if not self.fits:
+            self.kept.clear()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.fits is False:
+            loss.backward()
+            return
+        g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        with torch.no_grad():
+            for p, gi in zip(self.params, g):
+                if gi is not None:
+                    p.grad = gi.detach().clone() if p.grad is None else p.grad.add_(gi)
+        self.kept.append(g)
+
+
+def hvp_operator(model, x, y, objective, parts, params, autocast, ranks, graphs: StepGraphs | None = None):
     """v -> H v for the full-batch loss sum_mb (sum_{i in mb} l_i) / N (flat float64 vectors),
     each rank its share of `parts`, the products summed over the ranks. The gradient's graph of
     each of this rank's parts is built once and kept for every product of the record when they
-    all fit (`graphs_fit`); else it is rebuilt for each product, as the step rebuilds it."""
+    all fit (`graphs_fit`), or taken from the step's own `graphs`; else it is rebuilt for each
+    product, as the step rebuilds it."""
     n, mine = x.shape[0], ranks.shard(parts)
     shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
-    kept: list = []  # the parts' gradients with their graphs, while they fit
-    keep = None  # whether they do: decided on the first part's graph
+    kept: list = graphs.kept if graphs is not None else []  # the parts' gradients with their graphs, while they fit
+    keep = graphs.fits if graphs is not None else None  # whether they do: decided on the first part's graph
 
     def gradient(i: int):
         nonlocal keep
@@ -82,8 +124,8 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks):
         vs = [t.view(s).to(p.dtype) for t, s, p in zip(v.split(sizes), shapes, params)]
         out = [torch.zeros_like(p) for p in params]
         for i in range(len(mine)):
-            dot = sum((g * vi).sum() for g, vi in zip(gradient(i), vs))
-            if dot.requires_grad:  # else the gradient is constant here: H v = 0
+            dot = sum((g * vi).sum() for g, vi in zip(gradient(i), vs) if g is not None)  # None: a parameter unused
+            if torch.is_tensor(dot) and dot.requires_grad:  # else the gradient is constant here: H v = 0
                 torch._foreach_add_(out, torch.autograd.grad(dot, params, retain_graph=keep, allow_unused=True,
                                                              materialize_grads=True))
         ranks.sum_(out)
@@ -191,12 +233,14 @@ class Sharpness:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
 
-    def measure(self, model, data, parts, params, opt, autocast, ranks) -> dict:
-        """The columns of this record (module doc); BatchNorm's running statistics as they were."""
+    def measure(self, model, data, parts, params, opt, autocast, ranks, graphs: StepGraphs | None = None) -> dict:
+        """The columns of this record (module doc), on the step's `graphs` where it kept them;
+        BatchNorm's running statistics as they were."""
         bns = bn_layers(model)
         saved = bn_state(bns)
         try:
-            hvp = hvp_operator(model, data.x_train, data.y_train, data.objective, parts, params, autocast, ranks)
+            hvp = hvp_operator(model, data.x_train, data.y_train, data.objective, parts, params, autocast, ranks,
+                               graphs)
             dim, device = sum(p.numel() for p in params), params[0].device
             out = self._one("sharpness", hvp, dim, device)
             d = inverse_root_preconditioner(opt, params)

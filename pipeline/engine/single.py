@@ -18,7 +18,7 @@ from . import dist
 from .loop import open_point, train_points
 from .setup import build, micro_batch, plain
 from .sharpness import COLUMNS as SHARPNESS_COLUMNS
-from .sharpness import Sharpness
+from .sharpness import Sharpness, StepGraphs
 from .step import bn_layers, bn_load, bn_state, bn_swapped, evaluate, full_batch_step, partition, to_host
 from .theory_metrics import bias_term_norm
 
@@ -60,15 +60,17 @@ class Single:
         data, ranks = self.data, self.ranks
         self.parts = partition(data.x_train.shape[0], self.mb, self.state.shuffle, self.state.device)
         self.test_mode.before_step()
+        due = self.sharpness is not None and self.sharpness.due(self.state.step)
+        graphs = StepGraphs(self.params, len(ranks.shard(self.parts))) if due and self.fwd is self.model else None
         metrics = full_batch_step(self.fwd, data.x_train, data.y_train, data.objective, self.parts, self.params,
                                   self.eps, self.test_mode.gathered, self.autocast, ranks,
-                                  flags if ranks.world > 1 else ())
+                                  flags if ranks.world > 1 else (), graphs)
         with self.test_mode.extra_passes():
             metrics.update(self.optional_metrics())
         host = to_host(metrics)
-        if self.sharpness is not None and self.sharpness.due(self.state.step):  # Lanczos: a host sync per product
+        if due:  # Lanczos on the step's graphs (not a compiled model's): a host sync per product
             host.update(self.sharpness.measure(self.model, data, self.parts, self.params, self.opt, self.autocast,
-                                               ranks))
+                                               ranks, graphs))
         return [host], host.get("stop_flags", flags)
 
     def optional_metrics(self) -> dict:

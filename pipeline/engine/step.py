@@ -88,18 +88,20 @@ def bn_average(bns, weighted: list[torch.Tensor]) -> None:
         m.num_batches_tracked.copy_(k.round().reshape(()))
 
 
-def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontext):
+def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontext, graphs=None):
     """Backward of sum_mb (sum_{i in mb} l_i) / N into `.grad`; returns on-device
-    (loss at theta_n, number correct)."""
+    (loss at theta_n, number correct). On a sharpness record's step `graphs`
+    (sharpness.StepGraphs) does each part's backward and keeps its graph for the record."""
     n, task = x.shape[0], objective(task)
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for idx in parts:
         xb, yb = x[idx], y[idx]
-        with autocast():
-            out = model(xb)
-        ls = task(out, yb)
-        (ls / n).backward()
+        with graphs.counting() if graphs is not None else contextlib.nullcontext():
+            with autocast():
+                out = model(xb)
+            ls = task(out, yb)
+            (ls / n).backward() if graphs is None else graphs.backward(ls / n)
         total += ls.detach()
         if task.classification:
             correct += (out.argmax(1) == yb).sum()
@@ -107,16 +109,17 @@ def accumulate_gradient(model, x, y, task, parts, autocast=contextlib.nullcontex
 
 
 def full_batch_step(model, x, y, task, parts, params, eps, bns=(), autocast=contextlib.nullcontext,
-                    ranks=ONE, flags=()) -> dict[str, torch.Tensor]:
+                    ranks=ONE, flags=(), graphs=None) -> dict[str, torch.Tensor]:
     """grad E(theta_n) into `.grad` and the on-device metrics at theta_n, by name: `loss`,
     `correct` (examples classified right), `pert_norm`, `l1_norm`, `l2_norm`. `parts` is the
     common partition; this rank computes its share of it. With W ranks the gradients, the
     BatchNorm statistics and the scalars are summed in one call (one all-reduce per dtype), and
-    `flags` (this rank's stop flags) ride with the scalars: `stop_flags` is their sum."""
+    `flags` (this rank's stop flags) ride with the scalars: `stop_flags` is their sum. `graphs`:
+    accumulate_gradient's."""
     for p in params:
         p.grad = (torch.zeros_like(p) if ranks.world > 1 else None) if p.grad is None else p.grad.zero_()
     start_bn_gathering(bns)
-    loss, correct = accumulate_gradient(model, x, y, task, ranks.shard(parts), autocast)
+    loss, correct = accumulate_gradient(model, x, y, task, ranks.shard(parts), autocast, graphs)
     out = {}
     if ranks.world > 1:
         scalars = torch.cat([torch.stack([loss, correct.double()]),
