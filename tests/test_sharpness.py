@@ -412,28 +412,36 @@ def test_graphs_fit_keeps_one_part_always_and_more_only_within_half_the_free_mem
     assert sharpness.free_bytes(torch.device("cpu")) > 0  # this host's MemAvailable
 
 
-def test_a_parameter_with_a_constant_gradient_has_zero_hessian_rows():
-    """E = mean((x . a)^2) + b: b's gradient is constant, its row and column of H are zero; the
-    products equal the dense Hessian's (torch.autograd.functional.hessian)."""
-    from pipeline.engine.sharpness import hvp_operator
+def test_a_parameter_with_a_constant_gradient_or_none_has_zero_hessian_rows():
+    """E = mean((x . a)^2) + b: b's gradient is constant, its row and column of H are zero, and so
+    are those of a parameter c the loss does not use; the products equal the dense Hessian's
+    (torch.autograd.functional.hessian), on the record's own graph and on its step's (whose
+    backward leaves c's gradient None, as backward() does)."""
+    from pipeline.engine.losses import Objective
+    from pipeline.engine.sharpness import StepGraphs, hvp_operator
+    from pipeline.engine.step import accumulate_gradient
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     model = torch.nn.Module()
     model.a = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))
     model.b = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    model.c = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     model.forward = lambda inp: ((inp * model.a).sum(1) ** 2)[:, None] + model.b
 
-    def objective(out, _):
-        return out.sum()
-
-    params = [model.a, model.b]
-    hvp = hvp_operator(model, x, x, objective, [torch.arange(8)], params, contextlib.nullcontext, Ranks())
-    hess = torch.autograd.functional.hessian(
+    objective = Objective("sum", lambda out, _: out.sum(), classification=False)
+    params, parts = [model.a, model.b, model.c], [torch.arange(4), torch.arange(4, 8)]
+    graphs = StepGraphs(params, len(parts))
+    accumulate_gradient(model, x, x, objective, parts, graphs=graphs)
+    assert model.c.grad is None and len(graphs.kept) == 2
+    hess = torch.zeros(6, 6, dtype=torch.float64)
+    hess[:4, :4] = torch.autograd.functional.hessian(
         lambda t: objective(((x * t[:3]).sum(1) ** 2)[:, None] + t[3:], None) / 8,
-        torch.cat([p.detach() for p in params]))
-    for v in torch.eye(4, dtype=torch.float64):
-        assert torch.allclose(hvp(v), hess @ v, rtol=1e-12, atol=1e-14)
+        torch.cat([p.detach() for p in params[:2]]))
+    for step_graphs in (None, graphs):
+        hvp = hvp_operator(model, x, x, objective, parts, params, contextlib.nullcontext, Ranks(), step_graphs)
+        for v in torch.eye(6, dtype=torch.float64):
+            assert torch.allclose(hvp(v), hess @ v, rtol=1e-12, atol=1e-14)
 
 
 def test_lanczos_reports_the_true_residual_of_its_ritz_pair_on_a_clustered_spectrum():

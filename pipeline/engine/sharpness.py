@@ -113,7 +113,7 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks, graphs:
         with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t) if keep is None else contextlib.nullcontext():
             with autocast():
                 logits = model(x[mine[i]])
-            g = torch.autograd.grad(objective(logits, y[mine[i]]) / n, params, create_graph=True)
+            g = torch.autograd.grad(objective(logits, y[mine[i]]) / n, params, create_graph=True, allow_unused=True)
         if keep is None:
             keep = graphs_fit(sum(saved), len(mine), params[0].device)
         if keep:
