@@ -58,7 +58,6 @@ class StepGraphs:
         self.params, self.parts = params, parts
         self.kept: list = []  # the parts' gradients with their graphs
         self.fits: bool | None = None  # decided after the first part
-        self.saved: list[int] = []
 
     @contextlib.contextmanager
     def counting(self):
@@ -66,14 +65,10 @@ class StepGraphs:
         if self.fits is not None:
             yield
             return
-
-        def count(t):
-            self.saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        saved: list[int] = []
+        with saved_bytes(saved):
             yield
-        self.fits = graphs_fit(sum(self.saved), self.parts, self.params[0].device)
+        self.fits = graphs_fit(sum(saved), self.parts, self.params[0].device)
         if not self.fits:
             self.kept.clear()
 
@@ -104,13 +99,8 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks, graphs:
         nonlocal keep
         if i < len(kept):
             return kept[i]
-        saved = []  # the first graph's saved tensors, their bytes
-
-        def count(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t) if keep is None else contextlib.nullcontext():
+        saved: list[int] = []  # the first graph's saved tensors, their bytes
+        with saved_bytes(saved) if keep is None else contextlib.nullcontext():
             with autocast():
                 logits = model(x[mine[i]])
             g = torch.autograd.grad(objective(logits, y[mine[i]]) / n, params, create_graph=True, allow_unused=True)
@@ -132,6 +122,18 @@ def hvp_operator(model, x, y, objective, parts, params, autocast, ranks, graphs:
         return torch.cat([t.reshape(-1).double() for t in out])
 
     return hvp
+
+
+@contextlib.contextmanager
+def saved_bytes(into: list):
+    """The bytes of each tensor autograd saves for backward inside the block, appended to `into`."""
+
+    def count(t):
+        into.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        yield
 
 
 def graphs_fit(part_bytes: int, parts: int, device) -> bool:
