@@ -44,10 +44,10 @@ def trained(tree: Path, over: list[str], every: int) -> pd.DataFrame:
 
 def record_cost(tree: Path, over: list[str], every: int) -> dict:
     on = trained(tree, over, every)
-    took, recorded, tested = on["time_s"].diff(), on["sharpness_iters"].notna(), on["test_loss"].notna()
+    took, recorded, is_test = on["time_s"].diff(), on["sharpness_iters"].notna(), on["test_loss"].notna()
     recs = on.index[recorded]
-    plain = statistics.median(took[~tested].dropna())
-    tested = statistics.median(took[tested & ~recorded].dropna())  # a record step is also a test step
+    plain = statistics.median(took[~is_test].dropna())
+    tested = statistics.median(took[is_test & ~recorded].dropna())  # a record step is also a test step
     warm = statistics.median(took[s] for s in recs if s > 0)
     used = on.loc[recs, "sharpness_iters"] + on.loc[recs, "pre_sharpness_iters"]
     return dict(steps=(warm - tested) / plain, products=statistics.median(used.iloc[1:]), cold_products=used.iloc[0],

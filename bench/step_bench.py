@@ -197,8 +197,8 @@ def sharpness_cost(name, n, width, reps, every=10, over=()) -> dict:
     """What a record of the sharpness costs, `every` steps after the previous one (warm-started
     from it, as `train.sharpness_every=every`), on a gradient graph of its own (a compiled model's
     record; a run's takes its step's graph, about a step less): dict(steps=its time / a plain
-    step's (medians),
-    products=Hessian-vector products per record (both eigenvalues), cold=the first record's)."""
+    step's (medians), products=Hessian-vector products per record (both eigenvalues), cold=the
+    first record's)."""
     from pipeline.engine.dist import Ranks
     from pipeline.engine.sharpness import Sharpness
 
